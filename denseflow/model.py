@@ -1,0 +1,225 @@
+"""DenseFlow: the whole model assembled from a :class:`~denseflow.config.ModelConfig` (spec §3).
+
+Data -> latent::
+
+    x (integers) -> dequantization -> z in (0,1) -> z − 0.5 -> squeeze
+      -> dense block 1 -> transition 1 -> dense block 2 -> … -> dense block S -> base Gaussian
+
+``log p̂(x) = Σ delta_logp + log p_base(z_L)`` is a single-sample lower bound on ``log P(x)``
+over the dequantization and cross-unit noises (spec §10); :meth:`DenseFlow.iwbo` tightens it
+by importance weighting (spec §11).
+
+BatchNorm inside the coupling nets makes training-mode values depend on the rest of the batch;
+call ``model.eval()`` before evaluating or sampling, as the official scripts do (the density
+is only well defined in eval mode). No method here changes the mode, except :meth:`data_init`
+which runs in training mode and restores the previous mode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .transforms.base import DiagonalGaussian, Noise, std_normal_log_prob
+from .transforms.cross_unit import InvertibleDenseBlock, coupling_net_factory
+from .transforms.dequantization import UniformDequantization, VariationalDequantization
+from .transforms.glow import ActNorm, squeeze, unsqueeze
+from .transforms.transition import Transition
+
+NoiseArg = Mapping[str, Tensor] | None
+
+
+class DenseFlow(nn.Module):
+    """Densely connected normalizing flow (Grcić, Grubišić, Šegvić, NeurIPS 2021).
+
+    Inputs are integer images ``(B, C, H, W)`` with values ``0 .. 2**num_bits − 1``; every
+    estimate is per sample, shape ``(B,)``, in nats (or bits/dim). ``noise`` maps the names of
+    :attr:`noise_names` to standard-normal tensors; names not given are drawn fresh, from
+    ``generator`` where one is passed.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        cfg = config
+        c, h, w = cfg.image_shape
+        if cfg.dequantization == "variational":
+            self.dequantizer = VariationalDequantization(
+                c,
+                cfg.num_bits,
+                cfg.dequant_width,
+                cfg.dequant_steps,
+                cfg.dequant_depth,
+                cfg.dequant_growth,
+                cfg.dequant_context_growth,
+                cfg.conv1x1,
+            )
+        else:
+            self.dequantizer = UniformDequantization(cfg.num_bits)
+        channels, h, w = 4 * c, h // 2, w // 2
+        self.blocks = nn.ModuleList()
+        self.transitions = nn.ModuleList()
+        self.latent_shapes: dict[str, tuple[int, int, int]] = {}
+        for s in range(cfg.num_scales):
+            nets = coupling_net_factory(
+                cfg.layer_mid_chnls[s],
+                cfg.dense_depth,
+                cfg.dense_growth,
+                cfg.attention,
+                cfg.attention_heads,
+                cfg.attention_landmarks,
+            )
+            block = InvertibleDenseBlock(
+                channels, cfg.block_conf[s], cfg.layers_conf[s], cfg.growth_rate, nets, f"block{s + 1}", cfg.conv1x1
+            )
+            self.blocks.append(block)
+            channels = block.out_channels
+            if s < cfg.num_scales - 1:
+                transition = Transition(f"transition{s + 1}")
+                self.transitions.append(transition)
+                channels, h, w = 2 * channels, h // 2, w // 2
+                self.latent_shapes[transition.name] = (channels, h, w)
+        self.latent_shapes["base"] = (channels, h, w)
+        self.base = DiagonalGaussian(channels)
+
+    # ------------------------------------------------------------------ noise and input checks
+    @property
+    def noise_names(self) -> list[str]:
+        """Every name a ``noise`` dict may hold: likelihood draws, then sampling draws."""
+        couplings = [f"{c.name}.eta" for block in self.blocks for c in block.couplings]
+        sampling = ["base.eta", *(f"{t.name}.eta" for t in reversed(self.transitions))]
+        return ["dequant.eta", *couplings, *sampling]
+
+    def _noise(self, noise: NoiseArg, generator: torch.Generator | None, temperature: float = 1.0) -> Noise:
+        unknown = sorted(set(noise or {}) - set(self.noise_names))
+        if unknown:
+            raise KeyError(f"unknown noise name(s) {unknown}; this model draws {self.noise_names}")
+        return Noise(noise, generator, temperature)
+
+    def _check_images(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise TypeError(f"x: expected an integer tensor of images, got {getattr(x, 'dtype', type(x))}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.config.image_shape:
+            raise ValueError(f"x: expected shape (B, {', '.join(map(str, self.config.image_shape))}), got {tuple(x.shape)}")
+        top = 2**self.config.num_bits - 1
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi > top:
+            raise ValueError(f"x: values must lie in 0 .. {top} for num_bits={self.config.num_bits}, got {lo} .. {hi}")
+
+    # ------------------------------------------------------------------ data -> latent
+    def _forward(self, x: Tensor, noise: Noise) -> tuple[Tensor, dict[str, Tensor]]:
+        """(log p̂(x), latents): the estimate and every factored-out and final latent."""
+        self._check_images(x)
+        z, total = self.dequantizer(x, noise=noise)
+        h = squeeze(z - 0.5)
+        latents: dict[str, Tensor] = {}
+        for s, block in enumerate(self.blocks):
+            h, delta = block(h, noise=noise)
+            total = total + delta
+            if s < len(self.transitions):
+                transition = self.transitions[s]
+                h, dropped = transition.split(h)
+                total = total + std_normal_log_prob(dropped)
+                latents[transition.name] = dropped
+        latents["base"] = h
+        return total + self.base.log_prob(h), latents
+
+    def elbo(self, x: Tensor, noise: NoiseArg = None, generator: torch.Generator | None = None) -> Tensor:
+        """Single-sample ``log p̂(x)`` in nats, ``(B,)`` (spec §10): the training objective."""
+        return self._forward(x, self._noise(noise, generator))[0]
+
+    def bits_per_dim(self, x: Tensor, noise: NoiseArg = None, generator: torch.Generator | None = None) -> Tensor:
+        """``−log p̂(x) / (D·ln 2)`` per sample, ``(B,)``; D counts data dimensions only."""
+        return -self.elbo(x, noise, generator) / (self.config.num_dims * math.log(2))
+
+    @torch.no_grad()
+    def iwbo(self, x: Tensor, k: int, chunk: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Importance-weighted bound ``log (1/k) Σ_j exp(log p̂_j(x))`` in nats, ``(B,)`` (spec §11).
+
+        ``k`` independent draws of every noise; ``chunk`` copies of the batch go through the
+        model per pass (default: all ``k`` at once). No autograd graph is built.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        chunk = k if chunk is None else chunk
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        b = x.shape[0]
+        weights = []
+        for start in range(0, k, chunk):
+            n = min(chunk, k - start)
+            weights.append(self.elbo(x.repeat(n, 1, 1, 1), generator=generator).view(n, b))
+        return torch.logsumexp(torch.cat(weights), dim=0) - math.log(k)
+
+    def encode(self, x: Tensor, noise: NoiseArg = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Latents of ``x`` for one draw of the noises: ``{"transition1": …, …, "base": z_L}``.
+
+        :meth:`decode` inverts them exactly (up to float rounding) to the dequantized images.
+        """
+        return self._forward(x, self._noise(noise, generator))[1]
+
+    # ------------------------------------------------------------------ latent -> data
+    def _invert(self, z: Tensor, noise: Noise, quantize: bool) -> Tensor:
+        for s in reversed(range(len(self.blocks))):
+            z = self.blocks[s].inverse(z)
+            if s > 0:
+                z = self.transitions[s - 1].inverse(z, noise=noise)
+        z = unsqueeze(z) + 0.5
+        return self.dequantizer.inverse(z) if quantize else z
+
+    @torch.no_grad()
+    def decode(self, latents: Mapping[str, Tensor], quantize: bool = True) -> Tensor:
+        """Inverse of :meth:`encode`: integer images, or with ``quantize=False`` the continuous
+        ``z = (x + u) / 2**num_bits`` in (0, 1). Cross-unit noise channels are dropped."""
+        missing = sorted(set(self.latent_shapes) - set(latents))
+        if missing:
+            raise KeyError(f"latents: missing {missing}; expected {list(self.latent_shapes)}")
+        noise = Noise({f"{t.name}.eta": latents[t.name] for t in self.transitions})
+        return self._invert(latents["base"], noise, quantize)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        noise: NoiseArg = None,
+    ) -> Tensor:
+        """``n`` integer images ``(n, C, H, W)`` (spec §12).
+
+        ``z_L = μ + σ·T·η``, each factored-out half ``T·η``; the dequantizer and the noise nets
+        are not used. The official code samples at ``T = 1``.
+        """
+        noise_ = self._noise(noise, generator, temperature)
+        eta = noise_.draw("base.eta", (n, *self.latent_shapes["base"]), like=self.base.loc)
+        return self._invert(self.base.sample(noise_.temperature * eta), noise_, quantize=True)
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def data_init(self, x: Tensor, noise: NoiseArg = None, generator: torch.Generator | None = None) -> None:
+        """Data-dependent ActNorm initialisation from the batch ``x`` (spec §6.1).
+
+        One forward pass in training mode (BatchNorm on batch statistics, as the official first
+        training step) in which every ActNorm is set from its own input before applying it.
+        BatchNorm running statistics and the model's mode are left as they were.
+        """
+        buffers = {name: b.clone() for name, b in self.named_buffers()}
+        hooks = [
+            m.register_forward_pre_hook(lambda module, args: module.initialize(args[0]))
+            for m in self.modules()
+            if isinstance(m, ActNorm)
+        ]
+        was_training = self.training
+        try:
+            self.train()
+            self.elbo(x, noise, generator)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.train(was_training)
+            for name, b in self.named_buffers():
+                b.copy_(buffers[name])

@@ -1,0 +1,85 @@
+"""Nyström attention, the global branch of the coupling network (spec §7.3).
+
+Two kinds:
+
+``official``
+    What the published weights were trained with, quirks included: the ``(3E, H, W)`` output of
+    the q/k/v projection is *reinterpreted in memory* as an ``(N, 3E)`` matrix (a "token" is a
+    run of 3E consecutive elements, not a pixel), one head, landmarks divided by √N, all three
+    softmaxes over the second-to-last axis, and a residual on V.
+``multihead``
+    The corrected attention for new models: one token per pixel, ``heads`` heads, queries
+    scaled by ``1/√d``, softmaxes over the last axis (standard Nyströmformer), residual on V.
+
+Both use ``E = M // 2`` embedding channels, ``m = min(landmarks, N)`` landmarks as means of
+contiguous token groups (``torch.tensor_split`` sizes, equal groups when ``m`` divides ``N``,
+which is the only case the official code runs), and 6 iterations of the Nyströmformer
+pseudo-inverse.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def segment_means(x: Tensor, groups: int) -> Tensor:
+    """Means of ``groups`` contiguous row groups: (..., N, d) -> (..., groups, d)."""
+    return torch.stack([part.mean(dim=-2) for part in x.tensor_split(groups, dim=-2)], dim=-2)
+
+
+def iterative_pinv(a: Tensor, iters: int = 6) -> Tensor:
+    """Moore-Penrose pseudo-inverse of each (m, m) matrix by the Nyströmformer iteration.
+
+    ``Z₀ = Aᵀ / (max_j Σ_i |A_ij| · max_i Σ_j |A_ij|)`` with the maxima taken per matrix, then
+    ``Z ← ¼·Z·(13I − AZ(15I − AZ(7I − AZ)))``.
+    """
+    abs_a = a.abs()
+    col = abs_a.sum(dim=-2).amax(dim=-1, keepdim=True).unsqueeze(-1)
+    row = abs_a.sum(dim=-1).amax(dim=-1, keepdim=True).unsqueeze(-1)
+    z = a.transpose(-1, -2) / (col * row)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    for _ in range(iters):
+        az = a @ z
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    return z
+
+
+class NystromAttention(nn.Module):
+    """``(B, M, H, W) -> (B, M, H, W)``; see the module docstring for the two kinds."""
+
+    def __init__(self, channels: int, kind: str = "official", heads: int = 1, landmarks: int = 4) -> None:
+        super().__init__()
+        if kind not in ("official", "multihead"):
+            raise ValueError(f"attention kind must be 'official' or 'multihead', got {kind!r}")
+        self.kind, self.heads, self.landmarks = kind, heads, landmarks
+        self.embed = channels // 2
+        self.qkv = nn.Conv2d(channels, 3 * self.embed, 1)
+        self.out = nn.Conv2d(self.embed, channels, 1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        b, _, height, width = h.shape
+        n, e = height * width, self.embed
+        m = min(self.landmarks, n)
+        qkv = self.qkv(h)
+        if self.kind == "official":
+            q, k, v = qkv.reshape(b, 1, n, 3 * e).split(e, dim=-1)  # memory reinterpretation quirk
+            q_l, k_l = segment_means(q, m) / math.sqrt(n), segment_means(k, m) / math.sqrt(n)
+            axis = -2
+        else:
+            tokens = qkv.flatten(2).transpose(1, 2).unflatten(-1, (3, self.heads, e // self.heads))
+            q, k, v = tokens.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, d)
+            q = q / math.sqrt(e // self.heads)
+            q_l, k_l = segment_means(q, m), segment_means(k, m)
+            axis = -1
+        f = torch.softmax(q @ k_l.transpose(-1, -2), dim=axis)
+        a = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=axis)
+        g = torch.softmax(q_l @ k.transpose(-1, -2), dim=axis)
+        o = (f @ iterative_pinv(a)) @ (g @ v) + v
+        if self.kind == "official":
+            o = o.reshape(b, e, height, width)  # inverse memory reinterpretation
+        else:
+            o = o.permute(0, 1, 3, 2).reshape(b, e, height, width)
+        return self.out(o)

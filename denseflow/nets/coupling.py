@@ -1,0 +1,93 @@
+"""Conditioner networks: the coupling network (spec §7), the cross-unit noise net g_i (spec §5)
+and the dequantizer's context and coupling networks (spec §4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .attention import NystromAttention
+from .dense import DenseBlock
+
+
+def zero_conv1x1(in_channels: int, out_channels: int) -> nn.Conv2d:
+    """1x1 conv with zero weight and bias: the output layer that makes a coupling start as identity."""
+    conv = nn.Conv2d(in_channels, out_channels, 1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class CouplingNet(nn.Module):
+    """DenseBlock ⊕ Nyström attention, fused (spec §7).
+
+    ``h = in_proj(x)``; ``f = fusion(concat(attention(h), dense(h)))`` with fusion =
+    BatchNorm -> ReLU -> 1x1 conv (no bias); ``out = out_proj(f)``, zero-initialised.
+    ``(B, C_in, H, W) -> (B, C_out, H, W)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        width: int,
+        depth: int = 7,
+        growth: int = 64,
+        attention: str = "official",
+        heads: int = 1,
+        landmarks: int = 4,
+    ) -> None:
+        super().__init__()
+        self.in_proj = nn.Conv2d(in_channels, width, 1)
+        self.dense = DenseBlock(width, width, depth, growth)
+        self.attention = NystromAttention(width, attention, heads, landmarks)
+        self.fusion = nn.Sequential(nn.BatchNorm2d(2 * width), nn.ReLU(), nn.Conv2d(2 * width, width, 1, bias=False))
+        self.out_proj = zero_conv1x1(width, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.in_proj(x)
+        return self.out_proj(self.fusion(torch.cat([self.attention(h), self.dense(h)], dim=1)))
+
+
+class NoiseNet(nn.Module):
+    """g_i of a cross-unit coupling: 3x3 conv (c -> 4c) -> ReLU -> 1x1 conv (4c -> 2g), zero-init.
+
+    Returns ``(μ, log σ)``, each ``(B, g, H, W)``: μ = first g output channels,
+    ``log σ = 2·tanh(s/2)`` of the last g (block layout, unlike the couplings' interleaving).
+    """
+
+    def __init__(self, in_channels: int, growth: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 4 * in_channels, 3, padding=1)
+        self.out = zero_conv1x1(4 * in_channels, 2 * growth)
+
+    def forward(self, c: Tensor) -> tuple[Tensor, Tensor]:
+        mu, s = self.out(torch.relu(self.conv(c))).chunk(2, dim=1)
+        return mu, 2 * torch.tanh(s / 2)
+
+
+class ContextNet(nn.Module):
+    """The dequantizer's context ``h = c(x)`` (spec §4): ``(B, C, H, W)`` integers -> ``(B, width, H/2, W/2)``.
+
+    ``x' = 2x/(2^bits − 1) − 1``; DenseBlock at full resolution; 2x2 stride-2 conv; DenseBlock.
+    """
+
+    def __init__(self, in_channels: int, width: int, depth: int, growth: int, num_bits: int) -> None:
+        super().__init__()
+        self.max_value = 2**num_bits - 1
+        self.dense_in = DenseBlock(in_channels, width, depth, growth)
+        self.down = nn.Conv2d(width, width, 2, stride=2)
+        self.dense_out = DenseBlock(width, width, depth, growth)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = 2 * x.to(self.down.weight.dtype) / self.max_value - 1
+        return self.dense_out(self.down(self.dense_in(x)))
+
+
+def dequant_coupling_net(in_channels: int, out_channels: int, width: int, depth: int, growth: int) -> nn.Sequential:
+    """The dequantizer's coupling net: 1x1 conv -> residual DenseBlock -> zero-init 1x1 conv."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 1),
+        DenseBlock(width, width, depth, growth, residual=True),
+        zero_conv1x1(width, out_channels),
+    )

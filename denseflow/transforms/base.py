@@ -1,0 +1,128 @@
+"""The one contract every step of the flow follows, and the named noise source.
+
+Every step is a :class:`Transform`::
+
+    forward(x, context=None, noise=None) -> (z, delta_logp)     # data -> latent
+    inverse(z, context=None, noise=None) -> x                   # latent -> data
+
+``delta_logp`` has shape ``(B,)`` and is the step's contribution to the per-sample
+log-likelihood estimate ``log p̂(x) = log p_base(z_L) + Σ delta_logp``: ``log|det J|`` for a
+bijection, ``log|det J| - log q(noise)`` for a stochastic step, the log-density of the
+factored-out half for a transition. ``context`` conditions a step (the dequantizer's couplings,
+the cross-unit noise nets); ``noise`` is a :class:`Noise` that stochastic steps draw their
+standard-normal variables from, by name. Deterministic steps ignore both.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def sum_except_batch(x: Tensor) -> Tensor:
+    """Sum over every axis but the first: (B, ...) -> (B,)."""
+    return x.reshape(x.shape[0], -1).sum(1)
+
+
+def std_normal_log_prob(x: Tensor) -> Tensor:
+    """log N(x; 0, I) per sample, (B, ...) -> (B,)."""
+    return sum_except_batch(-0.5 * x.square() - HALF_LOG_2PI)
+
+
+class Noise:
+    """Named standard-normal variables for the stochastic steps.
+
+    A step asks for ``draw(name, shape, like)``; a tensor given under that name is used (cast to
+    ``like``'s dtype and device, shape checked), otherwise a fresh one is drawn from ``generator``
+    (or the global generator). Names are those of ``../shared/parity/A/FORMAT.md``:
+    ``dequant.eta``, ``block{s}.unit{i}.eta``, ``transition{t}.eta``, ``base.eta``.
+    ``temperature`` scales the draws of sampling (base and transitions) only.
+    """
+
+    def __init__(
+        self,
+        named: Mapping[str, Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+    ) -> None:
+        self.named = dict(named or {})
+        self.generator = generator
+        self.temperature = float(temperature)
+
+    def draw(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        given = self.named.get(name)
+        if given is not None:
+            if tuple(given.shape) != tuple(shape):
+                raise ValueError(f"noise {name!r} has shape {tuple(given.shape)}, expected {tuple(shape)}")
+            return given.to(device=like.device, dtype=like.dtype)
+        if self.generator is None:
+            return torch.randn(shape, device=like.device, dtype=like.dtype)
+        out = torch.randn(shape, generator=self.generator, device=self.generator.device, dtype=like.dtype)
+        return out.to(like.device)
+
+
+class Transform(nn.Module):
+    """Base class of every step; see the module docstring for the contract."""
+
+    def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def inverse(self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> Tensor:
+        raise NotImplementedError
+
+
+class FlowSequence(Transform):
+    """Steps applied in order; ``delta_logp`` is the sum of theirs, the inverse runs backwards.
+
+    Steps given as a mapping keep their names (``actnorm``, ``conv1x1`` …) in the state dict.
+    """
+
+    def __init__(self, steps: Iterable[Transform] | Mapping[str, Transform]) -> None:
+        super().__init__()
+        items = steps.items() if isinstance(steps, Mapping) else enumerate(steps)
+        for name, step in items:
+            self.add_module(str(name), step)
+
+    def __getitem__(self, index: int) -> Transform:
+        return list(self.children())[index]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+        total = x.new_zeros(x.shape[0])
+        for step in self.children():
+            x, delta = step(x, context, noise)
+            total = total + delta
+        return x, total
+
+    def inverse(self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> Tensor:
+        for step in reversed(list(self.children())):
+            z = step.inverse(z, context, noise)
+        return z
+
+
+class DiagonalGaussian(nn.Module):
+    """Gaussian with a learned mean and log-scale per channel, shape ``(1, C, 1, 1)``, init N(0, 1).
+
+    The model's base distribution (spec §9) and the dequantizer's base (spec §4).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """Σ log N(z; μ_c, σ_c) per sample, (B, C, H, W) -> (B,)."""
+        eta = (z - self.loc) * torch.exp(-self.log_scale)
+        return sum_except_batch(-0.5 * eta.square() - self.log_scale - HALF_LOG_2PI)
+
+    def sample(self, eta: Tensor) -> Tensor:
+        """μ_c + σ_c · eta for standard-normal ``eta``."""
+        return self.loc + torch.exp(self.log_scale) * eta

@@ -1,0 +1,184 @@
+"""Glow-like step parts (spec §6) and the other deterministic bijections.
+
+A glow-like step is ActNorm -> invertible 1x1 conv -> affine coupling -> channel swap
+(:func:`glow_step`). Shapes are ``(B, C, H, W)`` throughout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import FlowSequence, Noise, Transform, sum_except_batch
+
+
+class ActNorm(Transform):
+    """Per-channel affine normalisation ``z = (x - b_c) · exp(-l_c)``; log-det ``-H·W·Σ_c l_c``.
+
+    Starts as the identity; :meth:`initialize` sets ``b`` to the batch mean and ``l`` to
+    ``log(std + 1e-6)`` (unbiased std over B, H, W), as the official first training forward does.
+    Initialisation is never hidden in ``forward``: the model's ``data_init`` calls it.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        self.shift.copy_(x.mean(dim=(0, 2, 3), keepdim=True))
+        self.log_scale.copy_(torch.log(x.std(dim=(0, 2, 3), keepdim=True) + 1e-6))
+
+    def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+        z = (x - self.shift) * torch.exp(-self.log_scale)
+        ldj = -(x.shape[2] * x.shape[3]) * self.log_scale.sum()
+        return z, ldj.expand(x.shape[0])
+
+    def inverse(self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> Tensor:
+        return z * torch.exp(self.log_scale) + self.shift
+
+
+def _random_orthogonal(channels: int) -> Tensor:
+    q, _ = torch.linalg.qr(torch.randn(channels, channels))
+    return q
+
+
+class Conv1x1(Transform):
+    """Invertible 1x1 convolution ``z = W x`` per pixel with a full ``C x C`` matrix (official).
+
+    Log-det ``H·W·log|det W|``; ``W`` starts as a random orthogonal matrix.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(_random_orthogonal(channels))
+
+    def matrix(self) -> tuple[Tensor, Tensor]:
+        """(W, log|det W|)."""
+        return self.weight, torch.linalg.slogdet(self.weight)[1]
+
+    def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+        w, logdet = self.matrix()
+        z = F.conv2d(x, w[:, :, None, None])
+        return z, (x.shape[2] * x.shape[3] * logdet).expand(x.shape[0])
+
+    def inverse(self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> Tensor:
+        w, _ = self.matrix()
+        return F.conv2d(z, torch.linalg.inv(w)[:, :, None, None])
+
+
+class Conv1x1LU(Conv1x1):
+    """Invertible 1x1 convolution with ``W = P·L·(U + diag(sign·exp(log_s)))`` (Glow's LU option).
+
+    ``P`` is fixed, ``L`` unit lower-triangular, ``U`` strictly upper-triangular; the log-det is
+    ``H·W·Σ log_s`` without a determinant. Same random orthogonal start as :class:`Conv1x1`.
+    """
+
+    def __init__(self, channels: int) -> None:
+        Transform.__init__(self)
+        p, lower, upper = torch.linalg.lu(_random_orthogonal(channels))
+        diag = torch.diagonal(upper)
+        self.register_buffer("perm", p)
+        self.register_buffer("sign", torch.sign(diag))
+        self.register_buffer("lower_mask", torch.tril(torch.ones(channels, channels), -1))
+        self.lower = nn.Parameter(lower)
+        self.upper = nn.Parameter(torch.triu(upper, 1))
+        self.log_s = nn.Parameter(diag.abs().log())
+
+    def matrix(self) -> tuple[Tensor, Tensor]:
+        eye = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
+        lower = self.lower * self.lower_mask + eye
+        upper = self.upper * self.lower_mask.T + torch.diag(self.sign * torch.exp(self.log_s))
+        return self.perm @ lower @ upper, self.log_s.sum()
+
+
+class AffineCoupling(Transform):
+    """Affine coupling with a bounded scale (spec §6.3, §7.4).
+
+    ``x_a`` = first ⌈C/2⌉ channels (kept), ``x_b`` = the rest. ``net(x_a)`` (or
+    ``net(concat(x_a, context))`` when conditioned) gives ``2·⌊C/2⌋`` channels, interleaved:
+    channel ``2k`` is the raw scale ``s_k``, ``2k+1`` the shift ``t_k``. With
+    ``log a = 2·tanh(s/2)`` ∈ (-2, 2): ``y_b = t + exp(log a)·x_b``, log-det ``Σ log a``.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def _log_a_and_shift(self, x_a: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        h = x_a if context is None else torch.cat([x_a, context], dim=1)
+        s, t = self.net(h).unflatten(1, (-1, 2)).unbind(2)
+        return 2 * torch.tanh(s / 2), t
+
+    def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+        x_a, x_b = x.split((x.shape[1] + 1) // 2, dim=1)
+        log_a, t = self._log_a_and_shift(x_a, context)
+        y_b = t + torch.exp(log_a) * x_b
+        return torch.cat([x_a, y_b], dim=1), sum_except_batch(log_a)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> Tensor:
+        x_a, y_b = z.split((z.shape[1] + 1) // 2, dim=1)
+        log_a, t = self._log_a_and_shift(x_a, context)
+        return torch.cat([x_a, (y_b - t) * torch.exp(-log_a)], dim=1)
+
+
+class ChannelSwap(Transform):
+    """``[p, q] -> [q, p]`` with ``p`` the first ⌈C/2⌉ channels; log-det 0.
+
+    The inverse splits at ⌊C/2⌋, which is correct for odd C too (the official inverse splits at
+    ⌈C/2⌉ again; every width of the paper's models is even, where the two agree).
+    """
+
+    def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+        p, q = x.split((x.shape[1] + 1) // 2, dim=1)
+        return torch.cat([q, p], dim=1), x.new_zeros(x.shape[0])
+
+    def inverse(self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> Tensor:
+        q, p = z.split([z.shape[1] // 2, (z.shape[1] + 1) // 2], dim=1)
+        return torch.cat([p, q], dim=1)
+
+
+def squeeze(x: Tensor) -> Tensor:
+    """2x2 space-to-depth: channel ``4c + 2a + b`` holds pixel ``(2i+a, 2j+b)`` of channel c."""
+    return F.pixel_unshuffle(x, 2)
+
+
+def unsqueeze(z: Tensor) -> Tensor:
+    """Inverse of :func:`squeeze`."""
+    return F.pixel_shuffle(z, 2)
+
+
+class Unsqueeze(Transform):
+    """Depth-to-space 2x2 (the inverse of :func:`squeeze`) as a step; a permutation, log-det 0."""
+
+    def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+        return unsqueeze(x), x.new_zeros(x.shape[0])
+
+    def inverse(self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> Tensor:
+        return squeeze(z)
+
+
+class Sigmoid(Transform):
+    """Element-wise ``σ(y)``; log-det ``Σ -softplus(-y) - softplus(y)`` (no epsilon, as official)."""
+
+    def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+        ldj = sum_except_batch(-F.softplus(-x) - F.softplus(x))
+        return torch.sigmoid(x), ldj
+
+    def inverse(self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> Tensor:
+        return torch.logit(z)
+
+
+def glow_step(channels: int, coupling_net: nn.Module, conv1x1: str = "full") -> FlowSequence:
+    """One glow-like step on ``channels`` channels: ActNorm, 1x1 conv, affine coupling, swap."""
+    conv = Conv1x1LU(channels) if conv1x1 == "lu" else Conv1x1(channels)
+    return FlowSequence(
+        {
+            "actnorm": ActNorm(channels),
+            "conv1x1": conv,
+            "coupling": AffineCoupling(coupling_net),
+            "swap": ChannelSwap(),
+        }
+    )

@@ -1,0 +1,185 @@
+"""The assembled model: closed-form answers, round trips, bounds, sampling, validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from denseflow import ConfigError, DenseFlow, ModelConfig
+from denseflow.transforms.glow import ActNorm, Conv1x1
+
+DT = torch.float64
+TINY = dict(block_conf=(2, 2, 1), layers_conf=(1, 1, 1), layer_mid_chnls=(8, 8, 8), growth_rate=2, dense_depth=2,
+            dense_growth=4, dequant_width=8, dequant_steps=1, dequant_depth=1, dequant_growth=4, dequant_context_growth=2)
+
+
+def tiny(**overrides) -> DenseFlow:
+    return DenseFlow(ModelConfig(**{"image_shape": (3, 16, 16), **TINY, **overrides}))
+
+
+def perturbed(model: DenseFlow, std: float = 0.05) -> DenseFlow:
+    """Every zero-initialised output acts; ActNorm off identity; eval mode."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(std * torch.randn_like(p))
+    return model.eval()
+
+
+def images(model: DenseFlow, n: int = 4) -> torch.Tensor:
+    return torch.randint(0, 2**model.config.num_bits, (n, *model.config.image_shape))
+
+
+def test_gaussian_closed_form_at_init():
+    """Uniform dequantization and an initial model (identity couplings, N(0, I) cross-unit noise,
+    orthogonal 1x1 convs, identity ActNorm, standard-normal base): the cross-unit noise terms
+    cancel against their latents and log p̂(x) = −D log 256 + log N(z − 0.5; 0, I) exactly."""
+    model = tiny(dequantization="uniform").to(DT).eval()
+    with torch.no_grad():  # orthogonal to float64 precision (the init draws them in float32)
+        for m in model.modules():
+            if isinstance(m, Conv1x1):
+                m.weight.copy_(torch.linalg.qr(m.weight)[0])
+    x = images(model)
+    eta = torch.randn(x.shape, dtype=DT)
+    z = (x + torch.special.ndtr(eta)) / 256
+    d = x[0].numel()
+    want = -d * math.log(256) - 0.5 * (z - 0.5).square().flatten(1).sum(1) - d * 0.5 * math.log(2 * math.pi)
+    got = model.elbo(x, noise={"dequant.eta": eta})
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(model.bits_per_dim(x, noise={"dequant.eta": eta}), -want / (d * math.log(2)))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"attention": "multihead", "attention_heads": 2}, {"conv1x1": "lu"}, {"dequantization": "uniform"},
+     {"growth_rate": 0}, {"image_shape": (1, 24, 40)}, {"image_shape": (3, 8, 8)}, {"block_conf": (3, 2), "layers_conf": (2, 1),
+                                                                                   "layer_mid_chnls": (8, 6)}],
+    ids=["official", "multihead", "lu", "uniform", "no-noise", "24x40-grey", "8x8", "two-scales"],
+)
+def test_encode_decode_round_trip(overrides):
+    """Any image size whose sides survive the squeezes works; decode inverts encode exactly."""
+    model = perturbed(tiny(**overrides).to(DT))
+    x = images(model, 3)
+    latents = model.encode(x)
+    assert set(latents) == set(model.latent_shapes)
+    for name, shape in model.latent_shapes.items():
+        assert latents[name].shape == (3, *shape)
+    assert torch.equal(model.decode(latents), x)
+    lp = model.elbo(x)
+    assert lp.shape == (3,) and torch.isfinite(lp).all()
+
+
+def test_decode_recovers_the_dequantized_point():
+    model = perturbed(tiny().to(DT))
+    x = images(model, 2)
+    noise = {"dequant.eta": torch.randn(2, 12, 8, 8, dtype=DT)}
+    z, _ = model.dequantizer(x, noise=model._noise(noise, None))
+    torch.testing.assert_close(model.decode(model.encode(x, noise=noise), quantize=False), z, rtol=0, atol=1e-12)
+
+
+def test_latent_dimensions_add_up():
+    """Data dims + cross-unit noise dims = latent dims (spec §3 bookkeeping)."""
+    model = tiny()
+    c, h, w = model.config.image_shape
+    noise_dims = sum(1 * 2 * (h // 2) * (w // 2) for _ in range(1)) + 1 * 2 * (h // 4) * (w // 4)
+    latent_dims = sum(math.prod(s) for s in model.latent_shapes.values())
+    assert latent_dims == c * h * w + noise_dims
+
+
+def test_iwbo_is_the_log_mean_exp_of_elbos_and_tightens():
+    model = tiny().to(DT)
+    x = images(model, 6)
+    model.data_init(x)
+    model = perturbed(model)
+    # the definition, chunk by chunk, with the same generator stream
+    got = model.iwbo(x, k=4, chunk=2, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        w = torch.cat([model.elbo(x.repeat(2, 1, 1, 1), generator=g).view(2, 6) for _ in range(2)])
+    torch.testing.assert_close(got, torch.logsumexp(w, 0) - math.log(4), rtol=0, atol=0)
+    # log-mean-exp >= mean, and the bound grows with k (averaged over images and repeats)
+    g = torch.Generator().manual_seed(2)
+    elbo = torch.stack([model.elbo(x, generator=g).detach() for _ in range(8)]).mean()
+    iw = {k: torch.stack([model.iwbo(x, k, chunk=4, generator=g) for _ in range(2)]).mean() for k in (8, 32)}
+    assert iw[8] > elbo and iw[32] > iw[8]
+
+
+def test_data_init_sets_actnorm_and_leaves_batchnorm_and_mode():
+    model = tiny().eval()
+    x = images(model, 8)
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    model.data_init(x)
+    assert not model.training
+    for k, v in model.named_buffers():
+        assert torch.equal(v, before[k]), k
+    first = model.blocks[0].units[0][0].actnorm
+    inputs = []
+    hook = first.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+    model.train()
+    model.elbo(x, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    # the first ActNorm sees deterministic data (dequantized x) up to the dequantizer noise
+    z, _ = first(inputs[0])
+    assert z.mean(dim=(0, 2, 3)).abs().max() < 0.05
+    assert (z.std(dim=(0, 2, 3)) - 1).abs().max() < 0.05
+    assert all(m.log_scale.abs().sum() > 0 for m in model.modules() if isinstance(m, ActNorm))
+
+
+def test_sampling_is_seeded_and_tempered():
+    model = perturbed(tiny())
+    a = model.sample(3, generator=torch.Generator().manual_seed(5))
+    b = model.sample(3, generator=torch.Generator().manual_seed(5))
+    assert a.dtype == torch.int64 and a.shape == (3, 3, 16, 16)
+    assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 255
+    cold = model.sample(2, temperature=0.0)
+    assert torch.equal(cold[0], cold[1])  # T = 0: every draw is the mode
+    noise = {"base.eta": torch.zeros(2, *model.latent_shapes["base"]),
+             "transition1.eta": torch.zeros(2, *model.latent_shapes["transition1"]),
+             "transition2.eta": torch.zeros(2, *model.latent_shapes["transition2"])}
+    assert torch.equal(model.sample(2, noise=noise), cold)
+
+
+def test_noise_names_and_errors():
+    model = tiny()
+    assert model.noise_names == ["dequant.eta", "block1.unit1.eta", "block2.unit1.eta", "base.eta",
+                                 "transition2.eta", "transition1.eta"]
+    x = images(model, 2)
+    with pytest.raises(KeyError, match="block9.unit1.eta"):
+        model.elbo(x, noise={"block9.unit1.eta": torch.zeros(1)})
+    with pytest.raises(ValueError, match="dequant.eta"):
+        model.elbo(x, noise={"dequant.eta": torch.zeros(2, 12, 4, 4)})
+    with pytest.raises(TypeError, match="integer"):
+        model.elbo(x.float())
+    with pytest.raises(ValueError, match="0 .. 255"):
+        model.elbo(x + 256)
+    with pytest.raises(ValueError, match="shape"):
+        model.elbo(x[:, :1])
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [("growth_rate", 3, "growth_rate"), ("image_shape", (3, 28, 28), "divisible"), ("attention", "full", "attention"),
+     ("layers_conf", (1, 1), "layers_conf"), ("attention_heads", 3, "attention_heads"), ("conv1x1", "qr", "conv1x1")],
+)
+def test_config_errors_name_the_field(field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(**{field: value})
+
+
+def test_config_dict_round_trip_and_unknown_key():
+    cfg = ModelConfig(**TINY)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="growth"):
+        ModelConfig.from_dict({**cfg.to_dict(), "growth": 4})
+
+
+def test_float64_model_matches_float32_model():
+    model = perturbed(tiny())
+    x = images(model, 2)
+    noise = {name: torch.randn(2, *shape) for name, shape in
+             [("dequant.eta", (12, 8, 8)), ("block1.unit1.eta", (2, 8, 8)), ("block2.unit1.eta", (2, 4, 4))]}
+    lp32 = model.elbo(x, noise=noise)
+    lp64 = model.to(DT).elbo(x, noise=noise)
+    assert lp64.dtype == DT
+    torch.testing.assert_close(lp32.double(), lp64, rtol=1e-5, atol=0)
