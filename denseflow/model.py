@@ -104,7 +104,9 @@ class DenseFlow(nn.Module):
         if not isinstance(x, Tensor) or x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
             raise TypeError(f"x: expected an integer tensor of images, got {getattr(x, 'dtype', type(x))}")
         if x.dim() != 4 or tuple(x.shape[1:]) != self.config.image_shape:
-            raise ValueError(f"x: expected shape (B, {', '.join(map(str, self.config.image_shape))}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"x: expected shape (B, {', '.join(map(str, self.config.image_shape))}), got {tuple(x.shape)}"
+            )
         top = 2**self.config.num_bits - 1
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi > top:

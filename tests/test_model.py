@@ -11,8 +11,19 @@ from denseflow import ConfigError, DenseFlow, ModelConfig
 from denseflow.transforms.glow import ActNorm, Conv1x1
 
 DT = torch.float64
-TINY = dict(block_conf=(2, 2, 1), layers_conf=(1, 1, 1), layer_mid_chnls=(8, 8, 8), growth_rate=2, dense_depth=2,
-            dense_growth=4, dequant_width=8, dequant_steps=1, dequant_depth=1, dequant_growth=4, dequant_context_growth=2)
+TINY = dict(
+    block_conf=(2, 2, 1),
+    layers_conf=(1, 1, 1),
+    layer_mid_chnls=(8, 8, 8),
+    growth_rate=2,
+    dense_depth=2,
+    dense_growth=4,
+    dequant_width=8,
+    dequant_steps=1,
+    dequant_depth=1,
+    dequant_growth=4,
+    dequant_context_growth=2,
+)
 
 
 def tiny(**overrides) -> DenseFlow:
@@ -52,9 +63,16 @@ def test_gaussian_closed_form_at_init():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"attention": "multihead", "attention_heads": 2}, {"conv1x1": "lu"}, {"dequantization": "uniform"},
-     {"growth_rate": 0}, {"image_shape": (1, 24, 40)}, {"image_shape": (3, 8, 8)}, {"block_conf": (3, 2), "layers_conf": (2, 1),
-                                                                                   "layer_mid_chnls": (8, 6)}],
+    [
+        {},
+        {"attention": "multihead", "attention_heads": 2},
+        {"conv1x1": "lu"},
+        {"dequantization": "uniform"},
+        {"growth_rate": 0},
+        {"image_shape": (1, 24, 40)},
+        {"image_shape": (3, 8, 8)},
+        {"block_conf": (3, 2), "layers_conf": (2, 1), "layer_mid_chnls": (8, 6)},
+    ],
     ids=["official", "multihead", "lu", "uniform", "no-noise", "24x40-grey", "8x8", "two-scales"],
 )
 def test_encode_decode_round_trip(overrides):
@@ -134,16 +152,24 @@ def test_sampling_is_seeded_and_tempered():
     assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 255
     cold = model.sample(2, temperature=0.0)
     assert torch.equal(cold[0], cold[1])  # T = 0: every draw is the mode
-    noise = {"base.eta": torch.zeros(2, *model.latent_shapes["base"]),
-             "transition1.eta": torch.zeros(2, *model.latent_shapes["transition1"]),
-             "transition2.eta": torch.zeros(2, *model.latent_shapes["transition2"])}
+    noise = {
+        "base.eta": torch.zeros(2, *model.latent_shapes["base"]),
+        "transition1.eta": torch.zeros(2, *model.latent_shapes["transition1"]),
+        "transition2.eta": torch.zeros(2, *model.latent_shapes["transition2"]),
+    }
     assert torch.equal(model.sample(2, noise=noise), cold)
 
 
 def test_noise_names_and_errors():
     model = tiny()
-    assert model.noise_names == ["dequant.eta", "block1.unit1.eta", "block2.unit1.eta", "base.eta",
-                                 "transition2.eta", "transition1.eta"]
+    assert model.noise_names == [
+        "dequant.eta",
+        "block1.unit1.eta",
+        "block2.unit1.eta",
+        "base.eta",
+        "transition2.eta",
+        "transition1.eta",
+    ]
     x = images(model, 2)
     with pytest.raises(KeyError, match="block9.unit1.eta"):
         model.elbo(x, noise={"block9.unit1.eta": torch.zeros(1)})
@@ -159,8 +185,14 @@ def test_noise_names_and_errors():
 
 @pytest.mark.parametrize(
     "field, value, match",
-    [("growth_rate", 3, "growth_rate"), ("image_shape", (3, 28, 28), "divisible"), ("attention", "full", "attention"),
-     ("layers_conf", (1, 1), "layers_conf"), ("attention_heads", 3, "attention_heads"), ("conv1x1", "qr", "conv1x1")],
+    [
+        ("growth_rate", 3, "growth_rate"),
+        ("image_shape", (3, 28, 28), "divisible"),
+        ("attention", "full", "attention"),
+        ("layers_conf", (1, 1), "layers_conf"),
+        ("attention_heads", 3, "attention_heads"),
+        ("conv1x1", "qr", "conv1x1"),
+    ],
 )
 def test_config_errors_name_the_field(field, value, match):
     with pytest.raises(ConfigError, match=match):
@@ -177,8 +209,14 @@ def test_config_dict_round_trip_and_unknown_key():
 def test_float64_model_matches_float32_model():
     model = perturbed(tiny())
     x = images(model, 2)
-    noise = {name: torch.randn(2, *shape) for name, shape in
-             [("dequant.eta", (12, 8, 8)), ("block1.unit1.eta", (2, 8, 8)), ("block2.unit1.eta", (2, 4, 4))]}
+    noise = {
+        name: torch.randn(2, *shape)
+        for name, shape in [
+            ("dequant.eta", (12, 8, 8)),
+            ("block1.unit1.eta", (2, 8, 8)),
+            ("block2.unit1.eta", (2, 4, 4)),
+        ]
+    }
     lp32 = model.elbo(x, noise=noise)
     lp64 = model.to(DT).elbo(x, noise=noise)
     assert lp64.dtype == DT

@@ -50,11 +50,13 @@ def iterative_pinv(a: Tensor, iters: int = 6) -> Tensor:
 class NystromAttention(nn.Module):
     """``(B, M, H, W) -> (B, M, H, W)``; see the module docstring for the two kinds."""
 
-    def __init__(self, channels: int, kind: str = "official", heads: int = 1, landmarks: int = 4) -> None:
+    def __init__(
+        self, channels: int, kind: str = "official", heads: int = 1, landmarks: int = 4, pinv_iters: int = 6
+    ) -> None:
         super().__init__()
         if kind not in ("official", "multihead"):
             raise ValueError(f"attention kind must be 'official' or 'multihead', got {kind!r}")
-        self.kind, self.heads, self.landmarks = kind, heads, landmarks
+        self.kind, self.heads, self.landmarks, self.pinv_iters = kind, heads, landmarks, pinv_iters
         self.embed = channels // 2
         self.qkv = nn.Conv2d(channels, 3 * self.embed, 1)
         self.out = nn.Conv2d(self.embed, channels, 1)
@@ -77,7 +79,7 @@ class NystromAttention(nn.Module):
         f = torch.softmax(q @ k_l.transpose(-1, -2), dim=axis)
         a = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=axis)
         g = torch.softmax(q_l @ k.transpose(-1, -2), dim=axis)
-        o = (f @ iterative_pinv(a)) @ (g @ v) + v
+        o = (f @ iterative_pinv(a, self.pinv_iters)) @ (g @ v) + v
         if self.kind == "official":
             o = o.reshape(b, e, height, width)  # inverse memory reinterpretation
         else:

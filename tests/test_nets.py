@@ -1,0 +1,67 @@
+"""Conditioner networks: Nyström attention (both kinds), its pseudo-inverse, the DenseBlock."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from denseflow.nets.attention import NystromAttention, iterative_pinv, segment_means
+from denseflow.nets.dense import DenseBlock
+
+DT = torch.float64
+
+
+def test_iterative_pinv_converges_to_the_inverse():
+    a = torch.softmax(torch.randn(3, 4, 4, dtype=DT), dim=-1)
+    torch.testing.assert_close(iterative_pinv(a, iters=30), torch.linalg.inv(a), rtol=1e-8, atol=1e-8)
+
+
+def test_pinv_scaling_is_per_matrix():
+    """One sample's result never depends on the rest of the batch (the official code agrees)."""
+    a = torch.softmax(torch.randn(2, 4, 4, dtype=DT), dim=-2)
+    big = torch.cat([a, 50 * a[:1]])
+    torch.testing.assert_close(iterative_pinv(big)[:2], iterative_pinv(a), rtol=0, atol=0)
+
+
+def test_segment_means_handle_uneven_groups():
+    x = torch.arange(10, dtype=DT).view(1, 10, 1)
+    assert segment_means(x, 4).flatten().tolist() == [1.0, 4.0, 6.5, 8.5]  # groups 3, 3, 2, 2
+
+
+def exact_attention(att: NystromAttention, h: torch.Tensor) -> torch.Tensor:
+    """Softmax attention per pixel and head, with the residual on V and the output conv."""
+    b, _, height, width = h.shape
+    e, heads = att.embed, att.heads
+    q, k, v = att.qkv(h).flatten(2).transpose(1, 2).unflatten(-1, (3, heads, e // heads)).permute(2, 0, 3, 1, 4)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(e // heads), dim=-1)
+    o = weights @ v + v
+    return att.out(o.permute(0, 1, 3, 2).reshape(b, e, height, width))
+
+
+def test_multihead_attention_with_all_tokens_as_landmarks_is_exact_attention():
+    att = NystromAttention(8, kind="multihead", heads=2, landmarks=16, pinv_iters=60).to(DT)
+    h = torch.randn(2, 8, 4, 4, dtype=DT)
+    torch.testing.assert_close(att(h), exact_attention(att, h), rtol=1e-6, atol=1e-6)
+
+
+def test_official_attention_is_per_sample_and_differs_from_per_pixel():
+    """Same weights, same input: the memory-reinterpreted tokens give another result than
+    per-pixel tokens; each sample's output is independent of the rest of the batch."""
+    att = NystromAttention(8, kind="official").to(DT)
+    pixel = NystromAttention(8, kind="multihead", heads=1).to(DT)
+    pixel.load_state_dict(att.state_dict())
+    h = torch.randn(3, 8, 4, 4, dtype=DT)
+    assert not torch.allclose(att(h), pixel(h), atol=1e-3)
+    torch.testing.assert_close(att(h)[1:2], att(h[1:2]), rtol=0, atol=1e-14)
+
+
+def test_dense_block_widths_and_residual():
+    block = DenseBlock(5, 5, depth=3, growth=4, residual=True).to(DT)
+    assert [layer.conv1.in_channels for layer in block.layers] == [5, 9, 13]
+    assert block.gate.conv.in_channels == 17 and block.gate.conv.out_channels == 15
+    x = torch.randn(2, 5, 3, 3, dtype=DT)
+    with torch.no_grad():
+        block.gate.conv.weight.zero_()
+        block.gate.conv.bias.zero_()
+    assert torch.equal(block(x), x)  # α + β·σ(γ) = 0 -> residual only
