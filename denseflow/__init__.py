@@ -1,9 +1,9 @@
 """denseflow: Densely connected normalizing flows (DenseFlow, NeurIPS 2021) in PyTorch."""
 
-from .config import ConfigError, ModelConfig, model_config
-from .model import DenseFlow
-from .official import convert_official
-
 __version__ = "0.1.0"
+
+from .config import ConfigError, ModelConfig, model_config  # noqa: E402
+from .model import DenseFlow  # noqa: E402
+from .official import convert_official  # noqa: E402
 
 __all__ = ["ConfigError", "DenseFlow", "ModelConfig", "convert_official", "model_config", "__version__"]

@@ -8,8 +8,14 @@ explicit (their defaults are DenseFlow-74-10's) or named options that are ours.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 ATTENTION_KINDS = ("official", "multihead")
 DEQUANTIZATIONS = ("variational", "uniform")
@@ -101,17 +107,12 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-able values (tuples as lists)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+        return _plain(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        """Build from plain values; an unknown key is an error that names it."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config key(s): {', '.join(unknown)}")
-        return cls(**values)
+        """Build from plain values; unknown keys and wrongly typed values are errors naming them."""
+        return _build(cls, dict(values), "model")
 
 
 _IMAGE_SHAPES = {
@@ -130,3 +131,229 @@ def model_config(name: str) -> ModelConfig:
     if name not in _IMAGE_SHAPES:
         raise ConfigError(f"unknown model preset {name!r}; expected one of {', '.join(_IMAGE_SHAPES)}")
     return ModelConfig(image_shape=_IMAGE_SHAPES[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# Run configuration: model + data + training + evaluation, YAML presets, checked overrides.
+
+AUGMENTATIONS = ("none", "eta", "neta", "hflip")
+SCHEDULES = ("official", "exponential", "cosine")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images to train and evaluate on (``denseflow.data``); ``augmentation`` as spec §13.4."""
+
+    dataset: str = "cifar10"
+    augmentation: str = "eta"
+    celeba_crop: bool = False
+    train_limit: int | None = None
+    test_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.augmentation not in AUGMENTATIONS:
+            raise ConfigError(f"data.augmentation={self.augmentation!r}: expected one of {AUGMENTATIONS}")
+        for name in ("train_limit", "test_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{name}={value!r}: must be >= 1 or null")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe (spec §13). Defaults: the official CIFAR-10 command.
+
+    ``schedule="official"`` is the official code's *effective* schedule (spec §13.2): linear
+    warm-up from 0 over ``warmup`` steps, then constant, except that the first step of every
+    epoch after the first runs at ``lr·gamma``; then ``finetune_epochs`` at ``finetune_lr``
+    (``train_more.py``). ``exponential`` (``lr·gamma^epoch``) and ``cosine`` are real decays.
+    ``max_steps`` ends training earlier, after that many optimizer steps (a compute budget).
+    """
+
+    epochs: int = 400
+    max_steps: int | None = None
+    finetune_epochs: int = 20
+    finetune_lr: float = 2e-5
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 5000
+    schedule: str = "official"
+    gamma: float = 0.9975
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    eval_every: int = 1
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    num_samples: int = 64
+    sample_temperature: float = 1.0
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        positive = ("epochs", "batch_size", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)!r}: must be >= 1")
+        for name in ("finetune_epochs", "warmup", "num_samples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)!r}: must be >= 0")
+        for name in ("lr", "finetune_lr", "eps"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)!r}: must be > 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps={self.max_steps!r}: must be >= 1 or null")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"train.schedule={self.schedule!r}: expected one of {SCHEDULES}")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"train.gamma={self.gamma!r}: must lie in (0, 1]")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas={self.betas!r}: expected two values in [0, 1)")
+        if self.grad_clip < 0:
+            raise ConfigError(f"train.grad_clip={self.grad_clip!r}: must be >= 0 (0 = off)")
+        if self.sample_temperature < 0:
+            raise ConfigError(f"train.sample_temperature={self.sample_temperature!r}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Test-set evaluation (spec §11): batch size, and importance samples ``k`` in chunks of ``kbs``."""
+
+    batch_size: int = 64
+    k: int = 1000
+    kbs: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "k", "kbs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name}={getattr(self, name)!r}: must be >= 1")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; saved in every checkpoint."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: _plain(getattr(self, name)) for name in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> RunConfig:
+        """Build from nested plain values; unknown sections/keys and wrongly typed values are
+        errors naming ``section.key``. A ``model`` section may name a preset: ``{preset: cifar10}``."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: expected a mapping of sections {list(SECTIONS)}")
+        unknown = sorted(set(values) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown section(s) {unknown}; expected {list(SECTIONS)}")
+        sections = {}
+        for name, kind in SECTIONS.items():
+            given = dict(values.get(name) or {})
+            base = {}
+            if name == "model" and "preset" in given:
+                base = model_config(given.pop("preset")).to_dict()
+            sections[name] = _build(kind, {**base, **given}, name)
+        return cls(**sections)
+
+    def override(self, assignments: list[str]) -> RunConfig:
+        """Apply ``section.key=value`` assignments (values parsed as YAML, then type-checked)."""
+        values = self.to_dict()
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            section, dot, field_name = key.strip().partition(".")
+            if not sep or not dot:
+                raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.lr=2e-4")
+            if section not in SECTIONS:
+                raise ConfigError(f"override {item!r}: unknown section {section!r}; expected {list(SECTIONS)}")
+            if field_name not in _field_types(SECTIONS[section]):
+                raise ConfigError(f"override {item!r}: unknown key {key.strip()!r}")
+            try:
+                values[section][field_name] = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError as err:
+                raise ConfigError(f"override {item!r}: cannot parse the value ({err.problem})") from None
+        return RunConfig.from_dict(values, "overrides")
+
+
+def _plain(section: Any) -> dict[str, Any]:
+    out = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+@functools.cache
+def _field_types(kind: type) -> dict[str, Any]:
+    return typing.get_type_hints(kind)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a field's type hint; ints are accepted for floats, lists for tuples."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        inner = args[:1] * len(value) if args[-1] is Ellipsis else args
+        if len(inner) != len(value):
+            raise ConfigError(f"{key}={value!r}: expected {len(inner)} values")
+        return tuple(_coerce(v, t, key) for t, v in zip(inner, value, strict=True))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}={value!r}: expected {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _build(kind: type, values: dict[str, Any], section: str) -> Any:
+    types_ = _field_types(kind)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}")
+    checked = {k: _coerce(v, types_[k], f"{section}.{k}") for k, v in values.items()}
+    try:
+        return kind(**checked)
+    except ConfigError as err:
+        message = str(err)
+        raise ConfigError(message if message.startswith(f"{section}.") else f"{section}.{message}") from None
+
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(source: str | Path) -> RunConfig:
+    """A run configuration from a preset name (``cifar10``, ``demo`` …) or a YAML file path."""
+    path = Path(source)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PRESET_DIR / f"{source}.yaml"
+        if not path.exists():
+            raise ConfigError(f"unknown preset {str(source)!r}; expected one of {', '.join(preset_names())}")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
+    return RunConfig.from_dict(values or {}, str(path))

@@ -38,8 +38,8 @@ class Noise:
     """Named standard-normal variables for the stochastic steps.
 
     A step asks for ``draw(name, shape, like)``; a tensor given under that name is used (cast to
-    ``like``'s dtype and device, shape checked), otherwise a fresh one is drawn from ``generator``
-    (or the global generator). Names are those of ``../shared/parity/A/FORMAT.md``:
+    ``like``'s dtype and device, shape checked), otherwise a fresh one is drawn in float32 from
+    ``generator`` (or the global generator) and cast. Names are those of ``../shared/parity/A/FORMAT.md``:
     ``dequant.eta``, ``block{s}.unit{i}.eta``, ``transition{t}.eta``, ``base.eta``.
     ``temperature`` scales the draws of sampling (base and transitions) only.
     """
@@ -60,10 +60,10 @@ class Noise:
             if tuple(given.shape) != tuple(shape):
                 raise ValueError(f"noise {name!r} has shape {tuple(given.shape)}, expected {tuple(shape)}")
             return given.to(device=like.device, dtype=like.dtype)
-        if self.generator is None:
-            return torch.randn(shape, device=like.device, dtype=like.dtype)
-        out = torch.randn(shape, generator=self.generator, device=self.generator.device, dtype=like.dtype)
-        return out.to(like.device)
+        # drawn in float32 whatever the working dtype, so that a float64 evaluation sees the same noise
+        device = like.device if self.generator is None else self.generator.device
+        out = torch.randn(shape, generator=self.generator, device=device, dtype=torch.float32)
+        return out.to(device=like.device, dtype=like.dtype)
 
 
 class Transform(nn.Module):

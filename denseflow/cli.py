@@ -1,0 +1,208 @@
+"""``denseflow`` command line: one thin subcommand per library verb, no logic of its own.
+
+Bad input is reported as one line on stderr with exit code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from . import checkpoint as ckpt
+from .config import ConfigError, RunConfig, load_config, preset_names
+
+EXAMPLES = {
+    "train": """examples:
+  denseflow train --preset demo --out runs/demo
+  denseflow train --preset cifar10 --data-dir ~/data --out runs/cifar10
+  denseflow train --preset tiny --set train.epochs=3 --set model.growth_rate=4 --dry-run
+  denseflow train --resume runs/cifar10                       # continue where it stopped
+  denseflow train --resume runs/cifar10 --set train.finetune_epochs=40""",
+    "evaluate": """examples:
+  denseflow evaluate --checkpoint runs/demo/final.pt                    # test ELBO bits/dim
+  denseflow evaluate --checkpoint runs/cifar10/final.pt --data-dir ~/data --k 1000 --kbs 50
+  denseflow evaluate --checkpoint published.pt --data-dir ~/data --double --json out.json""",
+    "sample": """examples:
+  denseflow sample --checkpoint runs/demo/final.pt --out samples.png
+  denseflow sample --checkpoint published.pt --seeds 0-63 --temperature 0.8 --out grid.png --each-dir samples/""",
+    "import-official": """examples:
+  denseflow import-official ~/official/cifar10_run --out published.pt          # args.pickle read safely
+  denseflow import-official checkpoint.pt --args args.json --out published.pt""",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="denseflow", description="DenseFlow: train, evaluate (bits/dim), sample, load published weights."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    p = command("train", "Train DenseFlow with a preset recipe or a YAML config.")
+    p.add_argument("--preset", help=f"preset name ({', '.join(preset_names())}) or a YAML file")
+    p.add_argument("--data-dir", help="folder holding the dataset (or its usual top folder)")
+    p.add_argument("--out", help="run directory (default: runs/<preset>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=2e-4")
+    p.add_argument("--resume", help="run directory or checkpoint to continue from")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = command("evaluate", "Test-set bits/dim of a checkpoint: ELBO, or IWBO-k with --k.")
+    p.add_argument("--checkpoint", required=True, help="a denseflow checkpoint or export (.pt)")
+    p.add_argument("--data-dir", help="folder holding the dataset (default: as in the run)")
+    p.add_argument("--split", default="test", choices=["test", "train"])
+    p.add_argument("--k", type=int, help="importance samples per image (IWBO-k); default: ELBO")
+    p.add_argument("--kbs", type=int, help="importance samples per pass (default: the config's eval.kbs)")
+    p.add_argument("--batch-size", type=int, help="images per batch (default: the config's eval.batch_size)")
+    p.add_argument("--limit", type=int, help="evaluate the first N images only")
+    p.add_argument("--double", action="store_true", help="evaluate in float64")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="where to write the result (default: beside the checkpoint)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = command("sample", "Sample images to a PNG grid and/or one PNG per seed.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--num", type=int, default=64, help="number of images (seeds 0..num-1) unless --seeds")
+    p.add_argument("--seeds", help="e.g. 0-63 or 1,5,9: image i depends only on seed i")
+    p.add_argument("--temperature", type=float, default=1.0, help="scale of the latent draws (official: 1.0)")
+    p.add_argument("--out", help="grid PNG path (default: samples.png beside the checkpoint)")
+    p.add_argument("--each-dir", help="also write one PNG per seed into this folder")
+    p.add_argument("--nrow", type=int, default=8)
+    p.add_argument("--device", default="auto")
+
+    p = command("import-official", "Convert a published official DenseFlow checkpoint into a denseflow checkpoint.")
+    p.add_argument("source", help="official run directory (args.pickle, check/checkpoint.pt) or checkpoint.pt")
+    p.add_argument("--args", help="the official flags: args.pickle (read safely) or args.json")
+    p.add_argument("--out", required=True, help="denseflow checkpoint to write")
+    return parser
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from .train import train
+
+    if a.resume:
+        config = ckpt.run_config(ckpt.load(a.resume), a.resume)
+        run_dir = Path(a.out) if a.out else _run_dir_of(Path(a.resume))
+    elif a.preset:
+        config = load_config(a.preset)
+        run_dir = Path(a.out or Path("runs") / Path(a.preset).stem)
+    else:
+        raise ConfigError("train: give --preset NAME (or a YAML file) or --resume RUN_DIR")
+    config = config.override(a.set)
+    if a.dry_run:
+        print(f"# run directory: {run_dir}\n# data: {a.data_dir or '(default location)'}")
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    summary = train(config, run_dir, a.data_dir, resume=a.resume, progress=not a.quiet)
+    print(json.dumps(summary))
+    return 0
+
+
+def _run_dir_of(path: Path) -> Path:
+    return path if path.is_dir() else path.parent.parent
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from .data import load_images
+    from .evaluate import evaluate_images
+    from .train import resolve_device
+
+    model, config = ckpt.load_model(a.checkpoint, resolve_device(a.device))
+    if a.double:
+        model = model.double()
+    images = load_images(
+        config.data.dataset,
+        a.split,
+        a.data_dir,
+        image_size=config.model.image_shape[1:],
+        celeba_crop=config.data.celeba_crop,
+        limit=a.limit or (config.data.test_limit if a.split == "test" else config.data.train_limit),
+    )
+    kbs = a.kbs or min(a.k or 1, config.eval.kbs)
+    result = evaluate_images(
+        model, images.images, a.batch_size or config.eval.batch_size, a.k, kbs, a.seed, progress=not a.quiet
+    )
+    result |= {"split": a.split, "dataset": config.data.dataset, "checkpoint": str(a.checkpoint), "double": a.double}
+    name = "elbo" if a.k is None else f"iwbo{a.k}"
+    out = Path(a.json) if a.json else Path(a.checkpoint).with_name(f"{Path(a.checkpoint).stem}.{a.split}.{name}.json")
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{a.split} {name} bits/dim: {result['bpd']:.4f} ({result['images']} images) -> {out}")
+    return 0
+
+
+def _cmd_sample(a: argparse.Namespace) -> int:
+    from .sample import parse_seeds, sample_seeds, save_grid, to_pil
+    from .train import resolve_device
+
+    model, config = ckpt.load_model(a.checkpoint, resolve_device(a.device))
+    seeds = parse_seeds(a.seeds) if a.seeds else list(range(a.num))
+    images = sample_seeds(model, seeds, a.temperature)
+    out = Path(a.out) if a.out else Path(a.checkpoint).with_name("samples.png")
+    save_grid(images, out, nrow=a.nrow, num_bits=config.model.num_bits)
+    if a.each_dir:
+        Path(a.each_dir).mkdir(parents=True, exist_ok=True)
+        for seed, image in zip(seeds, images, strict=True):
+            to_pil(image, config.model.num_bits).save(Path(a.each_dir) / f"seed{seed:06d}.png")
+    print(f"{len(seeds)} samples (temperature {a.temperature}) -> {out}" + (f", {a.each_dir}/" if a.each_dir else ""))
+    return 0
+
+
+def _cmd_import_official(a: argparse.Namespace) -> int:
+    from .config import DataConfig
+    from .official import convert_official, load_official_args
+
+    source = Path(a.source)
+    args_path = a.args or (source / "args.pickle" if source.is_dir() else None)
+    if args_path is None:
+        raise ConfigError("import-official: give --args args.pickle|args.json for a bare checkpoint.pt")
+    flags = load_official_args(args_path)
+    model = convert_official(source, flags)
+    preset = {"cifar10": "cifar10", "imagenet32": "imagenet32", "imagenet64": "imagenet64", "celeba": "celeba64"}
+    name = preset.get(flags["dataset"])
+    base = load_config(name) if name else RunConfig(data=DataConfig(dataset=flags["dataset"]))
+    config = RunConfig(model=model.config, data=base.data, train=base.train, eval=base.eval)
+    ckpt.export(a.out, model, config)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"imported {params:,} parameters ({flags['dataset']}) -> {a.out}")
+    return 0
+
+
+COMMANDS = {
+    "train": _cmd_train,
+    "evaluate": _cmd_evaluate,
+    "sample": _cmd_sample,
+    "import-official": _cmd_import_official,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("denseflow: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, OSError) as err:
+        if args.debug:
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"denseflow {args.command}: error: {' '.join(str(message).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

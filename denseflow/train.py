@@ -1,0 +1,277 @@
+"""The training loop (spec §13), readable top to bottom: :func:`train`.
+
+Run directory::
+
+    config.yaml          the resolved configuration
+    data.json            which files were read (paths, release, sha256)
+    metrics.jsonl        one JSON object per logged step ("train") and per evaluation ("eval")
+    checkpoints/         step_XXXXXXX.pt, the last ``train.keep_checkpoints`` kept
+    samples/             step_XXXXXXX.png, a grid at every evaluation
+    best.pt, final.pt    inference exports (weights + config): best test bpd, end of training
+    bpd_curve.png        train and test bits/dim (needs matplotlib)
+
+Every random choice of step ``t`` (batch order of its epoch, augmentation, model noise) comes
+from generators seeded by ``(train.seed, epoch)`` or ``(train.seed, t)``, so a resumed run
+continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import RunConfig, TrainConfig
+from .data import augment, load_images
+from .evaluate import evaluate_images
+from .model import DenseFlow
+from .sample import sample_seeds, save_grid
+
+
+def learning_rate(cfg: TrainConfig, step: int, epoch: int, first_in_epoch: bool, main_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based), in ``epoch``.
+
+    ``official``: ``lr·min(1, step/warmup)``, times ``gamma`` on the first step of each epoch
+    after the first (the official warm-up and per-epoch schedulers interfere so that the decay
+    never accumulates, spec §13.2; with torch >= 2 the very first step runs at lr 0).
+    ``exponential``: ``lr·min(1, step/warmup)·gamma^epoch``. ``cosine``: decay to 0 over the
+    ``main_steps`` steps of the main stage. After ``epochs`` epochs: ``finetune_lr``.
+    """
+    if epoch >= cfg.epochs:
+        return cfg.finetune_lr
+    warm = min(1.0, step / cfg.warmup) if cfg.warmup else 1.0
+    if cfg.schedule == "official":
+        return cfg.lr * warm * (cfg.gamma if first_in_epoch and epoch > 0 else 1.0)
+    if cfg.schedule == "exponential":
+        return cfg.lr * warm * cfg.gamma**epoch
+    return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / main_steps)))
+
+
+def _generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@contextmanager
+def _stop_requests():
+    """SIGINT/SIGTERM ask the loop to stop at the next step boundary (a second SIGINT aborts)."""
+    requested = {"stop": False}
+
+    def handler(signum, frame):
+        if requested["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested["stop"] = True
+
+    try:
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: no signal handling
+        previous = {}
+    try:
+        yield requested
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class _Log:
+    """metrics.jsonl (truncated to the resumed step), optional TensorBoard."""
+
+    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        kept = []
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                tqdm.write("tensorboard is not installed (pip install tensorboard): logging to metrics.jsonl only")
+            else:
+                self.writer = SummaryWriter(str(run_dir / "tb"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer:
+            for key, value in record.items():
+                if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines()]
+
+
+_MATPLOTLIB_WARNED = []
+
+
+def plot_bpd_curve(records: list[dict[str, Any]], path: Path) -> None:
+    """Train and test bits/dim against steps; says once if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if not _MATPLOTLIB_WARNED:
+            tqdm.write("matplotlib is not installed (pip install 'denseflow[plot]'): no bpd_curve.png")
+            _MATPLOTLIB_WARNED.append(True)
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, key, label in (("train", "bpd", "train (batch ELBO)"), ("eval", "test_bpd", "test (ELBO)")):
+        points = [(r["step"], r[key]) for r in records if r["kind"] == kind]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o" if kind == "eval" else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits/dim")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(
+    config: RunConfig,
+    run_dir: str | Path,
+    data_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train ``config`` into ``run_dir``; return a summary (steps, last test bpd, paths).
+
+    ``resume``: a run directory or checkpoint to continue from (model, optimizer, position).
+    ``stop_after``: stop (with a checkpoint) once that many steps are done — an interruption.
+    """
+    run_dir = Path(run_dir)
+    cfg = config.train
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    # data ------------------------------------------------------------------------------
+    data_kwargs = dict(image_size=config.model.image_shape[1:], celeba_crop=config.data.celeba_crop)
+    trainset = load_images(config.data.dataset, "train", data_dir, limit=config.data.train_limit, **data_kwargs)
+    testset = load_images(config.data.dataset, "test", data_dir, limit=config.data.test_limit, **data_kwargs)
+    if tuple(trainset.images.shape[1:]) != config.model.image_shape:
+        raise ValueError(
+            f"{config.data.dataset} images are {tuple(trainset.images.shape[1:])}, "
+            f"the model expects model.image_shape={config.model.image_shape}"
+        )
+
+    # model, optimizer, position ----------------------------------------------------------
+    model = DenseFlow(config.model).to(device)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    step, epoch, batch_index, best = 0, 0, 0, math.inf
+    if resume is not None:
+        state = ckpt.load(resume)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, epoch, batch_index = state["step"], state["epoch"], state["batch"]
+        best = state.get("best_test_bpd", math.inf)
+    elif any((run_dir / "checkpoints").glob("step_*.pt")):
+        raise ValueError(f"{run_dir} already holds a run's checkpoints: --resume {run_dir}, or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    (run_dir / "data.json").write_text(json.dumps({"train": trainset.source, "test": testset.source}, indent=1))
+    log = _Log(run_dir, step, cfg.tensorboard)
+
+    n = len(trainset.images)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)  # the last partial batch is kept, as official
+    total_epochs = cfg.epochs + cfg.finetune_epochs
+    total_steps = min(total_epochs * steps_per_epoch, cfg.max_steps or math.inf)
+    main_steps = min(cfg.epochs * steps_per_epoch, total_steps)
+
+    def save_checkpoint() -> None:
+        payload = {
+            "kind": "training",
+            "config": config.to_dict(),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "epoch": epoch,
+            "batch": batch_index,
+            "best_test_bpd": best,
+        }
+        ckpt.save(run_dir / "checkpoints" / f"step_{step:07d}.pt", payload)
+        for old in sorted((run_dir / "checkpoints").glob("step_*.pt"))[: -cfg.keep_checkpoints]:
+            old.unlink()
+
+    def evaluate_and_sample() -> float:
+        model.eval()
+        result = evaluate_images(model, testset.images, config.eval.batch_size, seed=cfg.seed, progress=False)
+        if cfg.num_samples:
+            images = sample_seeds(model, list(range(cfg.num_samples)), cfg.sample_temperature)
+            save_grid(images, run_dir / "samples" / f"step_{step:07d}.png", num_bits=config.model.num_bits)
+        model.train()
+        log.write({"kind": "eval", "step": step, "epoch": epoch, "test_bpd": result["bpd"]})
+        plot_bpd_curve(log.records(), run_dir / "bpd_curve.png")
+        return result["bpd"]
+
+    # the loop ----------------------------------------------------------------------------
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    test_bpd = None
+    tic, seen = time.perf_counter(), 0
+    with _stop_requests() as stop:
+        while step < total_steps:
+            order = torch.randperm(n, generator=_generator(cfg.seed, epoch))
+            while batch_index < steps_per_epoch and step < total_steps:
+                indices = order[batch_index * cfg.batch_size : (batch_index + 1) * cfg.batch_size]
+                x = augment(trainset.images[indices], config.data.augmentation, _generator(cfg.seed, step))
+                x = x.to(device, non_blocking=True).long()
+                noise = _generator(cfg.seed, step, device)
+                if step == 0:
+                    model.data_init(x, generator=_generator(cfg.seed + 1, 0, device))
+                lr = learning_rate(cfg, step, epoch, batch_index == 0, main_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss = model.bits_per_dim(x, generator=noise).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                step, batch_index, seen = step + 1, batch_index + 1, seen + len(x)
+
+                if step % cfg.log_every == 0 or step == total_steps:
+                    rate = seen / (time.perf_counter() - tic)
+                    bpd = loss.item()
+                    log.write({"kind": "train", "step": step, "epoch": epoch, "bpd": bpd, "lr": lr, "img_per_s": rate})
+                    bar.set_postfix(bpd=f"{bpd:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+                    tic, seen = time.perf_counter(), 0
+                bar.update(1)
+                if step % cfg.checkpoint_every == 0:
+                    save_checkpoint()
+                if stop["stop"] or (stop_after is not None and step >= stop_after):
+                    if step % cfg.checkpoint_every:
+                        save_checkpoint()
+                    bar.close()
+                    tqdm.write(f"stopped at step {step}; resume with --resume {run_dir}")
+                    return {"run_dir": str(run_dir), "step": step, "stopped": True, "test_bpd": test_bpd}
+            if batch_index == steps_per_epoch:
+                epoch, batch_index = epoch + 1, 0
+            if epoch % cfg.eval_every == 0 and batch_index == 0 or step == total_steps:
+                test_bpd = evaluate_and_sample()
+                if test_bpd < best:
+                    best = test_bpd
+                    ckpt.export(run_dir / "best.pt", model, config)
+                save_checkpoint()
+    bar.close()
+    ckpt.export(run_dir / "final.pt", model, config)
+    return {"run_dir": str(run_dir), "step": step, "stopped": False, "test_bpd": test_bpd, "best_test_bpd": best}

@@ -1,0 +1,187 @@
+"""The denseflow command: train → evaluate → sample on the tiny preset, import-official, errors."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from denseflow.cli import main
+
+from .conftest import PARITY_DIRS
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--quiet", "--set", "train.epochs=1"]) == 0
+    return run
+
+
+def test_dry_run_prints_the_resolved_config(capsys):
+    assert (
+        main(["train", "--preset", "tiny", "--set", "train.lr=0.002", "--set", "model.growth_rate=4", "--dry-run"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "lr: 0.002" in out and "growth_rate: 4" in out and "dataset: fashion_mnist" in out
+
+
+def test_evaluate_elbo_and_chunked_iwbo(tiny_run, capsys):
+    final = tiny_run / "final.pt"
+    assert main(["evaluate", "--checkpoint", str(final), "--quiet"]) == 0
+    elbo = json.loads((tiny_run / "final.test.elbo.json").read_text())
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(final),
+                "--k",
+                "6",
+                "--kbs",
+                "4",
+                "--quiet",
+                "--json",
+                str(tiny_run / "iw.json"),
+            ]
+        )
+        == 0
+    )
+    iwbo = json.loads((tiny_run / "iw.json").read_text())
+    assert elbo["images"] == iwbo["images"] == 32 and iwbo["k"] == 6
+    assert iwbo["bpd"] < elbo["bpd"] < 9  # the importance-weighted bound is tighter
+    assert "bits/dim" in capsys.readouterr().out
+    assert (
+        main(["evaluate", "--checkpoint", str(final), "--double", "--quiet", "--json", str(tiny_run / "d.json")]) == 0
+    )
+    assert json.loads((tiny_run / "d.json").read_text())["bpd"] == pytest.approx(elbo["bpd"], abs=1e-4)
+
+
+def test_sample_seeds_are_reproducible_and_independent(tiny_run, tmp_path):
+    final = str(tiny_run / "final.pt")
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                final,
+                "--seeds",
+                "0-3",
+                "--out",
+                str(tmp_path / "a.png"),
+                "--each-dir",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                final,
+                "--seeds",
+                "2,3",
+                "--out",
+                str(tmp_path / "b.png"),
+                "--each-dir",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
+    for seed in (2, 3):
+        a = np.asarray(Image.open(tmp_path / "a" / f"seed{seed:06d}.png"))
+        b = np.asarray(Image.open(tmp_path / "b" / f"seed{seed:06d}.png"))
+        assert a.shape == (28, 28) and np.array_equal(a, b)
+    assert not np.array_equal(
+        np.asarray(Image.open(tmp_path / "a" / "seed000000.png")),
+        np.asarray(Image.open(tmp_path / "a" / "seed000001.png")),
+    )
+    grid = Image.open(tmp_path / "a.png")
+    assert grid.size == (4 * 30 + 2, 30 + 2)
+
+
+def write_cifar(root, n_train=8, n_test=6):
+    """CIFAR-10 python batches, in the on-disk format: pickled dicts with bytes keys."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in [*((f"data_batch_{i}", n_train) for i in range(1, 6)), ("test_batch", n_test)]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [0] * n}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return root
+
+
+@pytest.mark.skipif(not PARITY_DIRS, reason="no parity fixtures")
+def test_import_official_then_evaluate(tmp_path, capsys):
+    fixture = PARITY_DIRS[0]
+    out = tmp_path / "published.pt"
+    args = ["import-official", str(fixture / "checkpoint.pt"), "--args", str(fixture / "args.json"), "--out", str(out)]
+    assert main(args) == 0
+    assert "8,859,816 parameters" in capsys.readouterr().out
+    data = write_cifar(tmp_path / "data")
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(out),
+                "--data-dir",
+                str(data),
+                "--quiet",
+                "--json",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["images"] == 6 and result["dataset"] == "cifar10" and 7 < result["bpd"] < 12
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--preset", "nope"], "unknown preset 'nope'"),
+        (["train", "--preset", "tiny", "--set", "train.lrr=1"], "unknown key 'train.lrr'"),
+        (["train", "--preset", "tiny", "--set", "model.growth_rate=3"], "model.growth_rate=3"),
+        (["train", "--preset", "tiny", "--set", "train.epochs=abc"], "train.epochs='abc'"),
+        (["evaluate", "--checkpoint", "missing.pt"], "missing.pt: no such checkpoint"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_malformed_yaml_and_foreign_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: [1, \n")
+    assert main(["train", "--preset", str(bad)]) == 2
+    assert "malformed YAML" in capsys.readouterr().err
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, foreign)
+    assert main(["sample", "--checkpoint", str(foreign)]) == 2
+    assert "not a denseflow checkpoint" in capsys.readouterr().err
+    if PARITY_DIRS:
+        assert main(["sample", "--checkpoint", str(PARITY_DIRS[0] / "checkpoint.pt")]) == 2
+        assert "import-official" in capsys.readouterr().err
+
+
+def test_missing_dataset_is_one_line(tmp_path, capsys):
+    argv = ["train", "--preset", "tiny", "--set", "data.dataset=cifar10", "--set", "model.image_shape=[3,32,32]"]
+    assert main([*argv, "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path) in err and "cifar" in err.lower()
+
+
+def test_refuses_to_overwrite_a_run(tiny_run, capsys):
+    assert main(["train", "--preset", "tiny", "--out", str(tiny_run), "--quiet"]) == 2
+    assert "--resume" in capsys.readouterr().err

@@ -1,0 +1,69 @@
+"""The training loop: schedule, exact resume, checkpoints and the run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from denseflow import checkpoint as ckpt
+from denseflow.config import TrainConfig, load_config
+from denseflow.train import learning_rate, train
+
+
+def test_official_schedule_closed_form():
+    cfg = TrainConfig(lr=1e-3, warmup=100, gamma=0.9, epochs=3, finetune_epochs=1, finetune_lr=2e-5)
+    assert learning_rate(cfg, 0, 0, True, 0) == 0.0  # torch >= 2: the first step runs at lr 0
+    assert learning_rate(cfg, 50, 0, False, 0) == pytest.approx(5e-4)
+    assert learning_rate(cfg, 150, 1, False, 0) == pytest.approx(1e-3)  # constant: decay never accumulates
+    assert learning_rate(cfg, 150, 1, True, 0) == pytest.approx(0.9e-3)  # first step of an epoch: lr·gamma
+    assert learning_rate(cfg, 60, 1, True, 0) == pytest.approx(0.9 * 0.6e-3)
+    assert learning_rate(cfg, 900, 3, True, 0) == 2e-5  # fine-tune stage (train_more.py)
+
+
+def test_real_decays():
+    exp = TrainConfig(lr=1e-3, warmup=0, gamma=0.5, schedule="exponential")
+    assert learning_rate(exp, 10, 2, False, 100) == pytest.approx(0.25e-3)
+    cos = TrainConfig(lr=1e-3, warmup=0, schedule="cosine")
+    assert learning_rate(cos, 50, 0, False, 100) == pytest.approx(0.5e-3)
+    assert learning_rate(cos, 100, 0, False, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+def _weights(path):
+    return ckpt.load(path)["model"]
+
+
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path):
+    config = load_config("tiny")  # 64 images, batch 16: 4 steps/epoch, 2 epochs, checkpoints every 3 steps
+    full = train(config, tmp_path / "full", progress=False)
+    assert full["step"] == 8 and not full["stopped"]
+    for stop in (3, 5):  # on a checkpoint boundary and between two
+        run = tmp_path / f"stopped{stop}"
+        first = train(config, run, progress=False, stop_after=stop)
+        assert first["stopped"] and first["step"] == stop
+        second = train(config, run, resume=run, progress=False)
+        assert second["step"] == 8
+        a, b = _weights(full["run_dir"] + "/final.pt"), _weights(run / "final.pt")
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{key} differs after resuming at step {stop}"
+        assert second["test_bpd"] == full["test_bpd"]
+
+
+def test_run_directory_contents(tmp_path):
+    config = load_config("tiny").override(["train.epochs=1"])
+    summary = train(config, tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert len(evals) == 1 and math.isfinite(evals[0]["test_bpd"]) and evals[0]["test_bpd"] == summary["test_bpd"]
+    assert (tmp_path / "samples" / "step_0000004.png").exists()
+    assert (tmp_path / "final.pt").exists() and (tmp_path / "best.pt").exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000003.pt", "step_0000004.pt"]
+    data = json.loads((tmp_path / "data.json").read_text())
+    assert data["train"]["files"] and data["test"]["files"]
+    payload = torch.load(tmp_path / "final.pt", weights_only=True)
+    assert payload["format"] == "denseflow" and payload["config"]["model"]["image_shape"] == [1, 28, 28]
+    model, loaded = ckpt.load_model(tmp_path / "final.pt")
+    assert loaded == config and not model.training
