@@ -62,39 +62,9 @@ def test_evaluate_elbo_and_chunked_iwbo(tiny_run, capsys):
 
 
 def test_sample_seeds_are_reproducible_and_independent(tiny_run, tmp_path):
-    final = str(tiny_run / "final.pt")
-    assert (
-        main(
-            [
-                "sample",
-                "--checkpoint",
-                final,
-                "--seeds",
-                "0-3",
-                "--out",
-                str(tmp_path / "a.png"),
-                "--each-dir",
-                str(tmp_path / "a"),
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(
-            [
-                "sample",
-                "--checkpoint",
-                final,
-                "--seeds",
-                "2,3",
-                "--out",
-                str(tmp_path / "b.png"),
-                "--each-dir",
-                str(tmp_path / "b"),
-            ]
-        )
-        == 0
-    )
+    for name, seeds in (("a", "0-3"), ("b", "2,3")):
+        argv = ["sample", "--checkpoint", str(tiny_run / "final.pt"), "--seeds", seeds]
+        assert main([*argv, "--out", str(tmp_path / f"{name}.png"), "--each-dir", str(tmp_path / name)]) == 0
     for seed in (2, 3):
         a = np.asarray(Image.open(tmp_path / "a" / f"seed{seed:06d}.png"))
         b = np.asarray(Image.open(tmp_path / "b" / f"seed{seed:06d}.png"))
