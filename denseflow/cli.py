@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from . import checkpoint as ckpt
@@ -29,6 +30,10 @@ EXAMPLES = {
     "sample": """examples:
   denseflow sample --checkpoint runs/demo/final.pt --out samples.png
   denseflow sample --checkpoint published.pt --seeds 0-63 --temperature 0.8 --out grid.png --each-dir samples/""",
+    "bench": """examples:
+  denseflow bench --preset cifar10 --batch-size 32 --steps 10 --warmup 2 --json bench.json
+  denseflow bench --preset cifar10 --batch-size 8 --what sample --steps 5
+  denseflow bench --preset demo --what train,iwbo --k 16 --kbs 8""",
     "import-official": """examples:
   denseflow import-official ~/official/cifar10_run --out published.pt          # args.pickle read safely
   denseflow import-official checkpoint.pt --args args.json --out published.pt""",
@@ -83,6 +88,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--each-dir", help="also write one PNG per seed into this folder")
     p.add_argument("--nrow", type=int, default=8)
     p.add_argument("--device", default="auto")
+
+    p = command("bench", "Time the training step, sampling and IWBO; report medians, img/s, GFLOP/s, peak memory.")
+    p.add_argument("--preset", required=True, help="preset name or YAML file (the model to measure)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. model.attention=multihead"
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10, help="timed repetitions")
+    p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
+    p.add_argument("--what", default="train,sample,iwbo", help="comma-separated: train, sample, iwbo")
+    p.add_argument("--k", type=int, default=16, help="importance samples for the iwbo measurement")
+    p.add_argument("--kbs", type=int, default=8, help="importance samples per pass for the iwbo measurement")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument("--json", help="write the report here as JSON")
 
     p = command("import-official", "Convert a published official DenseFlow checkpoint into a denseflow checkpoint.")
     p.add_argument("source", help="official run directory (args.pickle, check/checkpoint.pt) or checkpoint.pt")
@@ -178,6 +198,22 @@ def _cmd_import_official(a: argparse.Namespace) -> int:
     ckpt.export(a.out, model, config)
     params = sum(p.numel() for p in model.parameters())
     print(f"imported {params:,} parameters ({flags['dataset']}) -> {a.out}")
+    return 0
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import bench, format_report
+    from .train import resolve_device
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    config = load_config(a.preset).override(a.set)
+    what = tuple(w.strip() for w in a.what.split(",") if w.strip())
+    report = bench(config, a.batch_size, a.steps, a.warmup, what, resolve_device(a.device), a.k, a.kbs)
+    report["preset"] = a.preset
+    print(format_report(report))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 

@@ -56,6 +56,29 @@ def learning_rate(cfg: TrainConfig, step: int, epoch: int, first_in_epoch: bool,
     return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / main_steps)))
 
 
+def train_step(
+    model: DenseFlow,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    generator: torch.Generator | None,
+    lr: float,
+    grad_clip: float = 0.0,
+) -> torch.Tensor:
+    """One optimizer step on the batch ``x``: loss = mean bits/dim (spec §10). Returns the loss.
+
+    This is the step :func:`train` runs and ``denseflow bench`` times.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = model.bits_per_dim(x, generator=generator).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
 def _generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
 
@@ -239,14 +262,7 @@ def train(
                 if step == 0:
                     model.data_init(x, generator=_generator(cfg.seed + 1, 0, device))
                 lr = learning_rate(cfg, step, epoch, batch_index == 0, main_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = model.bits_per_dim(x, generator=noise).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
+                loss = train_step(model, optimizer, x, noise, lr, cfg.grad_clip)
                 step, batch_index, seen = step + 1, batch_index + 1, seen + len(x)
 
                 if step % cfg.log_every == 0 or step == total_steps:

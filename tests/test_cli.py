@@ -155,3 +155,16 @@ def test_missing_dataset_is_one_line(tmp_path, capsys):
 def test_refuses_to_overwrite_a_run(tiny_run, capsys):
     assert main(["train", "--preset", "tiny", "--out", str(tiny_run), "--quiet"]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_bench_reports_every_measurement(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--preset", "tiny", "--batch-size", "2", "--steps", "2", "--warmup", "0", "--k", "4", "--kbs", "2"]
+    assert main([*argv, "--device", "cpu", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for item in ("train", "sample", "iwbo"):
+        r = report[item]
+        assert r["repetitions"] == 2 and r["min_s"] <= r["median_s"] and r["gflop_per_call"] > 0
+        assert r["peak_memory_gib"] > 0.05
+    assert report["iwbo"]["k"] == 4 and report["parameters"] > 0
+    assert "img/s" in capsys.readouterr().out

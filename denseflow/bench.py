@@ -1,0 +1,187 @@
+"""``denseflow bench``: speed and memory of the steps users run, as medians over repetitions.
+
+Measurements (each on random 8-bit images of the preset's shape):
+
+``train``   :func:`denseflow.train.train_step` — zero_grad, loss, backward, Adamax — the exact
+            step :func:`denseflow.train.train` runs.
+``sample``  ``model.sample(B)`` in eval mode.
+``iwbo``    ``model.iwbo(x, k, chunk)`` in eval mode, against a plain loop of ``k`` ``elbo`` calls
+            (no autograd either): throughput in importance samples of x per second.
+
+For each: median and min seconds over ``steps`` timed repetitions after ``warmup`` untimed ones,
+images/s, achieved GFLOP/s (from a FLOP count of the same call on one image, times B), peak
+memory during the timed repetitions (resident set size on CPU, sampled every 5 ms; max
+allocated on a GPU), and the torch version, thread count and device.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import RunConfig
+from .model import DenseFlow
+from .train import train_step
+
+MEASUREMENTS = ("train", "sample", "iwbo")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak resident memory (CPU, sampled) or max allocated memory (CUDA) inside a ``with`` block."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._stop = threading.Event()
+        self.peak = _rss()
+
+        def watch() -> None:
+            while not self._stop.wait(0.005):
+                self.peak = max(self.peak, _rss())
+
+        self._thread = threading.Thread(target=watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss())
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call (multiply-add = 2), from torch's FLOP counter (convolutions, matmuls)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _time(fn: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> tuple[list[float], int]:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    with PeakMemory(device) as memory:
+        for _ in range(steps):
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+    return times, memory.peak
+
+
+def _summary(times: list[float], images: int, flops: int, peak: int) -> dict[str, float]:
+    median = statistics.median(times)
+    return {
+        "median_s": median,
+        "min_s": min(times),
+        "images_per_s": images / median,
+        "gflop_per_s": flops / median / 1e9,
+        "gflop_per_call": flops / 1e9,
+        "peak_memory_gib": peak / 2**30,
+        "repetitions": len(times),
+    }
+
+
+def bench(
+    config: RunConfig,
+    batch_size: int = 32,
+    steps: int = 10,
+    warmup: int = 2,
+    what: tuple[str, ...] = MEASUREMENTS,
+    device: str | torch.device = "cpu",
+    k: int = 16,
+    kbs: int = 8,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run the measurements in ``what``; return a JSON-able report."""
+    unknown = sorted(set(what) - set(MEASUREMENTS))
+    if unknown:
+        raise ValueError(f"bench: unknown measurement(s) {unknown}; expected some of {list(MEASUREMENTS)}")
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model = DenseFlow(config.model).to(device)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-3, betas=config.train.betas, eps=config.train.eps)
+    x = torch.randint(0, 2**config.model.num_bits, (batch_size, *config.model.image_shape), device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    model.data_init(x, generator=generator)
+    report: dict[str, Any] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "batch_size": batch_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "image_shape": list(config.model.image_shape),
+    }
+    for item in what:
+        if item == "train":
+            model.train()
+            flops = count_flops(lambda: train_step(model, optimizer, x[:1], generator, 1e-3)) * batch_size
+            times, peak = _time(lambda: train_step(model, optimizer, x, generator, 1e-3), steps, warmup, device)
+            report["train"] = _summary(times, batch_size, flops, peak)
+        elif item == "sample":
+            model.eval()
+            flops = count_flops(lambda: model.sample(1, generator=generator)) * batch_size
+            times, peak = _time(lambda: model.sample(batch_size, generator=generator), steps, warmup, device)
+            report["sample"] = _summary(times, batch_size, flops, peak)
+        else:
+            model.eval()
+            flops = count_flops(lambda: model.iwbo(x[:1], k, chunk=kbs, generator=generator)) * batch_size
+            times, peak = _time(lambda: model.iwbo(x, k, chunk=kbs, generator=generator), steps, warmup, device)
+            result = _summary(times, batch_size * k, flops, peak)
+
+            @torch.no_grad()
+            def loop() -> None:
+                for _ in range(k):
+                    model.elbo(x, generator=generator)
+
+            loop_times, _ = _time(loop, steps, warmup, device)
+            result["k"], result["kbs"] = k, kbs
+            result["loop_median_s"] = statistics.median(loop_times)
+            result["speedup_vs_elbo_loop"] = result["loop_median_s"] / result["median_s"]
+            report["iwbo"] = result
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A small text table of a :func:`bench` report."""
+    head = (
+        f"torch {report['torch']}, {report['threads']} threads, {report['device']}, batch {report['batch_size']}, "
+        f"{report['parameters']:,} parameters"
+    )
+    rows = [head, f"{'':8} {'median s':>9} {'min s':>8} {'img/s':>8} {'GFLOP/s':>8} {'peak GiB':>9}"]
+    for item in MEASUREMENTS:
+        if item in report:
+            r = report[item]
+            rows.append(
+                f"{item:8} {r['median_s']:9.3f} {r['min_s']:8.3f} {r['images_per_s']:8.2f} "
+                f"{r['gflop_per_s']:8.1f} {r['peak_memory_gib']:9.2f}"
+            )
+    if "iwbo" in report:
+        r = report["iwbo"]
+        rows.append(f"iwbo k={r['k']} kbs={r['kbs']}: {r['speedup_vs_elbo_loop']:.2f}x a loop of {r['k']} elbo calls")
+    return "\n".join(rows)
