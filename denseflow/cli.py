@@ -222,13 +222,15 @@ COMMANDS = {
     "evaluate": _cmd_evaluate,
     "sample": _cmd_sample,
     "import-official": _cmd_import_official,
+    "bench": _cmd_bench,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    command = COMMANDS[args.command]
     try:
-        return COMMANDS[args.command](args)
+        return command(args)
     except KeyboardInterrupt:
         print("denseflow: interrupted", file=sys.stderr)
         return 130
