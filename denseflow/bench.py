@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import RunConfig
 from .model import DenseFlow
-from .train import train_step
+from .train import prepare, train_step
 
 MEASUREMENTS = ("train", "sample", "iwbo")
 
@@ -124,7 +124,7 @@ def bench(
         raise ValueError(f"bench: unknown measurement(s) {unknown}; expected some of {list(MEASUREMENTS)}")
     device = torch.device(device)
     torch.manual_seed(seed)
-    model = DenseFlow(config.model).to(device)
+    model = prepare(DenseFlow(config.model), config.train, device)
     optimizer = torch.optim.Adamax(model.parameters(), lr=1e-3, betas=config.train.betas, eps=config.train.eps)
     x = torch.randint(0, 2**config.model.num_bits, (batch_size, *config.model.image_shape), device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -136,6 +136,8 @@ def bench(
         "batch_size": batch_size,
         "parameters": sum(p.numel() for p in model.parameters()),
         "image_shape": list(config.model.image_shape),
+        "channels_last": config.train.channels_last,
+        "low_memory": config.train.low_memory,
     }
     for item in what:
         if item == "train":

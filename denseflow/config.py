@@ -168,6 +168,8 @@ class TrainConfig:
     epoch after the first runs at ``lr·gamma``; then ``finetune_epochs`` at ``finetune_lr``
     (``train_more.py``). ``exponential`` (``lr·gamma^epoch``) and ``cosine`` are real decays.
     ``max_steps`` ends training earlier, after that many optimizer steps (a compute budget).
+    ``channels_last`` stores conv weights and activations NHWC (faster oneDNN/cuDNN kernels, same
+    arithmetic); ``low_memory`` recomputes the conditioner nets in the backward pass.
     """
 
     epochs: int = 400
@@ -184,6 +186,8 @@ class TrainConfig:
     grad_clip: float = 0.0
     seed: int = 0
     device: str = "auto"
+    channels_last: bool = True
+    low_memory: bool = False
     eval_every: int = 1
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2

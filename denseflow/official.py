@@ -133,11 +133,11 @@ def official_key(key: str) -> str | None:
         if rest == "weight":
             return f"dequantizer.flow.{step}.weight"
         if n := re.fullmatch(r"coupling_net\.0\.transform\.([02])\.(weight|bias)", rest):
-            return f"dequantizer.flow.{step}.net.{n[1]}.{n[2]}"
+            return f"dequantizer.flow.{step}.net.{'in_proj' if n[1] == '0' else 'out_proj'}.{n[2]}"
         if n := re.fullmatch(r"coupling_net\.0\.transform\.1\.dense\.(.+)", rest):
             inner = _dense_block_key(n[1])
             if inner:
-                return f"dequantizer.flow.{step}.net.1.{inner}"
+                return f"dequantizer.flow.{step}.net.dense.{inner}"
     if m := re.fullmatch(r"transforms\.(\d+)\.noise_params\.(\d+)\.transformation\.([02])\.(weight|bias)", key):
         return f"blocks.{(int(m[1]) - 3) // 2}.couplings.{m[2]}.net.{'conv' if m[3] == '0' else 'out'}.{m[4]}"
     if m := re.fullmatch(r"transforms\.(\d+)\.blocks\.(\d+)\.transforms\.(\d+)\.transforms\.([012])\.(.+)", key):

@@ -221,3 +221,37 @@ def test_float64_model_matches_float32_model():
     lp64 = model.to(DT).elbo(x, noise=noise)
     assert lp64.dtype == DT
     torch.testing.assert_close(lp32.double(), lp64, rtol=1e-5, atol=0)
+
+
+def _loss_and_grads(model, x, noise):
+    model.zero_grad(set_to_none=True)
+    loss = model.bits_per_dim(x, noise=noise).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", ["low_memory", "channels_last"])
+def test_speed_and_memory_modes_keep_values_and_gradients(mode):
+    """Training mode (batch statistics): the same loss, gradients and BatchNorm updates."""
+    torch.manual_seed(3)
+    reference = perturbed(tiny().to(DT)).train()
+    other = tiny().to(DT)
+    other.load_state_dict(reference.state_dict())
+    other.train()
+    if mode == "low_memory":
+        other.set_low_memory(True)
+    else:
+        other = other.to(memory_format=torch.channels_last)
+    x = images(reference, 4)
+    noise = {
+        n: torch.randn(4, *s, dtype=DT)
+        for n, s in [("dequant.eta", (12, 8, 8)), ("block1.unit1.eta", (2, 8, 8)), ("block2.unit1.eta", (2, 4, 4))]
+    }
+    loss_a, grads_a = _loss_and_grads(reference, x, noise)
+    loss_b, grads_b = _loss_and_grads(other, x, noise)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-12, atol=0)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 50
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-9, atol=1e-12, msg=name)
+    for (name, a), (_, b) in zip(reference.named_buffers(), other.named_buffers(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=0, msg=name)  # statistics updated once

@@ -65,3 +65,24 @@ def test_dense_block_widths_and_residual():
         block.gate.conv.weight.zero_()
         block.gate.conv.bias.zero_()
     assert torch.equal(block(x), x)  # α + β·σ(γ) = 0 -> residual only
+
+
+def test_concat_conv_gradients_equal_the_plain_concatenation():
+    torch.manual_seed(0)
+    block = DenseBlock(3, 4, depth=3, growth=2).to(DT)
+    x = torch.randn(2, 3, 5, 5, dtype=DT, requires_grad=True)
+    block(x).square().sum().backward()
+    fast = [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+
+    def plain(h):
+        for layer in block.layers:
+            h = torch.cat([h, torch.relu(layer.conv3(torch.relu(layer.conv1(h))))], dim=1)
+        a, b, g = block.gate.conv(h).chunk(3, dim=1)
+        return a + b * torch.sigmoid(g)
+
+    x.grad = None
+    block.zero_grad()
+    plain(x).square().sum().backward()
+    slow = [x.grad] + [p.grad for p in block.parameters()]
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

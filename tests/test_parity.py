@@ -126,11 +126,14 @@ def _compare(got, io, expected, tolerance, skip=()):
     return checked
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("fixture", PARITY_DIRS, ids=[p.name for p in PARITY_DIRS])
-def test_parity_with_official_code(fixture, dtype):
+def test_parity_with_official_code(fixture, dtype, channels_last):
     io, model = _load(fixture)
     model = model.to(dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     expected = io["expected"] if dtype == torch.float64 else io["expected_f32"]
     tolerance = io["tolerance_f64"] if dtype == torch.float64 else io["tolerance"]
     got = _capture_likelihood(model, io, dtype)

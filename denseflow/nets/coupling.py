@@ -3,8 +3,13 @@ and the dequantizer's context and coupling networks (spec §4)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import NystromAttention
 from .dense import DenseBlock
@@ -18,7 +23,50 @@ def zero_conv1x1(in_channels: int, out_channels: int) -> nn.Conv2d:
     return conv
 
 
-class CouplingNet(nn.Module):
+_RECOMPUTING = contextvars.ContextVar("denseflow_recomputing", default=False)
+
+
+@contextlib.contextmanager
+def _recomputing():
+    token = _RECOMPUTING.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(token)
+
+
+class FusionBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d that leaves its running statistics alone while a low-memory forward is
+    recomputed in the backward pass (the batch statistics, hence the output, are the same)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and _RECOMPUTING.get():  # update throw-away copies of the statistics
+            mean, var = self.running_mean.clone(), self.running_var.clone()
+            return F.batch_norm(x, mean, var, self.weight, self.bias, True, self.momentum, self.eps)
+        return super().forward(x)
+
+
+class Recomputable(nn.Module):
+    """A conditioner network that can trade compute for memory.
+
+    With ``low_memory`` set (``DenseFlow.set_low_memory``) and autograd on, only the inputs are
+    kept for the backward pass and :meth:`_net` runs again there (activation checkpointing):
+    the same values and gradients, a fraction of the activation memory.
+    """
+
+    low_memory = False
+
+    def _net(self, *args: Tensor):
+        raise NotImplementedError
+
+    def forward(self, *args: Tensor):
+        if self.low_memory and torch.is_grad_enabled():
+            context = lambda: (contextlib.nullcontext(), _recomputing())  # noqa: E731
+            return checkpoint(self._net, *args, use_reentrant=False, context_fn=context)
+        return self._net(*args)
+
+
+class CouplingNet(Recomputable):
     """DenseBlock ⊕ Nyström attention, fused (spec §7).
 
     ``h = in_proj(x)``; ``f = fusion(concat(attention(h), dense(h)))`` with fusion =
@@ -41,15 +89,15 @@ class CouplingNet(nn.Module):
         self.in_proj = nn.Conv2d(in_channels, width, 1)
         self.dense = DenseBlock(width, width, depth, growth)
         self.attention = NystromAttention(width, attention, heads, landmarks)
-        self.fusion = nn.Sequential(nn.BatchNorm2d(2 * width), nn.ReLU(), nn.Conv2d(2 * width, width, 1, bias=False))
+        self.fusion = nn.Sequential(FusionBatchNorm(2 * width), nn.ReLU(), nn.Conv2d(2 * width, width, 1, bias=False))
         self.out_proj = zero_conv1x1(width, out_channels)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _net(self, x: Tensor) -> Tensor:
         h = self.in_proj(x)
         return self.out_proj(self.fusion(torch.cat([self.attention(h), self.dense(h)], dim=1)))
 
 
-class NoiseNet(nn.Module):
+class NoiseNet(Recomputable):
     """g_i of a cross-unit coupling: 3x3 conv (c -> 4c) -> ReLU -> 1x1 conv (4c -> 2g), zero-init.
 
     Returns ``(μ, log σ)``, each ``(B, g, H, W)``: μ = first g output channels,
@@ -61,12 +109,12 @@ class NoiseNet(nn.Module):
         self.conv = nn.Conv2d(in_channels, 4 * in_channels, 3, padding=1)
         self.out = zero_conv1x1(4 * in_channels, 2 * growth)
 
-    def forward(self, c: Tensor) -> tuple[Tensor, Tensor]:
+    def _net(self, c: Tensor) -> tuple[Tensor, Tensor]:
         mu, s = self.out(torch.relu(self.conv(c))).chunk(2, dim=1)
         return mu, 2 * torch.tanh(s / 2)
 
 
-class ContextNet(nn.Module):
+class ContextNet(Recomputable):
     """The dequantizer's context ``h = c(x)`` (spec §4): ``(B, C, H, W)`` integers -> ``(B, width, H/2, W/2)``.
 
     ``x' = 2x/(2^bits − 1) − 1``; DenseBlock at full resolution; 2x2 stride-2 conv; DenseBlock.
@@ -79,15 +127,19 @@ class ContextNet(nn.Module):
         self.down = nn.Conv2d(width, width, 2, stride=2)
         self.dense_out = DenseBlock(width, width, depth, growth)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _net(self, x: Tensor) -> Tensor:
         x = 2 * x.to(self.down.weight.dtype) / self.max_value - 1
         return self.dense_out(self.down(self.dense_in(x)))
 
 
-def dequant_coupling_net(in_channels: int, out_channels: int, width: int, depth: int, growth: int) -> nn.Sequential:
-    """The dequantizer's coupling net: 1x1 conv -> residual DenseBlock -> zero-init 1x1 conv."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, width, 1),
-        DenseBlock(width, width, depth, growth, residual=True),
-        zero_conv1x1(width, out_channels),
-    )
+class DequantCouplingNet(Recomputable):
+    """The dequantizer's coupling net: 1x1 conv -> residual DenseBlock -> zero-init 1x1 conv (spec §4)."""
+
+    def __init__(self, in_channels: int, out_channels: int, width: int, depth: int, growth: int) -> None:
+        super().__init__()
+        self.in_proj = nn.Conv2d(in_channels, width, 1)
+        self.dense = DenseBlock(width, width, depth, growth, residual=True)
+        self.out_proj = zero_conv1x1(width, out_channels)
+
+    def _net(self, x: Tensor) -> Tensor:
+        return self.out_proj(self.dense(self.in_proj(x)))

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..nets.coupling import ContextNet, dequant_coupling_net
+from ..nets.coupling import ContextNet, DequantCouplingNet
 from .base import DiagonalGaussian, FlowSequence, Noise, Transform
 from .glow import AffineCoupling, Conv1x1, Conv1x1LU, Sigmoid, Unsqueeze
 
@@ -72,7 +72,7 @@ class VariationalDequantization(Dequantization):
         self.base = DiagonalGaussian(c)
         flow: list[Transform] = []
         for _ in range(steps):
-            net = dequant_coupling_net((c + 1) // 2 + width, 2 * (c // 2), width, depth, growth)
+            net = DequantCouplingNet((c + 1) // 2 + width, 2 * (c // 2), width, depth, growth)
             flow += [conv(c), AffineCoupling(net)]
         self.flow = FlowSequence([*flow, conv(c), Unsqueeze(), Sigmoid()])
 
