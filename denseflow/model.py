@@ -139,7 +139,7 @@ class DenseFlow(nn.Module):
         """``−log p̂(x) / (D·ln 2)`` per sample, ``(B,)``; D counts data dimensions only."""
         return -self.elbo(x, noise, generator) / (self.config.num_dims * math.log(2))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def iwbo(self, x: Tensor, k: int, chunk: int | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Importance-weighted bound ``log (1/k) Σ_j exp(log p̂_j(x))`` in nats, ``(B,)`` (spec §11).
 
@@ -174,7 +174,7 @@ class DenseFlow(nn.Module):
         z = unsqueeze(z) + 0.5
         return self.dequantizer.inverse(z) if quantize else z
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, latents: Mapping[str, Tensor], quantize: bool = True) -> Tensor:
         """Inverse of :meth:`encode`: integer images, or with ``quantize=False`` the continuous
         ``z = (x + u) / 2**num_bits`` in (0, 1). Cross-unit noise channels are dropped."""
@@ -184,7 +184,7 @@ class DenseFlow(nn.Module):
         noise = Noise({f"{t.name}.eta": latents[t.name] for t in self.transitions})
         return self._invert(latents["base"], noise, quantize)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample(
         self,
         n: int,

@@ -56,7 +56,8 @@ class DenseLayer(nn.Module):
         self.conv3 = nn.Conv2d(channels, growth, 3, padding=1)
 
     def forward(self, pieces: list[Tensor]) -> Tensor:
-        return torch.relu(self.conv3(torch.relu(concat_conv(pieces, self.conv1))))
+        # in-place ReLUs: the convolutions' outputs are needed by nothing else
+        return torch.relu_(self.conv3(torch.relu_(concat_conv(pieces, self.conv1))))
 
 
 class GatedConv1x1(nn.Module):

@@ -65,8 +65,16 @@ class Conv1x1(Transform):
         return z, (x.shape[2] * x.shape[3] * logdet).expand(x.shape[0])
 
     def inverse(self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> Tensor:
-        w, _ = self.matrix()
-        return F.conv2d(z, torch.linalg.inv(w)[:, :, None, None])
+        return F.conv2d(z, self._inverse_matrix()[:, :, None, None])
+
+    def _inverse_matrix(self) -> Tensor:
+        """``W⁻¹``; without autograd it is cached until the parameters change (sampling, decoding)."""
+        if torch.is_grad_enabled():
+            return torch.linalg.inv(self.matrix()[0])
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        if getattr(self, "_cached_key", None) != key:
+            self._cached_inverse, self._cached_key = torch.linalg.inv(self.matrix()[0]), key
+        return self._cached_inverse
 
 
 class Conv1x1LU(Conv1x1):
