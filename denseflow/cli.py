@@ -142,8 +142,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from .train import resolve_device
 
     model, config = ckpt.load_model(a.checkpoint, resolve_device(a.device))
-    if a.double:
-        model = model.double()
+    model = model.double() if a.double else model.to(memory_format=torch.channels_last)
     images = load_images(
         config.data.dataset,
         a.split,
@@ -169,6 +168,7 @@ def _cmd_sample(a: argparse.Namespace) -> int:
     from .train import resolve_device
 
     model, config = ckpt.load_model(a.checkpoint, resolve_device(a.device))
+    model = model.to(memory_format=torch.channels_last)
     seeds = parse_seeds(a.seeds) if a.seeds else list(range(a.num))
     images = sample_seeds(model, seeds, a.temperature)
     out = Path(a.out) if a.out else Path(a.checkpoint).with_name("samples.png")

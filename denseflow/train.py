@@ -83,7 +83,7 @@ def train_step(
 def prepare(model: DenseFlow, cfg: TrainConfig, device: torch.device) -> DenseFlow:
     """Move ``model`` to ``device`` with the speed/memory settings of ``cfg`` (no change to the maths).
 
-    ``low_memory`` also caps glibc's heap growth on the CPU (allocations from 2 MiB on are
+    ``low_memory`` also caps glibc's heap growth on the CPU (allocations from 1 MiB on are
     returned to the system when freed): activation checkpointing frees and reallocates large
     blocks every step, which otherwise stay resident.
     """
@@ -93,7 +93,7 @@ def prepare(model: DenseFlow, cfg: TrainConfig, device: torch.device) -> DenseFl
     if cfg.low_memory:
         model.set_low_memory(True)
         if device.type == "cpu":
-            _cap_heap_growth(2 << 20)
+            _cap_heap_growth(1 << 20)
     return model
 
 

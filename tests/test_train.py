@@ -67,3 +67,17 @@ def test_run_directory_contents(tmp_path):
     assert payload["format"] == "denseflow" and payload["config"]["model"]["image_shape"] == [1, 28, 28]
     model, loaded = ckpt.load_model(tmp_path / "final.pt")
     assert loaded == config and not model.training
+
+
+def test_inference_export_with_safetensors(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    config = load_config("tiny")
+    model = ckpt.DenseFlow(config.model)
+    ckpt.export(tmp_path / "w.pt", model, config, safetensors=True)
+    tensors = safetensors.load_file(str(tmp_path / "w.safetensors"))
+    state = model.state_dict()
+    assert tensors.keys() == state.keys() and all(torch.equal(tensors[k], state[k]) for k in state)
+    loaded, loaded_config = ckpt.load_model(tmp_path / "w.pt")
+    assert loaded_config == config
+    payload = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert payload["kind"] == "weights" and "optimizer" not in payload
