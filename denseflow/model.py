@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .nets.coupling import Recomputable
+from .nets.recompute import Recomputable
 from .transforms.base import DiagonalGaussian, Noise, std_normal_log_prob
 from .transforms.cross_unit import InvertibleDenseBlock, coupling_net_factory
 from .transforms.dequantization import UniformDequantization, VariationalDequantization
@@ -202,9 +202,10 @@ class DenseFlow(nn.Module):
         return self._invert(self.base.sample(noise_.temperature * eta), noise_, quantize=True)
 
     def set_low_memory(self, enabled: bool = True) -> DenseFlow:
-        """Recompute every conditioner network (coupling, noise, dequantizer nets) in the backward
-        pass instead of storing its activations (activation checkpointing): identical values and
-        gradients, a fraction of the activation memory, about one more forward pass per step."""
+        """Recompute every affine coupling (with its network), noise net and the dequantizer's
+        context net in the backward pass instead of storing their activations (activation
+        checkpointing): identical values and gradients, a fraction of the activation memory,
+        about one more forward pass per step."""
         for module in self.modules():
             if isinstance(module, Recomputable):
                 module.low_memory = enabled

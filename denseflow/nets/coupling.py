@@ -3,16 +3,13 @@ and the dequantizer's context and coupling networks (spec §4)."""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from .attention import NystromAttention
 from .dense import DenseBlock
+from .recompute import Recomputable, is_recomputing
 
 
 def zero_conv1x1(in_channels: int, out_channels: int) -> nn.Conv2d:
@@ -23,50 +20,18 @@ def zero_conv1x1(in_channels: int, out_channels: int) -> nn.Conv2d:
     return conv
 
 
-_RECOMPUTING = contextvars.ContextVar("denseflow_recomputing", default=False)
-
-
-@contextlib.contextmanager
-def _recomputing():
-    token = _RECOMPUTING.set(True)
-    try:
-        yield
-    finally:
-        _RECOMPUTING.reset(token)
-
-
 class FusionBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d that leaves its running statistics alone while a low-memory forward is
     recomputed in the backward pass (the batch statistics, hence the output, are the same)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and _RECOMPUTING.get():  # update throw-away copies of the statistics
+        if self.training and is_recomputing():  # update throw-away copies of the statistics
             mean, var = self.running_mean.clone(), self.running_var.clone()
             return F.batch_norm(x, mean, var, self.weight, self.bias, True, self.momentum, self.eps)
         return super().forward(x)
 
 
-class Recomputable(nn.Module):
-    """A conditioner network that can trade compute for memory.
-
-    With ``low_memory`` set (``DenseFlow.set_low_memory``) and autograd on, only the inputs are
-    kept for the backward pass and :meth:`_net` runs again there (activation checkpointing):
-    the same values and gradients, a fraction of the activation memory.
-    """
-
-    low_memory = False
-
-    def _net(self, *args: Tensor):
-        raise NotImplementedError
-
-    def forward(self, *args: Tensor):
-        if self.low_memory and torch.is_grad_enabled():
-            context = lambda: (contextlib.nullcontext(), _recomputing())  # noqa: E731
-            return checkpoint(self._net, *args, use_reentrant=False, context_fn=context)
-        return self._net(*args)
-
-
-class CouplingNet(Recomputable):
+class CouplingNet(nn.Module):
     """DenseBlock ⊕ Nyström attention, fused (spec §7).
 
     ``h = in_proj(x)``; ``f = fusion(concat(attention(h), dense(h)))`` with fusion =
@@ -92,7 +57,7 @@ class CouplingNet(Recomputable):
         self.fusion = nn.Sequential(FusionBatchNorm(2 * width), nn.ReLU(), nn.Conv2d(2 * width, width, 1, bias=False))
         self.out_proj = zero_conv1x1(width, out_channels)
 
-    def _net(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         h = self.in_proj(x)
         return self.out_proj(self.fusion(torch.cat([self.attention(h), self.dense(h)], dim=1)))
 
@@ -132,7 +97,7 @@ class ContextNet(Recomputable):
         return self.dense_out(self.down(self.dense_in(x)))
 
 
-class DequantCouplingNet(Recomputable):
+class DequantCouplingNet(nn.Module):
     """The dequantizer's coupling net: 1x1 conv -> residual DenseBlock -> zero-init 1x1 conv (spec §4)."""
 
     def __init__(self, in_channels: int, out_channels: int, width: int, depth: int, growth: int) -> None:
@@ -141,5 +106,5 @@ class DequantCouplingNet(Recomputable):
         self.dense = DenseBlock(width, width, depth, growth, residual=True)
         self.out_proj = zero_conv1x1(width, out_channels)
 
-    def _net(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         return self.out_proj(self.dense(self.in_proj(x)))

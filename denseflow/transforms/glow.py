@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nets.recompute import Recomputable
 from .base import FlowSequence, Noise, Transform, sum_except_batch
 
 
@@ -102,7 +103,7 @@ class Conv1x1LU(Conv1x1):
         return self.perm @ lower @ upper, self.log_s.sum()
 
 
-class AffineCoupling(Transform):
+class AffineCoupling(Recomputable, Transform):
     """Affine coupling with a bounded scale (spec §6.3, §7.4).
 
     ``x_a`` = first ⌈C/2⌉ channels (kept), ``x_b`` = the rest. ``net(x_a)`` (or
@@ -120,7 +121,8 @@ class AffineCoupling(Transform):
         s, t = self.net(h).unflatten(1, (-1, 2)).unbind(2)
         return 2 * torch.tanh(s / 2), t
 
-    def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+    def _net(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+        """The forward pass (``forward`` runs it, under activation checkpointing in low-memory mode)."""
         x_a, x_b = x.split((x.shape[1] + 1) // 2, dim=1)
         log_a, t = self._log_a_and_shift(x_a, context)
         y_b = t + torch.exp(log_a) * x_b

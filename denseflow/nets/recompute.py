@@ -1,0 +1,47 @@
+"""Low-memory mode: activation checkpointing for the parts of the flow that hold most activations."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+_RECOMPUTING = contextvars.ContextVar("denseflow_recomputing", default=False)
+
+
+def is_recomputing() -> bool:
+    """True while a low-memory forward is being recomputed in the backward pass."""
+    return _RECOMPUTING.get()
+
+
+@contextlib.contextmanager
+def _recomputing():
+    token = _RECOMPUTING.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(token)
+
+
+class Recomputable(nn.Module):
+    """A module that can trade compute for memory: the affine couplings (with their coupling
+    networks), the cross-unit noise nets and the dequantizer's context net.
+
+    With ``low_memory`` set (``DenseFlow.set_low_memory``) and autograd on, only the inputs are
+    kept for the backward pass and :meth:`_net` runs again there (activation checkpointing): the
+    same values and gradients, a fraction of the activation memory.
+    """
+
+    low_memory = False
+
+    def _net(self, *args: Tensor | None):
+        raise NotImplementedError
+
+    def forward(self, *args: Tensor | None):
+        if self.low_memory and torch.is_grad_enabled():
+            context = lambda: (contextlib.nullcontext(), _recomputing())  # noqa: E731
+            return checkpoint(self._net, *args, use_reentrant=False, context_fn=context)
+        return self._net(*args)
