@@ -125,7 +125,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     config = config.override(a.set)
     if a.dry_run:
         print(f"# run directory: {run_dir}\n# data: {a.data_dir or '(default location)'}")
-        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None), end="")
         return 0
     summary = train(config, run_dir, a.data_dir, resume=a.resume, progress=not a.quiet)
     print(json.dumps(summary))

@@ -236,7 +236,7 @@ def train(
     elif any((run_dir / "checkpoints").glob("step_*.pt")):
         raise ValueError(f"{run_dir} already holds a run's checkpoints: --resume {run_dir}, or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None))
     (run_dir / "data.json").write_text(json.dumps({"train": trainset.source, "test": testset.source}, indent=1))
     log = _Log(run_dir, step, cfg.tensorboard)
 
