@@ -3,15 +3,21 @@
 Everything is plain tensors, numbers, strings, lists and dicts, so every file loads with
 ``torch.load(weights_only=True)``. A training checkpoint carries the optimizer and the loop
 position for exact resumption; an inference export carries only the model weights and config.
+Every file carries a SHA-256 of its contents (``checksum``), verified on load; files are written
+to a temporary name, flushed, fsynced and renamed, so a crash never leaves a half-written
+checkpoint under the real name.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from . import __version__
 from .config import ConfigError, RunConfig
@@ -25,13 +31,39 @@ class CheckpointError(ValueError):
     """A file that is not a denseflow checkpoint, or one that does not fit; names the file."""
 
 
+def checksum(value: Any) -> str:
+    """SHA-256 over a nest of dicts, lists, tensors and plain values (tensor bytes, dtypes, shapes)."""
+    digest = hashlib.sha256()
+
+    def feed(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(v, dict):
+            digest.update(f"D{len(v)}".encode())
+            for key in sorted(v, key=str):
+                feed(str(key))
+                feed(v[key])
+        elif isinstance(v, (list, tuple)):
+            digest.update(f"L{len(v)}".encode())
+            for item in v:
+                feed(item)
+        else:
+            digest.update(json.dumps(v).encode() if isinstance(v, str) else repr(v).encode())
+
+    feed(value)
+    return digest.hexdigest()
+
+
 def save(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` plus format/version atomically: a temporary file in the same folder, then rename."""
+    """Write ``payload`` plus format, version and checksum atomically (temporary file, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
+    content = {"format": FORMAT, "version": VERSION, "denseflow_version": __version__, **payload}
     with open(tmp, "wb") as handle:
-        torch.save({"format": FORMAT, "version": VERSION, "denseflow_version": __version__, **payload}, handle)
+        torch.save({**content, "checksum": checksum(content)}, handle)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
@@ -39,10 +71,28 @@ def save(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a denseflow checkpoint (``weights_only=True``); anything else is a CheckpointError."""
+    """Read a denseflow checkpoint (``weights_only=True``, checksum verified); anything else is a
+    CheckpointError. For a run directory: its newest checkpoint that loads and verifies — a damaged
+    newer one (truncated, altered) is skipped, saying which."""
     path = Path(path)
-    if path.is_dir():
-        path = latest(path)
+    if not path.is_dir():
+        return _load_file(path)
+    found = sorted((path / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    if not found:
+        raise CheckpointError(f"{path}: no checkpoints/step_*.pt to resume from")
+    for candidate in reversed(found):
+        try:
+            payload = _load_file(candidate)
+        except CheckpointError as err:
+            tqdm.write(f"skipping {err}")
+            continue
+        if candidate != found[-1]:
+            tqdm.write(f"resuming from {candidate.name} instead of the damaged {found[-1].name}")
+        return payload
+    raise CheckpointError(f"{path}: every checkpoint in checkpoints/ is damaged")
+
+
+def _load_file(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -56,19 +106,14 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a denseflow checkpoint{hint}")
     if payload.get("version", 0) > VERSION:
         raise CheckpointError(f"{path}: written by a newer denseflow (format {payload['version']} > {VERSION})")
+    stored = payload.pop("checksum", None)
+    if stored != checksum(payload):
+        raise CheckpointError(f"{path}: damaged (its contents do not match the checksum it carries)")
     return payload
 
 
 def _looks_official(payload: Any) -> bool:
     return isinstance(payload, dict) and "model" in payload and "current_epoch" in payload
-
-
-def latest(run_dir: Path) -> Path:
-    """The newest training checkpoint of a run directory."""
-    found = sorted((run_dir / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-    if not found:
-        raise CheckpointError(f"{run_dir}: no checkpoints/step_*.pt to resume from")
-    return found[-1]
 
 
 def run_config(payload: dict[str, Any], where: str = "checkpoint") -> RunConfig:

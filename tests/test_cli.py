@@ -168,3 +168,20 @@ def test_bench_reports_every_measurement(tmp_path, capsys):
         assert r["peak_memory_gib"] > 0.05
     assert report["iwbo"]["k"] == 4 and report["parameters"] > 0
     assert "img/s" in capsys.readouterr().out
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))  # would create the marker file if ever unpickled
+
+
+def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "denseflow", "version": 1, "model": {}, "x": _Payload(marker)}, evil)
+    assert main(["sample", "--checkpoint", str(evil)]) == 2
+    assert "not a readable denseflow checkpoint" in capsys.readouterr().err
+    assert not marker.exists()

@@ -81,3 +81,32 @@ def test_inference_export_with_safetensors(tmp_path):
     assert loaded_config == config
     payload = torch.load(tmp_path / "w.pt", weights_only=True)
     assert payload["kind"] == "weights" and "optimizer" not in payload
+
+
+def test_checkpoints_carry_a_verified_checksum(tmp_path):
+    path = ckpt.save(tmp_path / "c.pt", {"model": {"w": torch.arange(6.0)}, "step": 3})
+    assert ckpt.load(path)["step"] == 3
+    payload = torch.load(path, weights_only=True)
+    payload["model"]["w"][2] += 1  # altered contents, still a valid torch file
+    torch.save(payload, tmp_path / "altered.pt")
+    with pytest.raises(ckpt.CheckpointError, match="damaged"):
+        ckpt.load(tmp_path / "altered.pt")
+    data = path.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="not a readable"):
+        ckpt.load(tmp_path / "cut.pt")
+
+
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys):
+    config = load_config("tiny")
+    full = train(config, tmp_path / "full", progress=False)
+    run = tmp_path / "run"
+    train(config, run, progress=False, stop_after=5)  # keeps the checkpoints of steps 4 (epoch end) and 5
+    newest = run / "checkpoints" / "step_0000005.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a crash mid-write
+    capsys.readouterr()
+    second = train(config, run, resume=run, progress=False)
+    out = capsys.readouterr().out
+    assert "step_0000005.pt" in out and "resuming from step_0000004.pt" in out
+    a, b = _weights(tmp_path / "full" / "final.pt"), _weights(run / "final.pt")
+    assert second["step"] == full["step"] and all(torch.equal(a[k], b[k]) for k in a)
