@@ -67,15 +67,22 @@ def train_step(
 ) -> torch.Tensor:
     """One optimizer step on the batch ``x``: loss = mean bits/dim (spec §10). Returns the loss.
 
-    This is the step :func:`train` runs and ``denseflow bench`` times.
+    A non-finite loss or gradient skips the update (parameters and optimizer state untouched);
+    the returned loss is then non-finite too. This is the step :func:`train` runs and
+    ``denseflow bench`` times.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss = model.bits_per_dim(x, generator=generator).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if not torch.isfinite(loss + norm):
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach() + norm.detach()
     if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        torch.nn.utils.clip_grads_with_norm_(grads, grad_clip, norm)
     optimizer.step()
     return loss.detach()
 
@@ -226,13 +233,13 @@ def train(
     # model, optimizer, position ----------------------------------------------------------
     model = prepare(DenseFlow(config.model), cfg, device)
     optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    step, epoch, batch_index, best = 0, 0, 0, math.inf
+    step, epoch, batch_index, best, skipped = 0, 0, 0, math.inf, 0
     if resume is not None:
         state = ckpt.load(resume)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, epoch, batch_index = state["step"], state["epoch"], state["batch"]
-        best = state.get("best_test_bpd", math.inf)
+        best, skipped = state.get("best_test_bpd", math.inf), state.get("skipped_steps", 0)
     elif any((run_dir / "checkpoints").glob("step_*.pt")):
         raise ValueError(f"{run_dir} already holds a run's checkpoints: --resume {run_dir}, or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -256,6 +263,7 @@ def train(
             "epoch": epoch,
             "batch": batch_index,
             "best_test_bpd": best,
+            "skipped_steps": skipped,
         }
         ckpt.save(run_dir / "checkpoints" / f"step_{step:07d}.pt", payload)
         for old in sorted((run_dir / "checkpoints").glob("step_*.pt"))[: -cfg.keep_checkpoints]:
@@ -290,6 +298,10 @@ def train(
                 lr = learning_rate(cfg, step, epoch, batch_index == 0, main_steps)
                 loss = train_step(model, optimizer, x, noise, lr, cfg.grad_clip)
                 step, batch_index, seen = step + 1, batch_index + 1, seen + len(x)
+                if not torch.isfinite(loss):
+                    skipped += 1
+                    log.write({"kind": "skip", "step": step, "epoch": epoch, "skipped_steps": skipped})
+                    tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
 
                 if step % cfg.log_every == 0 or step == total_steps:
                     rate = seen / (time.perf_counter() - tic)

@@ -110,3 +110,25 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys):
     assert "step_0000005.pt" in out and "resuming from step_0000004.pt" in out
     a, b = _weights(tmp_path / "full" / "final.pt"), _weights(run / "final.pt")
     assert second["step"] == full["step"] and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    """Test hook: the third training loss is NaN. That update is skipped (Adamax state untouched),
+    logged, and training carries on to finite weights."""
+    calls = []
+    original = ckpt.DenseFlow.bits_per_dim
+
+    def poisoned(self, x, noise=None, generator=None):
+        calls.append(1)
+        value = original(self, x, noise, generator)
+        return value * float("nan") if len(calls) == 3 else value
+
+    monkeypatch.setattr(ckpt.DenseFlow, "bits_per_dim", poisoned)
+    summary = train(load_config("tiny"), tmp_path, progress=False)
+    assert summary["step"] == 8 and math.isfinite(summary["test_bpd"])
+    skips = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"skip"' in line]
+    assert [(r["step"], r["skipped_steps"]) for r in skips] == [(3, 1)]
+    state = ckpt.load(tmp_path)
+    assert state["skipped_steps"] == 1
+    assert all(s["step"] == 7 for s in state["optimizer"]["state"].values())  # 8 steps, 1 skipped
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
