@@ -1,0 +1,48 @@
+"""Runs killed with SIGKILL at random moments resume to bitwise the same parameters."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from denseflow import checkpoint as ckpt
+
+ARGS = ["--preset", "tiny", "--set", "train.epochs=8", "--set", "train.checkpoint_every=2", "--quiet"]
+
+
+def _train(run, resume: bool) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "denseflow", "train", *ARGS, "--out", str(run)]
+    if resume:
+        argv += ["--resume", str(run)]
+    return subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+
+
+def test_sigkill_at_random_points_then_resume_is_bitwise_exact(tmp_path):
+    start = time.perf_counter()
+    reference = _train(tmp_path / "reference", resume=False)
+    assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()
+    duration = time.perf_counter() - start  # kill points scale with this machine's speed
+    run, kills, rng = tmp_path / "killed", 0, random.Random(0)
+    for _ in range(40):
+        started = any((run / "checkpoints").glob("step_*.pt"))
+        process = _train(run, resume=started)
+        time.sleep(rng.uniform(0.3, 0.8) * duration)
+        if process.poll() is not None:  # it finished before the kill
+            assert process.returncode == 0, process.stderr.read().decode()
+            break
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kills += 1
+    assert kills >= 5, f"only {kills} kills landed before the run finished"
+    a = ckpt.load(tmp_path / "reference" / "final.pt")["model"]
+    b = ckpt.load(run / "final.pt")["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after {kills} kills"
