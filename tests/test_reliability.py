@@ -21,7 +21,7 @@ def _train(run, resume: bool) -> subprocess.Popen:
     if resume:
         argv += ["--resume", str(run)]
     return subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
 
 
@@ -46,3 +46,16 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_exact(tmp_path):
     b = ckpt.load(run / "final.pt")["model"]
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after {kills} kills"
+
+
+def test_sigterm_stops_cleanly_with_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    process = _train(run, resume=False)
+    deadline = time.time() + 120
+    while not any((run / "checkpoints").glob("step_*.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0
+    assert "stopped at step" in process.stdout.read().decode()
+    state = ckpt.load(run)
+    assert state["step"] >= 2 and not (run / "final.pt").exists()
