@@ -184,6 +184,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 0.0
+    max_bad_steps: int = 20
+    max_rollbacks: int = 3
+    rollback_lr_factor: float = 0.5
     seed: int = 0
     device: str = "auto"
     channels_last: bool = True
@@ -198,7 +201,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        positive = ("epochs", "batch_size", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every")
+        positive = (
+            "epochs",
+            "batch_size",
+            "eval_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "max_bad_steps",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r}: must be >= 1")
@@ -216,6 +227,10 @@ class TrainConfig:
             raise ConfigError(f"train.gamma={self.gamma!r}: must lie in (0, 1]")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"train.betas={self.betas!r}: expected two values in [0, 1)")
+        if self.max_rollbacks < 0:
+            raise ConfigError(f"train.max_rollbacks={self.max_rollbacks!r}: must be >= 0")
+        if not 0 < self.rollback_lr_factor <= 1:
+            raise ConfigError(f"train.rollback_lr_factor={self.rollback_lr_factor!r}: must lie in (0, 1]")
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip={self.grad_clip!r}: must be >= 0 (0 = off)")
         if self.sample_temperature < 0:

@@ -38,6 +38,10 @@ from .model import DenseFlow
 from .sample import sample_seeds, save_grid
 
 
+class TrainingDiverged(ValueError):
+    """Too many non-finite steps in a row after the allowed rollbacks."""
+
+
 def learning_rate(cfg: TrainConfig, step: int, epoch: int, first_in_epoch: bool, main_steps: int) -> float:
     """Learning rate of optimizer step ``step`` (0-based), in ``epoch``.
 
@@ -233,13 +237,18 @@ def train(
     # model, optimizer, position ----------------------------------------------------------
     model = prepare(DenseFlow(config.model), cfg, device)
     optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    step, epoch, batch_index, best, skipped = 0, 0, 0, math.inf, 0
-    if resume is not None:
-        state = ckpt.load(resume)
+    step, epoch, batch_index, best, skipped, bad_in_a_row, lr_scale, rollbacks = 0, 0, 0, math.inf, 0, 0, 1.0, 0
+
+    def restore(state: dict[str, Any]) -> None:
+        nonlocal step, epoch, batch_index, best, skipped, lr_scale, rollbacks
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, epoch, batch_index = state["step"], state["epoch"], state["batch"]
         best, skipped = state.get("best_test_bpd", math.inf), state.get("skipped_steps", 0)
+        lr_scale, rollbacks = state.get("lr_scale", 1.0), state.get("rollbacks", 0)
+
+    if resume is not None:
+        restore(ckpt.load(resume))
     elif any((run_dir / "checkpoints").glob("step_*.pt")):
         raise ValueError(f"{run_dir} already holds a run's checkpoints: --resume {run_dir}, or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -264,6 +273,8 @@ def train(
             "batch": batch_index,
             "best_test_bpd": best,
             "skipped_steps": skipped,
+            "lr_scale": lr_scale,
+            "rollbacks": rollbacks,
         }
         ckpt.save(run_dir / "checkpoints" / f"step_{step:07d}.pt", payload)
         for old in sorted((run_dir / "checkpoints").glob("step_*.pt"))[: -cfg.keep_checkpoints]:
@@ -295,13 +306,34 @@ def train(
                 noise = _generator(cfg.seed, step, device)
                 if step == 0:
                     model.data_init(x, generator=_generator(cfg.seed + 1, 0, device))
-                lr = learning_rate(cfg, step, epoch, batch_index == 0, main_steps)
+                lr = learning_rate(cfg, step, epoch, batch_index == 0, main_steps) * lr_scale
                 loss = train_step(model, optimizer, x, noise, lr, cfg.grad_clip)
                 step, batch_index, seen = step + 1, batch_index + 1, seen + len(x)
-                if not torch.isfinite(loss):
+                bad_in_a_row = 0 if torch.isfinite(loss) else bad_in_a_row + 1
+                if bad_in_a_row:
                     skipped += 1
                     log.write({"kind": "skip", "step": step, "epoch": epoch, "skipped_steps": skipped})
                     tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    if rollbacks >= cfg.max_rollbacks:
+                        bar.close()
+                        raise TrainingDiverged(
+                            f"training diverged: {bad_in_a_row} non-finite steps in a row at step {step} after "
+                            f"{rollbacks} rollback(s) (lr scale {lr_scale:g}); checkpoints kept in {run_dir}"
+                        )
+                    scale, count = lr_scale * cfg.rollback_lr_factor, rollbacks + 1
+                    try:
+                        restore(ckpt.load(run_dir))
+                    except ckpt.CheckpointError:
+                        bar.close()
+                        raise TrainingDiverged(
+                            f"training diverged at step {step}, before any good checkpoint: lower train.lr"
+                        ) from None
+                    lr_scale, rollbacks, bad_in_a_row = scale, count, 0
+                    log.write({"kind": "rollback", "step": step, "epoch": epoch, "lr_scale": lr_scale})
+                    tqdm.write(f"rolled back to step {step} with the learning rate scaled by {lr_scale:g}")
+                    bar.n = step
+                    break
 
                 if step % cfg.log_every == 0 or step == total_steps:
                     rate = seen / (time.perf_counter() - tic)

@@ -10,7 +10,7 @@ import torch
 
 from denseflow import checkpoint as ckpt
 from denseflow.config import TrainConfig, load_config
-from denseflow.train import learning_rate, train
+from denseflow.train import TrainingDiverged, learning_rate, train
 
 
 def test_official_schedule_closed_form():
@@ -132,3 +132,24 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     assert state["skipped_steps"] == 1
     assert all(s["step"] == 7 for s in state["optimizer"]["state"].values())  # 8 steps, 1 skipped
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_persistent_divergence_rolls_back_then_stops_cleanly(tmp_path, monkeypatch):
+    """From the fifth training loss on, every loss is NaN: two rollbacks to the newest good
+    checkpoint (learning rate x0.5, x0.25), then a clean stop; the checkpoints survive."""
+    calls = []
+    original = ckpt.DenseFlow.bits_per_dim
+
+    def diverging(self, x, noise=None, generator=None):
+        calls.append(1)
+        value = original(self, x, noise, generator)
+        return value * float("nan") if len(calls) >= 5 else value
+
+    monkeypatch.setattr(ckpt.DenseFlow, "bits_per_dim", diverging)
+    config = load_config("tiny").override(["train.max_bad_steps=2", "train.max_rollbacks=2", "train.epochs=4"])
+    with pytest.raises(TrainingDiverged, match="after 2 rollback"):
+        train(config, tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["lr_scale"]) for r in records if r["kind"] == "rollback"] == [(4, 0.5), (4, 0.25)]
+    state = ckpt.load(tmp_path)
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
