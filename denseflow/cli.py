@@ -141,6 +141,9 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_images
     from .train import resolve_device
 
+    for name in ("k", "kbs", "batch_size", "limit"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise ValueError(f"evaluate: --{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     model, config = ckpt.load_model(a.checkpoint, resolve_device(a.device))
     model = model.double() if a.double else model.to(memory_format=torch.channels_last)
     images = load_images(

@@ -493,7 +493,9 @@ def _open_image(path: Path) -> tuple[Image.Image, str]:
     try:
         img = Image.open(io.BytesIO(raw))
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not a readable image (not a PNG/JPEG file Pillow recognises)") from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: not a readable image ({err})") from None
     return img, hashlib.sha256(raw).hexdigest()
 

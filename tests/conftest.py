@@ -18,3 +18,6 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+REPO = Path(__file__).resolve().parents[1]

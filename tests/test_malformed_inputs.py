@@ -1,0 +1,238 @@
+"""Every malformed input of docs/reliability.md: one line naming what and where, exit code 2.
+
+Each case builds its bad input in a temporary folder and runs the command line; the message
+must contain the documented text, stay on one line and show no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from denseflow import checkpoint as ckpt
+from denseflow.cli import main
+
+from .conftest import PARITY_DIRS
+
+TINY = ["train", "--preset", "tiny", "--quiet"]
+
+
+def _idx(folder, images: bytes, magic: int = 2051, count: int = 2):
+    folder.mkdir(parents=True, exist_ok=True)
+    header = struct.pack(">IIII", magic, count, 28, 28)
+    for split in ("train", "t10k"):
+        (folder / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images))
+    return folder
+
+
+def _checkpoint(tmp):
+    path = tmp / "ours.pt"
+    config = ckpt.RunConfig.from_dict({"model": {"preset": "cifar10"}}).override(
+        ["model.block_conf=[1,1]", "model.layers_conf=[1,1]", "model.layer_mid_chnls=[4,4]", "model.growth_rate=2"]
+    )
+    ckpt.export(path, ckpt.DenseFlow(config.model), config)
+    return path
+
+
+def _evil_pickle(tmp, marker):
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    return Payload()
+
+
+CASES = {
+    "unknown preset": (lambda t: ["train", "--preset", "nope"], "unknown preset 'nope'"),
+    "unknown override key": (lambda t: [*TINY, "--set", "train.lrr=1"], "unknown key 'train.lrr'"),
+    "unknown override section": (lambda t: [*TINY, "--set", "optim.lr=1"], "unknown section 'optim'"),
+    "override without =": (lambda t: [*TINY, "--set", "train.lr"], "expected section.key=value"),
+    "wrongly typed value": (lambda t: [*TINY, "--set", "train.epochs=abc"], "train.epochs='abc': expected int"),
+    "unparsable value": (lambda t: [*TINY, "--set", "train.epochs=[1"], "cannot parse the value"),
+    "odd growth rate": (lambda t: [*TINY, "--set", "model.growth_rate=3"], "model.growth_rate=3: must be even"),
+    "image size the squeezes cannot take": (
+        lambda t: [*TINY, "--set", "model.image_shape=[1,28,30]"],
+        "H and W must be divisible by 2**scales = 4",
+    ),
+    "negative learning rate": (lambda t: [*TINY, "--set", "train.lr=-1"], "train.lr=-1.0: must be > 0"),
+    "one beta": (lambda t: [*TINY, "--set", "train.betas=[0.9]"], "train.betas=[0.9]: expected 2 values"),
+    "unknown augmentation": (lambda t: [*TINY, "--set", "data.augmentation=rotate"], "data.augmentation='rotate'"),
+    "unknown attention kind": (lambda t: [*TINY, "--set", "model.attention=full"], "model.attention='full'"),
+    "missing config file": (lambda t: ["train", "--preset", str(t / "none.yaml")], "none.yaml: no such config file"),
+    "malformed YAML": (
+        lambda t: ["train", "--preset", str(_write(t / "bad.yaml", "train: {epochs: [1, \n"))],
+        "malformed YAML",
+    ),
+    "config that is not a mapping": (
+        lambda t: ["train", "--preset", str(_write(t / "list.yaml", "- 1\n- 2\n"))],
+        "expected a mapping of sections",
+    ),
+    "missing dataset folder": (
+        lambda t: [
+            *TINY,
+            "--set",
+            "data.dataset=cifar10",
+            "--set",
+            "model.image_shape=[3,32,32]",
+            "--data-dir",
+            str(t),
+        ],
+        "no dataset files found",
+    ),
+    "truncated IDX file": (
+        lambda t: [*TINY, "--data-dir", str(_idx(t / "fm", bytes(784)))],
+        "truncated",
+    ),
+    "wrong IDX magic number": (
+        lambda t: [*TINY, "--data-dir", str(_idx(t / "fm", bytes(2 * 784), magic=2049))],
+        "magic",
+    ),
+    "empty image folder": (
+        lambda t: [*TINY, "--set", "data.dataset=folder", "--data-dir", str(_mkdir(t / "empty"))],
+        "empty",
+    ),
+    "non-image file in an image folder": (
+        lambda t: [
+            *TINY,
+            "--set",
+            "data.dataset=folder",
+            "--data-dir",
+            str(_write(_mkdir(t / "f") / "a.png", "x").parent),
+        ],
+        "a.png",
+    ),
+    "missing checkpoint": (lambda t: ["sample", "--checkpoint", str(t / "gone.pt")], "gone.pt: no such checkpoint"),
+    "truncated checkpoint": (
+        lambda t: ["sample", "--checkpoint", str(_truncate(_checkpoint(t)))],
+        "not a readable denseflow checkpoint",
+    ),
+    "altered checkpoint": (
+        lambda t: ["sample", "--checkpoint", str(_alter(_checkpoint(t)))],
+        "damaged (its contents do not match the checksum it carries)",
+    ),
+    "foreign torch file": (
+        lambda t: ["sample", "--checkpoint", str(_save(t / "foreign.pt", {"state_dict": {}}))],
+        "not a denseflow checkpoint",
+    ),
+    "resume without checkpoints": (
+        lambda t: ["train", "--resume", str(_mkdir(t / "run"))],
+        "no checkpoints/step_*.pt to resume from",
+    ),
+    "training into an existing run": (
+        lambda t: [*TINY, "--out", str(_fake_run(t))],
+        "already holds a run's checkpoints",
+    ),
+    "malformed seeds": (lambda t: ["sample", "--checkpoint", str(_checkpoint(t)), "--seeds", "a-b"], "seeds 'a-b'"),
+    "k below 1": (
+        lambda t: ["evaluate", "--checkpoint", str(_checkpoint(t)), "--k", "0", "--data-dir", str(t)],
+        "--k must be >= 1, got 0",
+    ),
+    "args.pickle that runs code": (
+        lambda t: ["import-official", str(t), "--args", str(_evil_args(t)), "--out", str(t / "o.pt")],
+        "refusing",
+    ),
+    "args.json that is not an object": (
+        lambda t: ["import-official", str(t / "c.pt"), "--args", str(_write(t / "a.json", "[1]")), "--out", "o.pt"],
+        "expected a JSON object of official flags",
+    ),
+}
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def _mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _save(path, value):
+    torch.save(value, path)
+    return path
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:500])
+    return path
+
+
+def _alter(path):
+    payload = torch.load(path, weights_only=True)
+    payload["model"]["base.loc"] += 1
+    torch.save(payload, path)
+    return path
+
+
+def _fake_run(tmp):
+    run = tmp / "run"
+    ckpt.save(run / "checkpoints" / "step_0000001.pt", {"step": 1})
+    return run
+
+
+def _evil_args(tmp):
+    path = tmp / "args.pickle"
+    marker = tmp / "ran"
+    path.write_bytes(pickle.dumps(argparse.Namespace(dataset="cifar10", hook=_evil_pickle(tmp, marker))))
+    return path
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_malformed_input(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    build, expected = CASES[case]
+    argv = build(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "ran").exists()  # no payload ever runs
+
+
+def test_the_documented_table_lists_every_case():
+    from .conftest import REPO
+
+    text = (REPO / "docs" / "reliability.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "`test_malformed_input[" in line]
+    assert len(rows) == len(CASES) >= 25
+    for case, (_, expected) in CASES.items():
+        assert any(f"[{case}]" in row and expected.replace("|", "\\|") in row for row in rows), case
+
+
+@pytest.mark.skipif(not PARITY_DIRS, reason="no parity fixtures")
+def test_checkpoint_of_another_architecture(tmp_path, capsys):
+    flags = json.loads((PARITY_DIRS[0] / "args.json").read_text())
+    out = tmp_path / "o.pt"
+    assert (
+        main(
+            [
+                "import-official",
+                str(PARITY_DIRS[0] / "checkpoint.pt"),
+                "--args",
+                str(_write(tmp_path / "a.json", json.dumps({**flags, "growth_rate": 6}))),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert "has shape" in capsys.readouterr().err and not out.exists()
+
+
+def test_images_of_the_wrong_size(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    folder = _mkdir(tmp_path / "imgs")
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(folder / "a.png")
+    argv = [*TINY, "--set", "data.dataset=cifar10", "--set", "model.image_shape=[3,64,64]", "--data-dir", str(folder)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.count("\n") == 1
