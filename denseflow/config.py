@@ -195,6 +195,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     log_every: int = 10
+    monitor_every: int = 0
     num_samples: int = 64
     sample_temperature: float = 1.0
     tensorboard: bool = False
@@ -213,7 +214,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r}: must be >= 1")
-        for name in ("finetune_epochs", "warmup", "num_samples"):
+        for name in ("finetune_epochs", "warmup", "num_samples", "monitor_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r}: must be >= 0")
         for name in ("lr", "finetune_lr", "eps"):

@@ -177,6 +177,43 @@ class _Log:
         return [json.loads(line) for line in self.path.read_text().splitlines()]
 
 
+class _Monitor:
+    """Per dense block: the largest |log-scale| of any coupling and the largest |log-det| per
+    dimension of any glow-like step, gathered by hooks during the monitored training forward."""
+
+    def __init__(self, model: DenseFlow) -> None:
+        self.values: dict[str, float] = {}
+        self.hooks = []
+        for s, block in enumerate(model.blocks, start=1):
+            for unit in block.units:
+                for step in unit.children():
+                    self.hooks.append(step.coupling.net.register_forward_hook(self._scale(f"block{s}")))
+                    self.hooks.append(step.register_forward_hook(self._logdet(f"block{s}")))
+        self.active = False
+
+    def _keep(self, key: str, value: float) -> None:
+        if self.active:
+            self.values[key] = max(self.values.get(key, 0.0), value)
+
+    def _scale(self, block: str):
+        def hook(module, args, out):
+            s = out.detach().unflatten(1, (-1, 2))[:, :, 0]
+            self._keep(f"{block}.max_abs_log_scale", (2 * torch.tanh(s / 2)).abs().max().item())
+
+        return hook
+
+    def _logdet(self, block: str):
+        def hook(module, args, out):
+            z, delta = out
+            self._keep(f"{block}.max_abs_logdet_per_dim", (delta.detach().abs().max() / z[0].numel()).item())
+
+        return hook
+
+    def record(self) -> dict[str, float]:
+        values, self.values = self.values, {}
+        return values
+
+
 _MATPLOTLIB_WARNED = []
 
 
@@ -293,6 +330,7 @@ def train(
 
     # the loop ----------------------------------------------------------------------------
     model.train()
+    monitor = _Monitor(model)
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     test_bpd = None
     tic, seen = time.perf_counter(), 0
@@ -307,7 +345,10 @@ def train(
                 if step == 0:
                     model.data_init(x, generator=_generator(cfg.seed + 1, 0, device))
                 lr = learning_rate(cfg, step, epoch, batch_index == 0, main_steps) * lr_scale
+                monitor.active = bool(cfg.monitor_every) and (step + 1) % cfg.monitor_every == 0
                 loss = train_step(model, optimizer, x, noise, lr, cfg.grad_clip)
+                if monitor.active:
+                    log.write({"kind": "monitor", "step": step + 1, "epoch": epoch, **monitor.record()})
                 step, batch_index, seen = step + 1, batch_index + 1, seen + len(x)
                 bad_in_a_row = 0 if torch.isfinite(loss) else bad_in_a_row + 1
                 if bad_in_a_row:

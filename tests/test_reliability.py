@@ -59,3 +59,38 @@ def test_sigterm_stops_cleanly_with_a_checkpoint(tmp_path):
     assert "stopped at step" in process.stdout.read().decode()
     state = ckpt.load(run)
     assert state["step"] >= 2 and not (run / "final.pt").exists()
+
+
+class _Died(BaseException):
+    """Stands for the process dying: nothing after it runs, no handler catches it."""
+
+
+def test_death_during_a_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
+    """The process dies half-way through writing the step-5 checkpoint: only the temporary file is
+    affected, resume continues from step 4, and the result equals an uninterrupted run bitwise."""
+    from denseflow.config import load_config
+    from denseflow.train import train
+
+    config = load_config("tiny").override(["train.checkpoint_every=1"])
+    full = train(config, tmp_path / "full", progress=False)
+    real_save = torch.save
+
+    def dying_save(obj, handle, *args, **kwargs):
+        if obj.get("step") == 5:
+            handle.write(b"PK\x03\x04 half a checkpoint")
+            raise _Died
+        return real_save(obj, handle, *args, **kwargs)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    try:
+        train(config, run, progress=False)
+    except _Died:
+        pass
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "step_0000005.pt" not in names and ".step_0000005.pt.tmp" in names
+    assert ckpt.load(run)["step"] == 4
+    train(config, run, resume=run, progress=False)
+    a, b = ckpt.load(tmp_path / "full" / "final.pt")["model"], ckpt.load(run / "final.pt")["model"]
+    assert full["step"] == 8 and all(torch.equal(a[k], b[k]) for k in a)

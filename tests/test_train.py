@@ -153,3 +153,17 @@ def test_persistent_divergence_rolls_back_then_stops_cleanly(tmp_path, monkeypat
     assert [(r["step"], r["lr_scale"]) for r in records if r["kind"] == "rollback"] == [(4, 0.5), (4, 0.25)]
     state = ckpt.load(tmp_path)
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_per_layer_monitors_in_the_log(tmp_path):
+    config = load_config("tiny").override(["train.monitor_every=2", "train.epochs=1"])
+    train(config, tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    monitors = [r for r in records if r["kind"] == "monitor"]
+    assert [r["step"] for r in monitors] == [2, 4]
+    for r in monitors:
+        for block in ("block1", "block2"):
+            assert 0 <= r[f"{block}.max_abs_log_scale"] < 2  # bounded by 2·tanh(s/2)
+            assert math.isfinite(r[f"{block}.max_abs_logdet_per_dim"])
+    # zero-initialised couplings: exactly 0 until the first update at lr > 0 (step 1 runs at lr 0)
+    assert monitors[0]["block1.max_abs_log_scale"] == 0 < monitors[1]["block1.max_abs_log_scale"]
