@@ -140,8 +140,6 @@ def export(path: str | os.PathLike, model: DenseFlow, config: RunConfig, safeten
     """Inference-only weights + config (no optimizer); ``safetensors=True`` writes that format too."""
     out = save(path, {"kind": "weights", "config": config.to_dict(), "model": model.state_dict()})
     if safetensors:
-        import json
-
         try:
             from safetensors.torch import save_file
         except ImportError:

@@ -114,8 +114,10 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_train(a: argparse.Namespace) -> int:
     from .train import train
 
+    state = None
     if a.resume:
-        config = ckpt.run_config(ckpt.load(a.resume), a.resume)
+        state = ckpt.load(a.resume)  # read once: its config here, its weights in train()
+        config = ckpt.run_config(state, a.resume)
         run_dir = Path(a.out) if a.out else _run_dir_of(Path(a.resume))
     elif a.preset:
         config = load_config(a.preset)
@@ -127,7 +129,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         print(f"# run directory: {run_dir}\n# data: {a.data_dir or '(default location)'}")
         print(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None), end="")
         return 0
-    summary = train(config, run_dir, a.data_dir, resume=a.resume, progress=not a.quiet)
+    summary = train(config, run_dir, a.data_dir, resume=state, progress=not a.quiet)
     print(json.dumps(summary))
     return 0
 

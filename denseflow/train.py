@@ -247,13 +247,14 @@ def train(
     config: RunConfig,
     run_dir: str | Path,
     data_dir: str | Path | None = None,
-    resume: str | Path | None = None,
+    resume: str | Path | dict[str, Any] | None = None,
     progress: bool = True,
     stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` into ``run_dir``; return a summary (steps, last test bpd, paths).
 
-    ``resume``: a run directory or checkpoint to continue from (model, optimizer, position).
+    ``resume``: a run directory or checkpoint to continue from (model, optimizer, position), or
+    the checkpoint already loaded with :func:`denseflow.checkpoint.load`.
     ``stop_after``: stop (with a checkpoint) once that many steps are done — an interruption.
     """
     run_dir = Path(run_dir)
@@ -285,7 +286,7 @@ def train(
         lr_scale, rollbacks = state.get("lr_scale", 1.0), state.get("rollbacks", 0)
 
     if resume is not None:
-        restore(ckpt.load(resume))
+        restore(resume if isinstance(resume, dict) else ckpt.load(resume))
     elif any((run_dir / "checkpoints").glob("step_*.pt")):
         raise ValueError(f"{run_dir} already holds a run's checkpoints: --resume {run_dir}, or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
