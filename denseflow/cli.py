@@ -34,6 +34,10 @@ EXAMPLES = {
   denseflow bench --preset cifar10 --batch-size 32 --steps 10 --warmup 2 --json bench.json
   denseflow bench --preset cifar10 --batch-size 8 --what sample --steps 5
   denseflow bench --preset demo --what train,iwbo --k 16 --kbs 8""",
+    "experiment": """examples:
+  denseflow experiment ablation --out runs/ablation                       # full Fashion-MNIST, ~2 h on 2 cores
+  denseflow experiment ablation --quick --out /tmp/ablation               # the pipeline on a tiny subset
+  denseflow experiment ablation --budget-minutes 30 --seeds 1 --variants denseflow,glow""",
     "import-official": """examples:
   denseflow import-official ~/official/cifar10_run --out published.pt          # args.pickle read safely
   denseflow import-official checkpoint.pt --args args.json --out published.pt""",
@@ -103,6 +107,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--json", help="write the report here as JSON")
+
+    p = command("experiment", "Reproducible experiments; 'ablation': what the paper's ideas buy at equal budget.")
+    p.add_argument("name", choices=["ablation"])
+    p.add_argument("--data-dir", help="Fashion-MNIST folder (default: the Debian package's, else the bundled subset)")
+    p.add_argument("--out", default="runs/ablation", help="output folder (rerun to continue an interrupted one)")
+    p.add_argument("--seeds", type=int, help="seeds per variant (default 2)")
+    p.add_argument("--steps", type=int, help="training steps of 64 images per run (default 800)")
+    p.add_argument("--budget-minutes", type=float, help="derive --steps from a calibration to fit this wall-clock")
+    p.add_argument("--variants", help="comma-separated subset of the variants (default: all)")
+    p.add_argument("--quick", action="store_true", help="a tiny subset and 3 steps: checks the pipeline in minutes")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = command("import-official", "Convert a published official DenseFlow checkpoint into a denseflow checkpoint.")
     p.add_argument("source", help="official run directory (args.pickle, check/checkpoint.pt) or checkpoint.pt")
@@ -222,12 +237,25 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment(a: argparse.Namespace) -> int:
+    from .experiment import run_ablation
+
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()] if a.variants else None
+    results = run_ablation(
+        a.out, a.data_dir, a.seeds, a.steps, a.budget_minutes, a.quick, variants, progress=not a.quiet
+    )
+    print(Path(a.out, "results.md").read_text(), end="")
+    print(f"results: {Path(a.out) / 'results.json'} ({len(results['runs'])} runs)")
+    return 0
+
+
 COMMANDS = {
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
     "sample": _cmd_sample,
     "import-official": _cmd_import_official,
     "bench": _cmd_bench,
+    "experiment": _cmd_experiment,
 }
 
 

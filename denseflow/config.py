@@ -20,6 +20,8 @@ import yaml
 ATTENTION_KINDS = ("official", "multihead")
 DEQUANTIZATIONS = ("variational", "uniform")
 CONV1X1_KINDS = ("full", "lu")
+COUPLING_NETS = ("fused", "dense", "glow")
+CROSS_UNIT_KINDS = ("conditional", "unconditional")
 
 
 class ConfigError(ValueError):
@@ -41,7 +43,12 @@ class ModelConfig:
     layers_conf: tuple[int, ...] = (5, 6, 20)
     layer_mid_chnls: tuple[int, ...] = (48, 48, 48)
     growth_rate: int = 10
-    # coupling network (spec §7): DenseBlock depth/growth and the attention branch
+    # cross-unit noise (spec §5): "conditional" on earlier representations (the paper's), or
+    # "unconditional" (a learned per-channel Gaussian, VFlow-style augmentation: an ablation)
+    cross_unit: str = "conditional"
+    # coupling network (spec §7): "fused" DenseBlock ⊕ attention (the paper's); the ablations
+    # "dense" (no attention branch) and "glow" (Glow's conv net, width layer_mid_chnls)
+    coupling_net: str = "fused"
     dense_depth: int = 7
     dense_growth: int = 64
     attention: str = "official"
@@ -92,6 +99,8 @@ class ModelConfig:
         need(h % side == 0 and w % side == 0, "image_shape", f"H and W must be divisible by 2**scales = {side}")
         need(self.dense_depth >= 1, "dense_depth", "must be >= 1")
         need(self.dense_growth >= 1, "dense_growth", "must be >= 1")
+        need(self.coupling_net in COUPLING_NETS, "coupling_net", f"expected one of {COUPLING_NETS}")
+        need(self.cross_unit in CROSS_UNIT_KINDS, "cross_unit", f"expected one of {CROSS_UNIT_KINDS}")
         need(self.attention in ATTENTION_KINDS, "attention", f"expected one of {ATTENTION_KINDS}")
         need(self.attention_landmarks >= 1, "attention_landmarks", "must be >= 1")
         need(self.attention_heads >= 1, "attention_heads", "must be >= 1")

@@ -73,9 +73,17 @@ class DenseFlow(nn.Module):
                 cfg.attention,
                 cfg.attention_heads,
                 cfg.attention_landmarks,
+                cfg.coupling_net,
             )
             block = InvertibleDenseBlock(
-                channels, cfg.block_conf[s], cfg.layers_conf[s], cfg.growth_rate, nets, f"block{s + 1}", cfg.conv1x1
+                channels,
+                cfg.block_conf[s],
+                cfg.layers_conf[s],
+                cfg.growth_rate,
+                nets,
+                f"block{s + 1}",
+                cfg.conv1x1,
+                cfg.cross_unit == "conditional",
             )
             self.blocks.append(block)
             channels = block.out_channels

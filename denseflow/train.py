@@ -319,6 +319,8 @@ def train(
             old.unlink()
 
     def evaluate_and_sample() -> float:
+        nonlocal eval_seconds
+        started = time.perf_counter()
         model.eval()
         result = evaluate_images(model, testset.images, config.eval.batch_size, seed=cfg.seed, progress=False)
         if cfg.num_samples:
@@ -327,7 +329,12 @@ def train(
         model.train()
         log.write({"kind": "eval", "step": step, "epoch": epoch, "test_bpd": result["bpd"]})
         plot_bpd_curve(log.records(), run_dir / "bpd_curve.png")
+        eval_seconds += time.perf_counter() - started
         return result["bpd"]
+
+    def timing() -> dict[str, float]:
+        """Images and seconds of training (evaluations excluded) in this call, i.e. since the resume."""
+        return {"images_seen": images_seen, "train_seconds": time.perf_counter() - started - eval_seconds}
 
     # the loop ----------------------------------------------------------------------------
     model.train()
@@ -335,6 +342,7 @@ def train(
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     test_bpd = None
     tic, seen = time.perf_counter(), 0
+    started, images_seen, eval_seconds = time.perf_counter(), 0, 0.0
     with _stop_requests() as stop:
         while step < total_steps:
             order = torch.randperm(n, generator=_generator(cfg.seed, epoch))
@@ -350,7 +358,7 @@ def train(
                 loss = train_step(model, optimizer, x, noise, lr, cfg.grad_clip)
                 if monitor.active:
                     log.write({"kind": "monitor", "step": step + 1, "epoch": epoch, **monitor.record()})
-                step, batch_index, seen = step + 1, batch_index + 1, seen + len(x)
+                step, batch_index, seen, images_seen = step + 1, batch_index + 1, seen + len(x), images_seen + len(x)
                 bad_in_a_row = 0 if torch.isfinite(loss) else bad_in_a_row + 1
                 if bad_in_a_row:
                     skipped += 1
@@ -391,7 +399,7 @@ def train(
                         save_checkpoint()
                     bar.close()
                     tqdm.write(f"stopped at step {step}; resume with --resume {run_dir}")
-                    return {"run_dir": str(run_dir), "step": step, "stopped": True, "test_bpd": test_bpd}
+                    return {"run_dir": str(run_dir), "step": step, "stopped": True, "test_bpd": test_bpd, **timing()}
             if batch_index == steps_per_epoch:
                 epoch, batch_index = epoch + 1, 0
             if epoch % cfg.eval_every == 0 and batch_index == 0 or step == total_steps:
@@ -402,4 +410,11 @@ def train(
                 save_checkpoint()
     bar.close()
     ckpt.export(run_dir / "final.pt", model, config)
-    return {"run_dir": str(run_dir), "step": step, "stopped": False, "test_bpd": test_bpd, "best_test_bpd": best}
+    return {
+        "run_dir": str(run_dir),
+        "step": step,
+        "stopped": False,
+        "test_bpd": test_bpd,
+        "best_test_bpd": best,
+        **timing(),
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -25,23 +26,40 @@ def _train(run, resume: bool) -> subprocess.Popen:
     )
 
 
+def _logged_step(run) -> int:
+    """The newest step in the run's metrics.jsonl (0 before the first)."""
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return max((json.loads(line)["step"] for line in lines if line.endswith("}")), default=0)
+
+
 def test_sigkill_at_random_points_then_resume_is_bitwise_exact(tmp_path):
-    start = time.perf_counter()
+    """Six lives of the run are killed, each at a random moment shortly after a randomly chosen
+    later step was logged, or while it starts up (kills aimed by progress, not by wall-clock, so
+    they land whatever the machine's speed); the seventh finishes. The final parameters equal an
+    uninterrupted run's bitwise."""
     reference = _train(tmp_path / "reference", resume=False)
     assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()
-    duration = time.perf_counter() - start  # kill points scale with this machine's speed
-    run, kills, rng = tmp_path / "killed", 0, random.Random(0)
-    for _ in range(40):
+    run, rng, kills = tmp_path / "killed", random.Random(0), 0
+    while kills < 6:
         started = any((run / "checkpoints").glob("step_*.pt"))
+        done = ckpt.load(run)["step"] if started else 0
         process = _train(run, resume=started)
-        time.sleep(rng.uniform(0.3, 0.8) * duration)
-        if process.poll() is not None:  # it finished before the kill
-            assert process.returncode == 0, process.stderr.read().decode()
-            break
+        target = rng.randint(done, min(done + 8, 31))  # the run has 32 steps
+        deadline = time.time() + 120
+        if target == done:  # during start-up, or before its first step is logged
+            time.sleep(rng.uniform(0.0, 1.5))
+        while target > done and _logged_step(run) < target and process.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.05))
+        assert process.poll() is None, "the run finished before its kill"
         process.send_signal(signal.SIGKILL)
         process.wait()
         kills += 1
-    assert kills >= 5, f"only {kills} kills landed before the run finished"
+    last = _train(run, resume=True)
+    assert last.wait(timeout=300) == 0, last.stderr.read().decode()
     a = ckpt.load(tmp_path / "reference" / "final.pt")["model"]
     b = ckpt.load(run / "final.pt")["model"]
     for key in a:

@@ -36,7 +36,8 @@ class CouplingNet(nn.Module):
 
     ``h = in_proj(x)``; ``f = fusion(concat(attention(h), dense(h)))`` with fusion =
     BatchNorm -> ReLU -> 1x1 conv (no bias); ``out = out_proj(f)``, zero-initialised.
-    ``(B, C_in, H, W) -> (B, C_out, H, W)``.
+    ``(B, C_in, H, W) -> (B, C_out, H, W)``. ``attention=None`` drops the attention branch
+    (an ablation, not the paper's net): ``f = fusion(dense(h))``.
     """
 
     def __init__(
@@ -46,20 +47,40 @@ class CouplingNet(nn.Module):
         width: int,
         depth: int = 7,
         growth: int = 64,
-        attention: str = "official",
+        attention: str | None = "official",
         heads: int = 1,
         landmarks: int = 4,
     ) -> None:
         super().__init__()
         self.in_proj = nn.Conv2d(in_channels, width, 1)
         self.dense = DenseBlock(width, width, depth, growth)
-        self.attention = NystromAttention(width, attention, heads, landmarks)
-        self.fusion = nn.Sequential(FusionBatchNorm(2 * width), nn.ReLU(), nn.Conv2d(2 * width, width, 1, bias=False))
+        self.attention = NystromAttention(width, attention, heads, landmarks) if attention else None
+        fused = 2 * width if attention else width
+        self.fusion = nn.Sequential(FusionBatchNorm(fused), nn.ReLU(), nn.Conv2d(fused, width, 1, bias=False))
         self.out_proj = zero_conv1x1(width, out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.in_proj(x)
-        return self.out_proj(self.fusion(torch.cat([self.attention(h), self.dense(h)], dim=1)))
+        f = self.dense(h) if self.attention is None else torch.cat([self.attention(h), self.dense(h)], dim=1)
+        return self.out_proj(self.fusion(f))
+
+
+class GlowCouplingNet(nn.Module):
+    """Glow's coupling network (Kingma & Dhariwal 2018): 3x3 conv -> ReLU -> 1x1 conv -> ReLU ->
+    zero-initialised 3x3 conv, ``width`` hidden channels (Glow's ActNorm inside the net omitted).
+    The baseline of the ablation experiment; ``(B, C_in, H, W) -> (B, C_out, H, W)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, width: int) -> None:
+        super().__init__()
+        out = nn.Conv2d(width, out_channels, 3, padding=1)
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 1), nn.ReLU(), out
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
 
 
 class NoiseNet(Recomputable):
@@ -77,6 +98,21 @@ class NoiseNet(Recomputable):
     def _net(self, c: Tensor) -> tuple[Tensor, Tensor]:
         mu, s = self.out(torch.relu(self.conv(c))).chunk(2, dim=1)
         return mu, 2 * torch.tanh(s / 2)
+
+
+class LearnedGaussianNoise(nn.Module):
+    """The unconditional alternative to :class:`NoiseNet` (an ablation, VFlow-style augmentation):
+    ``(μ, log σ)`` are learned per channel, zero-initialised, ``log σ = 2·tanh(s/2)`` as there, and
+    do not depend on the context; only its batch size and spatial size are read."""
+
+    def __init__(self, growth: int) -> None:
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(1, growth, 1, 1))
+        self.scale = nn.Parameter(torch.zeros(1, growth, 1, 1))
+
+    def forward(self, c: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (c.shape[0], self.loc.shape[1], *c.shape[2:])
+        return self.loc.expand(shape), (2 * torch.tanh(self.scale / 2)).expand(shape)
 
 
 class ContextNet(Recomputable):

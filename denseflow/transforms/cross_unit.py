@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..nets.coupling import CouplingNet, NoiseNet
+from ..nets.coupling import CouplingNet, GlowCouplingNet, LearnedGaussianNoise, NoiseNet
 from .base import FlowSequence, Noise, Transform, std_normal_log_prob
 from .glow import glow_step
 
@@ -16,11 +16,13 @@ class CrossUnitCoupling(Transform):
     ``(μ, log σ) = g_i(context)``, ``ẽ = μ + σ·η`` with ``η`` the draw ``{name}.eta``, output
     ``concat(y, ẽ)`` (noise at the end of the channel axis). ``delta_logp = Σ log σ − log N(η; 0, I)``
     (= −log q(ẽ | context)). The left inverse drops the last ``g`` channels.
+    ``conditional=False`` replaces ``g_i`` by a learned per-channel Gaussian that ignores the
+    context (:class:`~denseflow.nets.coupling.LearnedGaussianNoise`, an ablation).
     """
 
-    def __init__(self, context_channels: int, growth: int, name: str) -> None:
+    def __init__(self, context_channels: int, growth: int, name: str, conditional: bool = True) -> None:
         super().__init__()
-        self.net = NoiseNet(context_channels, growth)
+        self.net = NoiseNet(context_channels, growth) if conditional else LearnedGaussianNoise(growth)
         self.growth = growth
         self.name = name
 
@@ -52,6 +54,7 @@ class InvertibleDenseBlock(Transform):
         net_factory,
         name: str,
         conv1x1: str = "full",
+        conditional: bool = True,
     ) -> None:
         super().__init__()
         widths = [in_channels + i * growth for i in range(units)]
@@ -60,7 +63,7 @@ class InvertibleDenseBlock(Transform):
         )
         context_widths = [in_channels + sum(widths[: i - 1]) for i in range(1, units)] if growth else []
         self.couplings = nn.ModuleList(
-            CrossUnitCoupling(c, growth, f"{name}.unit{i}") for i, c in enumerate(context_widths, start=1)
+            CrossUnitCoupling(c, growth, f"{name}.unit{i}", conditional) for i, c in enumerate(context_widths, start=1)
         )
         self.out_channels = widths[-1]
 
@@ -84,10 +87,16 @@ class InvertibleDenseBlock(Transform):
         return z
 
 
-def coupling_net_factory(width: int, depth: int, growth: int, attention: str, heads: int, landmarks: int):
-    """``C -> CouplingNet(⌈C/2⌉ -> 2⌊C/2⌋)`` for the glow-like steps of one scale."""
+def coupling_net_factory(
+    width: int, depth: int, growth: int, attention: str, heads: int, landmarks: int, kind: str = "fused"
+):
+    """``C -> net(⌈C/2⌉ -> 2⌊C/2⌋)`` for the glow-like steps of one scale. ``kind``: ``fused``
+    (DenseBlock ⊕ attention, the paper's), ``dense`` (no attention branch) or ``glow``."""
 
-    def make(channels: int) -> CouplingNet:
-        return CouplingNet((channels + 1) // 2, 2 * (channels // 2), width, depth, growth, attention, heads, landmarks)
+    def make(channels: int) -> nn.Module:
+        c_in, c_out = (channels + 1) // 2, 2 * (channels // 2)
+        if kind == "glow":
+            return GlowCouplingNet(c_in, c_out, width)
+        return CouplingNet(c_in, c_out, width, depth, growth, attention if kind == "fused" else None, heads, landmarks)
 
     return make
