@@ -143,8 +143,8 @@ def bench(
     for item in what:
         if item == "train":
             model.train()
-            flops = count_flops(lambda: train_step(model, optimizer, x[:1], generator, 1e-3)) * batch_size
-            times, peak = _time(lambda: train_step(model, optimizer, x, generator, 1e-3), steps, warmup, device)
+            flops = count_flops(lambda: train_step(model, optimizer, [(x[:1], generator)], 1e-3)) * batch_size
+            times, peak = _time(lambda: train_step(model, optimizer, [(x, generator)], 1e-3), steps, warmup, device)
             report["train"] = _summary(times, batch_size, flops, peak)
         elif item == "sample":
             model.eval()

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import ConfigError, RunConfig, load_config, preset_names
 
 EXAMPLES = {
@@ -145,7 +146,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None), end="")
         return 0
     summary = train(config, run_dir, a.data_dir, resume=state, progress=not a.quiet)
-    print(json.dumps(summary))
+    if distributed.is_main():
+        print(json.dumps(summary))
     return 0
 
 
@@ -178,6 +180,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     result |= {"split": a.split, "dataset": config.data.dataset, "checkpoint": str(a.checkpoint), "double": a.double}
     name = "elbo" if a.k is None else f"iwbo{a.k}"
     out = Path(a.json) if a.json else Path(a.checkpoint).with_name(f"{Path(a.checkpoint).stem}.{a.split}.{name}.json")
+    if not distributed.is_main():
+        return 0
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{a.split} {name} bits/dim: {result['bpd']:.4f} ({result['images']} images) -> {out}")
     return 0
@@ -192,6 +196,8 @@ def _cmd_sample(a: argparse.Namespace) -> int:
     seeds = parse_seeds(a.seeds) if a.seeds else list(range(a.num))
     images = sample_seeds(model, seeds, a.temperature)
     out = Path(a.out) if a.out else Path(a.checkpoint).with_name("samples.png")
+    if not distributed.is_main():
+        return 0
     save_grid(images, out, nrow=a.nrow, num_bits=config.model.num_bits)
     if a.each_dir:
         Path(a.each_dir).mkdir(parents=True, exist_ok=True)
@@ -262,6 +268,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = COMMANDS[args.command]
+    joined = distributed.init_from_env()  # under torchrun: one process per rank
     try:
         return command(args)
     except KeyboardInterrupt:
@@ -273,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"denseflow {args.command}: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -147,6 +147,7 @@ def model_config(name: str) -> ModelConfig:
 
 AUGMENTATIONS = ("none", "eta", "neta", "hflip")
 SCHEDULES = ("official", "exponential", "cosine")
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,11 @@ class TrainConfig:
     ``max_steps`` ends training earlier, after that many optimizer steps (a compute budget).
     ``channels_last`` stores conv weights and activations NHWC (faster oneDNN/cuDNN kernels, same
     arithmetic); ``low_memory`` recomputes the conditioner nets in the backward pass.
+    ``batch_chunks`` splits each batch into forward passes of their own (BatchNorm statistics and
+    noise per chunk, gradients accumulated; a multiple of the torchrun world size, see
+    :mod:`denseflow.distributed`). ``precision="bfloat16"`` runs the coupling, noise and
+    dequantizer networks under bf16 autocast (everything else in float32); ``compile`` compiles
+    those networks with ``torch.compile``.
     """
 
     epochs: int = 400
@@ -200,6 +206,9 @@ class TrainConfig:
     device: str = "auto"
     channels_last: bool = True
     low_memory: bool = False
+    batch_chunks: int = 1
+    precision: str = "float32"
+    compile: bool = False
     eval_every: int = 1
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -219,6 +228,7 @@ class TrainConfig:
             "keep_checkpoints",
             "log_every",
             "max_bad_steps",
+            "batch_chunks",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -231,6 +241,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r}: must be > 0")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps={self.max_steps!r}: must be >= 1 or null")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision={self.precision!r}: expected one of {PRECISIONS}")
+        if self.batch_chunks > self.batch_size:
+            raise ConfigError(f"train.batch_chunks={self.batch_chunks}: more chunks than train.batch_size")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"train.schedule={self.schedule!r}: expected one of {SCHEDULES}")
         if not 0 < self.gamma <= 1:

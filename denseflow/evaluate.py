@@ -7,6 +7,7 @@ import math
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .model import DenseFlow
 
 
@@ -24,21 +25,26 @@ def evaluate_images(
     """Mean bits/dim of ``images`` (uint8 ``(N, C, H, W)``) under ``model`` in its current mode.
 
     ``k=None``: one noise draw per image (ELBO). Otherwise IWBO-k with ``kbs`` copies of each
-    batch per pass. Noises come from a generator seeded with ``seed``, so the figure is
-    reproducible. Sums are accumulated in float64.
+    batch per pass. The noises of batch ``i`` come from a generator seeded with ``(seed, i)``, so
+    the figure is reproducible and independent of how batches are shared out. Sums are
+    accumulated in float64. In a process group every rank calls this with the same arguments:
+    rank ``r`` evaluates batches ``r, r + W, …``, the totals are summed (exactly the
+    single-process value, no image counted twice).
     """
     device = model.base.loc.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    total = torch.zeros((), dtype=torch.float64)
-    bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False)
-    for start in range(0, len(images), batch_size):
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    starts = list(range(0, len(images), batch_size))[distributed.rank() :: distributed.world_size()]
+    show = progress and distributed.is_main()
+    bar = tqdm(total=len(images), desc=desc, unit="img", disable=not show, leave=False)
+    for start in starts:
         x = images[start : start + batch_size].to(device).long()
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start // batch_size)
         if k is None:
             log_p = model.elbo(x, generator=generator)
         else:
             log_p = model.iwbo(x, k, chunk=kbs, generator=generator)
-        total += log_p.double().sum().cpu()
-        bar.update(len(x))
+        total += log_p.double().sum()
+        bar.update(len(x) * distributed.world_size())
     bar.close()
-    nats = (total / len(images)).item()
+    nats = (distributed.all_sum(total) / len(images)).item()
     return {"bpd": -nats / (model.config.num_dims * math.log(2)), "nats": nats, "images": len(images), "k": k or 1}

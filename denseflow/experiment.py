@@ -150,7 +150,7 @@ def _calibrate(names: list[str], batch_size: int, iwbo_k: int, iwbo_images: int,
         times = []
         for i in range(4):
             tic = time.perf_counter()
-            train_step(model, optimizer, x, None, 1e-4)
+            train_step(model, optimizer, [(x, None)], 1e-4)
             times.append(time.perf_counter() - tic) if i else None
         model.eval()
         tic = time.perf_counter()

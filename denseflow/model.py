@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .nets.precision import NetPrecision
 from .nets.recompute import Recomputable
 from .transforms.base import DiagonalGaussian, Noise, std_normal_log_prob
 from .transforms.cross_unit import InvertibleDenseBlock, coupling_net_factory
@@ -143,6 +144,10 @@ class DenseFlow(nn.Module):
         """Single-sample ``log p̂(x)`` in nats, ``(B,)`` (spec §10): the training objective."""
         return self._forward(x, self._noise(noise, generator))[0]
 
+    def forward(self, x: Tensor, noise: NoiseArg = None, generator: torch.Generator | None = None) -> Tensor:
+        """``model(x)`` is :meth:`elbo` (what DistributedDataParallel wraps)."""
+        return self.elbo(x, noise, generator)
+
     def bits_per_dim(self, x: Tensor, noise: NoiseArg = None, generator: torch.Generator | None = None) -> Tensor:
         """``−log p̂(x) / (D·ln 2)`` per sample, ``(B,)``; D counts data dimensions only."""
         return -self.elbo(x, noise, generator) / (self.config.num_dims * math.log(2))
@@ -217,6 +222,23 @@ class DenseFlow(nn.Module):
         for module in self.modules():
             if isinstance(module, Recomputable):
                 module.low_memory = enabled
+        return self
+
+    def set_net_precision(self, dtype: torch.dtype | None = torch.bfloat16) -> DenseFlow:
+        """Run the coupling, noise and dequantizer networks under autocast to ``dtype`` (None:
+        float32); everything else, log-determinants and densities included, stays float32."""
+        for module in self.modules():
+            if isinstance(module, NetPrecision):
+                module.net_dtype = dtype
+        return self
+
+    def compile_nets(self, **options) -> DenseFlow:
+        """``torch.compile`` every network the steps call (options as ``torch.compile``'s)."""
+        for module in self.modules():
+            if isinstance(module, NetPrecision):
+                for net in (getattr(module, "net", None), getattr(module, "context_net", None)):
+                    if net is not None:
+                        net.compile(**options)
         return self
 
     # ------------------------------------------------------------------ initialisation

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from . import distributed
 from .model import DenseFlow
 
 
@@ -29,11 +30,24 @@ def parse_seeds(text: str) -> list[int]:
 def sample_seeds(model: DenseFlow, seeds: list[int], temperature: float = 1.0, batch_size: int = 64) -> torch.Tensor:
     """One image per seed, ``(len(seeds), C, H, W)`` integers. The sampling noises of image i are
     drawn from a generator seeded with ``seeds[i]`` alone, and the model is in eval mode, so the
-    image does not depend on the other seeds or on the batch size."""
+    image does not depend on the other seeds or on the batch size. In a process group every rank
+    calls this with the same seeds and samples every ``W``-th of them; all ranks get all images."""
+    rank, world = distributed.rank(), distributed.world_size()
+    if world == 1:
+        return _sample(model, seeds, temperature, batch_size)
+    shares = [None] * world
+    torch.distributed.all_gather_object(shares, _sample(model, seeds[rank::world], temperature, batch_size))
+    out = torch.empty(len(seeds), *model.config.image_shape, dtype=torch.long)
+    for r, share in enumerate(shares):
+        out[r::world] = share
+    return out
+
+
+def _sample(model: DenseFlow, seeds: list[int], temperature: float, batch_size: int) -> torch.Tensor:
     device = model.base.loc.device
     shapes = {"base.eta": model.latent_shapes["base"]}
     shapes |= {f"{t.name}.eta": model.latent_shapes[t.name] for t in model.transitions}
-    out = []
+    out = [torch.empty(0, *model.config.image_shape, dtype=torch.long)]
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start : start + batch_size]
         noise = {name: [] for name in shapes}

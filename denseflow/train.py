@@ -18,10 +18,12 @@ continues exactly as if it had never stopped.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import math
 import signal
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ import yaml
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import RunConfig, TrainConfig
 from .data import augment, load_images
 from .evaluate import evaluate_images
@@ -64,31 +67,45 @@ def learning_rate(cfg: TrainConfig, step: int, epoch: int, first_in_epoch: bool,
 def train_step(
     model: DenseFlow,
     optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    generator: torch.Generator | None,
+    chunks: list[tuple[torch.Tensor, torch.Generator | None]],
     lr: float,
     grad_clip: float = 0.0,
+    batch_size: int | None = None,
+    ddp: torch.nn.Module | None = None,
 ) -> torch.Tensor:
-    """One optimizer step on the batch ``x``: loss = mean bits/dim (spec §10). Returns the loss.
+    """One optimizer step; loss = mean bits/dim over the global batch (spec §10). Returns the loss.
 
+    ``chunks``: this process's ``(images, noise generator)`` parts of the global batch of
+    ``batch_size`` images (default: all of it here), each one forward pass, gradients accumulated
+    (see :mod:`denseflow.distributed`); ``ddp``: the DistributedDataParallel wrapper of ``model``.
     A non-finite loss or gradient skips the update (parameters and optimizer state untouched);
     the returned loss is then non-finite too. This is the step :func:`train` runs and
     ``denseflow bench`` times.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = model.bits_per_dim(x, generator=generator).mean()
+    forward = ddp or model
+    world = distributed.world_size() if ddp is not None else 1
+    total = batch_size or sum(len(x) for x, _ in chunks)
+    to_bpd = 1 / (model.config.num_dims * math.log(2) * total)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss = torch.zeros((), device=chunks[0][0].device)
+    for i, (x, generator) in enumerate(chunks):
+        with distributed.no_sync(forward, last=i == len(chunks) - 1):
+            nats = -forward(x, generator=generator).sum()
+            (nats * (to_bpd * world)).backward()  # DDP averages over the ranks: undo its 1/world
+        loss += nats.detach() * to_bpd
+    if ddp is not None:
+        distributed.all_sum(loss)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
     if not torch.isfinite(loss + norm):
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach() + norm.detach()
+        return loss + norm.detach()
     if grad_clip:
         torch.nn.utils.clip_grads_with_norm_(grads, grad_clip, norm)
     optimizer.step()
-    return loss.detach()
+    return loss
 
 
 def prepare(model: DenseFlow, cfg: TrainConfig, device: torch.device) -> DenseFlow:
@@ -101,6 +118,10 @@ def prepare(model: DenseFlow, cfg: TrainConfig, device: torch.device) -> DenseFl
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.precision == "bfloat16":
+        model.set_net_precision(torch.bfloat16)
+    if cfg.compile:
+        model.compile_nets(dynamic=False)  # dynamic shapes trip inductor here (torch 2.13)
     if cfg.low_memory:
         model.set_low_memory(True)
         if device.type == "cpu":
@@ -116,14 +137,24 @@ def _cap_heap_growth(threshold: int) -> None:
     libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; a fixed value also stops its dynamic growth
 
 
+def _wrap(model: DenseFlow, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around ``model`` (after the ActNorm init: DDP broadcasts rank 0's state)."""
+    # channels_last (1, C, 1, 1) weights have two valid stride patterns; DDP warns about the
+    # harmless one-off mismatch between them
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
 def _generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else the CPU; under torchrun CUDA means this rank's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return distributed.local_device(torch.device(name))
 
 
 @contextmanager
@@ -148,15 +179,17 @@ def _stop_requests():
 
 
 class _Log:
-    """metrics.jsonl (truncated to the resumed step), optional TensorBoard."""
+    """metrics.jsonl (truncated to the resumed step), optional TensorBoard; ``run_dir=None`` (ranks
+    other than 0) logs nothing."""
 
-    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool) -> None:
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self, run_dir: Path | None, resume_step: int, tensorboard: bool) -> None:
+        self.path, self.writer = (run_dir / "metrics.jsonl" if run_dir else None), None
+        if self.path is None:
+            return
         kept = []
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
         self.path.write_text("".join(line + "\n" for line in kept))
-        self.writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -166,6 +199,8 @@ class _Log:
                 self.writer = SummaryWriter(str(run_dir / "tb"))
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.writer:
@@ -256,9 +291,20 @@ def train(
     ``resume``: a run directory or checkpoint to continue from (model, optimizer, position), or
     the checkpoint already loaded with :func:`denseflow.checkpoint.load`.
     ``stop_after``: stop (with a checkpoint) once that many steps are done — an interruption.
+
+    Inside an initialised process group (``torchrun``) every rank calls this: DistributedDataParallel
+    over the ranks as described in :mod:`denseflow.distributed`; only rank 0 writes to ``run_dir``,
+    logs and shows progress (the run directory must be visible to every rank for resume/rollback).
     """
     run_dir = Path(run_dir)
+    world, main = distributed.world_size(), distributed.is_main()
+    chunks = distributed.effective_chunks(config.train.batch_chunks, world)
+    if chunks != config.train.batch_chunks:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_chunks=chunks))
+        if main:
+            tqdm.write(f"train.batch_chunks raised to {chunks}, a multiple of the {world} ranks")
     cfg = config.train
+    progress = progress and main
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
@@ -274,6 +320,7 @@ def train(
 
     # model, optimizer, position ----------------------------------------------------------
     model = prepare(DenseFlow(config.model), cfg, device)
+    ddp = None  # the DistributedDataParallel wrapper, made once the ActNorms are initialised
     optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     step, epoch, batch_index, best, skipped, bad_in_a_row, lr_scale, rollbacks = 0, 0, 0, math.inf, 0, 0, 1.0, 0
 
@@ -289,18 +336,26 @@ def train(
         restore(resume if isinstance(resume, dict) else ckpt.load(resume))
     elif any((run_dir / "checkpoints").glob("step_*.pt")):
         raise ValueError(f"{run_dir} already holds a run's checkpoints: --resume {run_dir}, or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None))
-    (run_dir / "data.json").write_text(json.dumps({"train": trainset.source, "test": testset.source}, indent=1))
-    log = _Log(run_dir, step, cfg.tensorboard)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None))
+        (run_dir / "data.json").write_text(json.dumps({"train": trainset.source, "test": testset.source}, indent=1))
+    log = _Log(run_dir, step, cfg.tensorboard) if main else _Log(None, step, False)
 
     n = len(trainset.images)
     steps_per_epoch = math.ceil(n / cfg.batch_size)  # the last partial batch is kept, as official
+    smallest = min(n, cfg.batch_size) if n % cfg.batch_size == 0 else n % cfg.batch_size
+    if smallest < chunks:
+        raise ValueError(
+            f"train.batch_chunks={chunks}: a batch of {smallest} images cannot be split into {chunks} chunks"
+        )
     total_epochs = cfg.epochs + cfg.finetune_epochs
     total_steps = min(total_epochs * steps_per_epoch, cfg.max_steps or math.inf)
     main_steps = min(cfg.epochs * steps_per_epoch, total_steps)
 
     def save_checkpoint() -> None:
+        if not main:
+            return
         payload = {
             "kind": "training",
             "config": config.to_dict(),
@@ -325,10 +380,12 @@ def train(
         result = evaluate_images(model, testset.images, config.eval.batch_size, seed=cfg.seed, progress=False)
         if cfg.num_samples:
             images = sample_seeds(model, list(range(cfg.num_samples)), cfg.sample_temperature)
-            save_grid(images, run_dir / "samples" / f"step_{step:07d}.png", num_bits=config.model.num_bits)
+            if main:
+                save_grid(images, run_dir / "samples" / f"step_{step:07d}.png", num_bits=config.model.num_bits)
         model.train()
         log.write({"kind": "eval", "step": step, "epoch": epoch, "test_bpd": result["bpd"]})
-        plot_bpd_curve(log.records(), run_dir / "bpd_curve.png")
+        if main:
+            plot_bpd_curve(log.records(), run_dir / "bpd_curve.png")
         eval_seconds += time.perf_counter() - started
         return result["bpd"]
 
@@ -349,13 +406,17 @@ def train(
             while batch_index < steps_per_epoch and step < total_steps:
                 indices = order[batch_index * cfg.batch_size : (batch_index + 1) * cfg.batch_size]
                 x = augment(trainset.images[indices], config.data.augmentation, _generator(cfg.seed, step))
-                x = x.to(device, non_blocking=True).long()
-                noise = _generator(cfg.seed, step, device)
-                if step == 0:
-                    model.data_init(x, generator=_generator(cfg.seed + 1, 0, device))
+                if step == 0:  # on the global batch, the same on every rank
+                    model.data_init(x.to(device).long(), generator=_generator(cfg.seed + 1, 0, device))
+                if world > 1 and ddp is None:
+                    ddp = _wrap(model, device)
+                parts = [
+                    (part.to(device, non_blocking=True).long(), _generator(cfg.seed, step + (j << 40), device))
+                    for j, part in distributed.my_chunks(x, chunks)
+                ]
                 lr = learning_rate(cfg, step, epoch, batch_index == 0, main_steps) * lr_scale
                 monitor.active = bool(cfg.monitor_every) and (step + 1) % cfg.monitor_every == 0
-                loss = train_step(model, optimizer, x, noise, lr, cfg.grad_clip)
+                loss = train_step(model, optimizer, parts, lr, cfg.grad_clip, len(x), ddp)
                 if monitor.active:
                     log.write({"kind": "monitor", "step": step + 1, "epoch": epoch, **monitor.record()})
                 step, batch_index, seen, images_seen = step + 1, batch_index + 1, seen + len(x), images_seen + len(x)
@@ -363,7 +424,8 @@ def train(
                 if bad_in_a_row:
                     skipped += 1
                     log.write({"kind": "skip", "step": step, "epoch": epoch, "skipped_steps": skipped})
-                    tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
+                    if main:
+                        tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
                 if bad_in_a_row >= cfg.max_bad_steps:
                     if rollbacks >= cfg.max_rollbacks:
                         bar.close()
@@ -381,7 +443,8 @@ def train(
                         ) from None
                     lr_scale, rollbacks, bad_in_a_row = scale, count, 0
                     log.write({"kind": "rollback", "step": step, "epoch": epoch, "lr_scale": lr_scale})
-                    tqdm.write(f"rolled back to step {step} with the learning rate scaled by {lr_scale:g}")
+                    if main:
+                        tqdm.write(f"rolled back to step {step} with the learning rate scaled by {lr_scale:g}")
                     bar.n = step
                     break
 
@@ -394,11 +457,15 @@ def train(
                 bar.update(1)
                 if step % cfg.checkpoint_every == 0:
                     save_checkpoint()
-                if stop["stop"] or (stop_after is not None and step >= stop_after):
+                stop_now = stop["stop"] or (stop_after is not None and step >= stop_after)
+                if world > 1:  # every rank stops at the same step
+                    stop_now = bool(distributed.all_sum(torch.tensor(float(stop_now), device=device)))
+                if stop_now:
                     if step % cfg.checkpoint_every:
                         save_checkpoint()
                     bar.close()
-                    tqdm.write(f"stopped at step {step}; resume with --resume {run_dir}")
+                    if main:
+                        tqdm.write(f"stopped at step {step}; resume with --resume {run_dir}")
                     return {"run_dir": str(run_dir), "step": step, "stopped": True, "test_bpd": test_bpd, **timing()}
             if batch_index == steps_per_epoch:
                 epoch, batch_index = epoch + 1, 0
@@ -406,10 +473,12 @@ def train(
                 test_bpd = evaluate_and_sample()
                 if test_bpd < best:
                     best = test_bpd
-                    ckpt.export(run_dir / "best.pt", model, config)
+                    if main:
+                        ckpt.export(run_dir / "best.pt", model, config)
                 save_checkpoint()
     bar.close()
-    ckpt.export(run_dir / "final.pt", model, config)
+    if main:
+        ckpt.export(run_dir / "final.pt", model, config)
     return {
         "run_dir": str(run_dir),
         "step": step,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from denseflow.nets.coupling import CouplingNet
+from denseflow.nets.coupling import CouplingNet, GlowCouplingNet
 from denseflow.transforms.base import FlowSequence, Noise, std_normal_log_prob
 from denseflow.transforms.cross_unit import CrossUnitCoupling, InvertibleDenseBlock, coupling_net_factory
 from denseflow.transforms.dequantization import UniformDequantization, VariationalDequantization
@@ -71,6 +71,10 @@ BIJECTIONS = {
     "conv1x1_lu": lambda c: Conv1x1LU(c),
     "coupling_official": lambda c: AffineCoupling(tiny_net(c)),
     "coupling_multihead": lambda c: AffineCoupling(tiny_net(c, "multihead", heads=2)),
+    "coupling_no_attention": lambda c: AffineCoupling(
+        CouplingNet((c + 1) // 2, 2 * (c // 2), width=4, depth=2, growth=3, attention=None)
+    ),
+    "coupling_glow_net": lambda c: AffineCoupling(GlowCouplingNet((c + 1) // 2, 2 * (c // 2), width=6)),
     "swap": lambda c: ChannelSwap(),
     "sigmoid": lambda c: Sigmoid(),
     "unsqueeze": lambda c: Unsqueeze(),
@@ -141,6 +145,25 @@ def test_cross_unit_coupling_is_a_bijection_in_noise():
     # the noise distribution really depends on the context
     _, delta2 = coupling(y, context + 1, Noise({"blockX.unit1.eta": eta}))
     assert not torch.allclose(delta, delta2)
+
+
+def test_unconditional_cross_unit_noise_ignores_the_context():
+    """The ablation's learned Gaussian: same bijection in the noise, but ẽ and its density are the
+    same for any context (only the context's batch and spatial size are read)."""
+    coupling = perturb(CrossUnitCoupling(3, 2, "blockX.unit1", conditional=False), std=0.3)
+    y, eta = torch.randn(2, 4, 4, 4, dtype=DT), torch.randn(2, 2, 4, 4, dtype=DT)
+    context = torch.randn(2, 3, 4, 4, dtype=DT)
+    out, delta = coupling(y, context, Noise({"blockX.unit1.eta": eta}))
+    out2, delta2 = coupling(y, 5 * torch.randn_like(context), Noise({"blockX.unit1.eta": eta}))
+    assert torch.equal(out, out2) and torch.equal(delta, delta2)
+    assert not torch.allclose(out[:, 4:], eta)  # learned μ, σ act (perturbed off zero)
+
+    def noise_map(v, b):
+        return coupling(y[b : b + 1], context[b : b + 1], Noise({"blockX.unit1.eta": v}))[0][:, 4:]
+
+    logdet = per_sample_logdet(noise_map, eta)
+    torch.testing.assert_close(delta, logdet - std_normal_log_prob(eta), rtol=1e-10, atol=1e-10)
+    assert sum(p.numel() for p in coupling.parameters()) == 2 * 2  # μ and log σ per channel
 
 
 def test_dense_block_noise_conditioning_and_left_inverse():

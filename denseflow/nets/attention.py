@@ -79,7 +79,9 @@ class NystromAttention(nn.Module):
         f = torch.softmax(q @ k_l.transpose(-1, -2), dim=axis)
         a = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=axis)
         g = torch.softmax(q_l @ k.transpose(-1, -2), dim=axis)
-        o = (f @ iterative_pinv(a, self.pinv_iters)) @ (g @ v) + v
+        with torch.autocast(h.device.type, enabled=False):  # the m x m pseudo-inverse in float32
+            pinv = iterative_pinv(a.float(), self.pinv_iters)
+        o = (f @ pinv.to(f.dtype)) @ (g @ v) + v
         if self.kind == "official":
             o = o.reshape(b, e, height, width)  # inverse memory reinterpretation
         else:

@@ -96,7 +96,7 @@ class NoiseNet(Recomputable):
         self.out = zero_conv1x1(4 * in_channels, 2 * growth)
 
     def _net(self, c: Tensor) -> tuple[Tensor, Tensor]:
-        mu, s = self.out(torch.relu(self.conv(c))).chunk(2, dim=1)
+        mu, s = self.out(torch.relu(self.conv(c))).float().chunk(2, dim=1)  # the bound in float32
         return mu, 2 * torch.tanh(s / 2)
 
 

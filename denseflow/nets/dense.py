@@ -38,8 +38,15 @@ class _ConcatConv(torch.autograd.Function):
 
 
 def concat_conv(pieces: list[Tensor], conv: nn.Conv2d) -> Tensor:
-    """``conv(torch.cat(pieces, 1))``; without autograd the plain expression."""
+    """``conv(torch.cat(pieces, 1))``; without autograd the plain expression. Under autocast the
+    casts autocast would make happen outside the custom function (its backward sees one dtype)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (conv.weight, *pieces)):
+        device = pieces[0].device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            weight, bias = conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
+            with torch.autocast(device, enabled=False):
+                return _ConcatConv.apply(weight, bias, conv.padding[0], *(t.to(dtype) for t in pieces))
         return _ConcatConv.apply(conv.weight, conv.bias, conv.padding[0], *pieces)
     return conv(torch.cat(pieces, dim=1))
 

@@ -6,11 +6,12 @@ import torch
 from torch import Tensor, nn
 
 from ..nets.coupling import CouplingNet, GlowCouplingNet, LearnedGaussianNoise, NoiseNet
+from ..nets.precision import NetPrecision
 from .base import FlowSequence, Noise, Transform, std_normal_log_prob
 from .glow import glow_step
 
 
-class CrossUnitCoupling(Transform):
+class CrossUnitCoupling(NetPrecision, Transform):
     """Appends ``g`` noise channels whose distribution depends on earlier representations.
 
     ``(μ, log σ) = g_i(context)``, ``ẽ = μ + σ·η`` with ``η`` the draw ``{name}.eta``, output
@@ -27,7 +28,7 @@ class CrossUnitCoupling(Transform):
         self.name = name
 
     def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
-        mu, log_sigma = self.net(context)
+        mu, log_sigma = self.run_net(self.net, context)
         eta = (noise or Noise()).draw(f"{self.name}.eta", tuple(mu.shape), like=mu)
         e = mu + torch.exp(log_sigma) * eta
         delta = log_sigma.flatten(1).sum(1) - std_normal_log_prob(eta)

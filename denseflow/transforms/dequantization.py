@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..nets.coupling import ContextNet, DequantCouplingNet
+from ..nets.precision import NetPrecision
 from .base import DiagonalGaussian, FlowSequence, Noise, Transform
 from .glow import AffineCoupling, Conv1x1, Conv1x1LU, Sigmoid, Unsqueeze
 
@@ -46,7 +47,7 @@ class UniformDequantization(Dequantization):
         return self._bound_terms(x, u, u.new_zeros(x.shape[0]))
 
 
-class VariationalDequantization(Dequantization):
+class VariationalDequantization(NetPrecision, Dequantization):
     """Flow++-style ``q(u|x)``: a conditional flow from Gaussian noise to ``u ∈ (0, 1)^D`` (spec §4).
 
     ``ε = μ_d + σ_d·η`` on ``(4C, H/2, W/2)``; ``steps`` × [1x1 conv, affine coupling conditioned
@@ -77,7 +78,7 @@ class VariationalDequantization(Dequantization):
         self.flow = FlowSequence([*flow, conv(c), Unsqueeze(), Sigmoid()])
 
     def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
-        h = self.context_net(x)
+        h = self.run_net(self.context_net, x)
         eta = (noise or Noise()).draw("dequant.eta", (h.shape[0], self.base.loc.shape[1], *h.shape[2:]), like=h)
         eps = self.base.sample(eta)
         u, ldj = self.flow(eps, context=h)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nets.precision import NetPrecision
 from ..nets.recompute import Recomputable
 from .base import FlowSequence, Noise, Transform, sum_except_batch
 
@@ -103,7 +104,7 @@ class Conv1x1LU(Conv1x1):
         return self.perm @ lower @ upper, self.log_s.sum()
 
 
-class AffineCoupling(Recomputable, Transform):
+class AffineCoupling(NetPrecision, Recomputable, Transform):
     """Affine coupling with a bounded scale (spec §6.3, §7.4).
 
     ``x_a`` = first ⌈C/2⌉ channels (kept), ``x_b`` = the rest. ``net(x_a)`` (or
@@ -118,7 +119,7 @@ class AffineCoupling(Recomputable, Transform):
 
     def _log_a_and_shift(self, x_a: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         h = x_a if context is None else torch.cat([x_a, context], dim=1)
-        s, t = self.net(h).unflatten(1, (-1, 2)).unbind(2)
+        s, t = self.run_net(self.net, h).unflatten(1, (-1, 2)).unbind(2)
         return 2 * torch.tanh(s / 2), t
 
     def _net(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:

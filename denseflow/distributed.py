@@ -1,0 +1,94 @@
+"""Data-parallel training and evaluation on PyTorch's own distributed engine (``torchrun``).
+
+A training step's global batch of ``B`` images is split into ``train.batch_chunks`` chunks
+(``torch.tensor_split``: sizes differ by at most one). Chunk ``j`` is a forward pass of its own —
+its own BatchNorm batch statistics and its own noise generator, seeded by ``(seed, step, j)`` —
+and contributes ``Σ_chunk bpd / B`` to the loss, so the gradient is the global batch mean
+whatever the chunk sizes. Rank ``r`` of ``W`` runs chunks ``r·B_c/W … (r+1)·B_c/W − 1`` with
+gradient accumulation; DistributedDataParallel averages over the ranks. Hence a run on ``W``
+ranks computes what one process computes with the same ``batch_chunks``, and checkpoints move
+freely between the two.
+
+Evaluation splits the test set by batches (rank ``r`` takes batches ``r, r + W, …``; each batch
+draws its noise from a generator seeded by ``(seed, batch)``) and sums in float64 across ranks:
+exact totals, no padded duplicates, the single-process value.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched() -> bool:
+    """True inside a process started by ``torchrun`` (or any launcher that sets ``WORLD_SIZE``)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env() -> bool:
+    """Join the process group described by torchrun's environment variables (NCCL when CUDA is
+    available, gloo otherwise); False when not launched by torchrun or already initialised."""
+    if not launched() or dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return True
+
+
+def local_device(device: torch.device) -> torch.device:
+    """This rank's GPU (``LOCAL_RANK``) when ``device`` is CUDA and the process group is running."""
+    if device.type == "cuda" and device.index is None and dist.is_initialized():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def effective_chunks(chunks: int, world: int) -> int:
+    """``chunks`` rounded up to a multiple of the world size (every rank needs the same number)."""
+    return -(-chunks // world) * world
+
+
+def my_chunks(batch: torch.Tensor, chunks: int) -> list[tuple[int, torch.Tensor]]:
+    """This rank's ``(chunk index, images)`` of the global ``batch`` split into ``chunks``."""
+    per_rank = chunks // world_size()
+    parts = torch.tensor_split(batch, chunks)
+    return [(j, parts[j]) for j in range(rank() * per_rank, (rank() + 1) * per_rank)]
+
+
+def no_sync(module: torch.nn.Module, last: bool):
+    """DDP's ``no_sync`` for every chunk but a rank's last (gradient accumulation)."""
+    return (
+        module.no_sync()
+        if isinstance(module, torch.nn.parallel.DistributedDataParallel) and not last
+        else nullcontext()
+    )
+
+
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (the tensor itself in a single process)."""
+    if dist.is_initialized() and world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_from_main(module: torch.nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank."""
+    if dist.is_initialized() and world_size() > 1:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, 0)

@@ -1,0 +1,112 @@
+"""The ablation experiment: matched budgets, variants that are what they claim, the whole pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from denseflow.cli import main
+from denseflow.experiment import BASE, VARIANTS, images_seen, matched_config, num_params
+from denseflow.model import DenseFlow
+from denseflow.nets.attention import NystromAttention
+from denseflow.nets.coupling import GlowCouplingNet, LearnedGaussianNoise, NoiseNet
+from denseflow.transforms.cross_unit import CrossUnitCoupling
+from denseflow.transforms.dequantization import UniformDequantization, VariationalDequantization
+
+
+def test_variants_have_parameter_counts_within_5_percent():
+    reference = num_params(matched_config("denseflow"))
+    assert reference == num_params(BASE) == 470_684
+    for name in VARIANTS:
+        count = num_params(matched_config(name))
+        assert abs(count - reference) / reference <= 0.05, (name, count, reference)
+
+
+def _modules(name: str, kind: type) -> list:
+    return [m for m in DenseFlow(matched_config(name)).modules() if isinstance(m, kind)]
+
+
+def test_variants_are_what_they_claim():
+    # the reference: conditional noise nets, attention in every coupling net, variational dequantization
+    assert len(_modules("denseflow", NoiseNet)) == 3 and len(_modules("denseflow", NystromAttention)) == 10
+    assert {m.kind for m in _modules("denseflow_multihead", NystromAttention)} == {"multihead"}
+    unconditional = _modules("unconditional_noise", CrossUnitCoupling)
+    assert len(unconditional) == 3 and all(isinstance(c.net, LearnedGaussianNoise) for c in unconditional)
+    assert not _modules("unconditional_noise", NoiseNet)
+    assert not _modules("no_augmentation", CrossUnitCoupling) and len(_modules("no_augmentation", NystromAttention))
+    assert not _modules("no_attention", NystromAttention) and len(_modules("no_attention", NoiseNet)) == 3
+    assert len(_modules("glow", GlowCouplingNet)) == 16 and not _modules("glow", NystromAttention)
+    assert not _modules("glow", CrossUnitCoupling) and _modules("glow", UniformDequantization)
+    assert not _modules("glow", VariationalDequantization)
+
+
+@pytest.mark.parametrize("name", ["no_augmentation", "glow"])
+def test_without_augmentation_the_width_never_grows(name):
+    model = DenseFlow(matched_config(name))
+    widths = [4]  # 1 channel squeezed
+    for s, block in enumerate(model.blocks):
+        widths += [unit[0].actnorm.loc.shape[1] for unit in block.units]  # every unit's input width
+        widths.append(block.out_channels)
+        if s < len(model.transitions):
+            widths.append(2 * block.out_channels)  # after the transition's squeeze and split
+    assert widths == [4, 4, 4, 8, 8] if name == "glow" else widths == [4, 4, 4, 4, 4, 8, 8, 8, 8]
+    latent_dims = sum(c * h * w for c, h, w in model.latent_shapes.values())
+    assert latent_dims == 28 * 28  # a bijection of the (dequantized) data: no extra dimensions
+    augmented = DenseFlow(matched_config("denseflow"))
+    assert sum(c * h * w for c, h, w in augmented.latent_shapes.values()) > 28 * 28
+
+
+def test_unconditional_noise_does_not_depend_on_the_input():
+    """In the whole model, the appended noise channels are the same for different images."""
+    torch.manual_seed(0)
+    model = DenseFlow(matched_config("unconditional_noise")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(1)
+    noise = {name: torch.randn(2, 4, 14, 14, generator=g) for name in ("block1.unit1.eta", "block1.unit2.eta")}
+    seen = {}
+    for coupling in model.blocks[0].couplings:
+        coupling.register_forward_hook(lambda m, args, out: seen.setdefault(m.name, []).append(out[0][:, -4:]))
+    x1, x2 = torch.randint(0, 256, (2, 2, 1, 28, 28))
+    model.elbo(x1, noise=noise)
+    model.elbo(x2, noise=noise)
+    for name, (a, b) in seen.items():
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_images_seen_counts_partial_batches():
+    assert images_seen(100, 32, 3) == 96
+    assert images_seen(100, 32, 4) == 100  # the epoch's last batch holds 4
+    assert images_seen(100, 32, 6) == 164
+
+
+def test_quick_ablation_runs_end_to_end_and_continues(tmp_path, capsys):
+    out = tmp_path / "ablation"
+    assert main(["experiment", "ablation", "--quick", "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["runs"]) == 2 * len(VARIANTS)
+    assert set(results["summary"]) == set(VARIANTS)
+    assert {r["images_seen"] for r in results["runs"]} == {48}  # 3 steps of 16 for every run
+    for run in results["runs"]:
+        assert 0 < run["iwbo_bpd"] < 16 and 0 < run["elbo_bpd"] < 16 and run["iwbo_k"] == 100
+        for grid in run["samples"].values():
+            assert (out / grid).is_file()
+    for row in results["summary"].values():
+        assert row["seeds"] == 2 and row["elbo_bpd_std"] > 0
+    assert (out / "ablation.png").stat().st_size > 1000
+    assert "| denseflow |" in (out / "results.md").read_text()
+    # a second call keeps every finished run
+    capsys.readouterr()
+    assert main(["experiment", "ablation", "--quick", "--out", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().out.count("done before, kept") == 2 * len(VARIANTS)
+    assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]
+
+
+def test_experiment_errors_are_one_line(tmp_path, capsys):
+    assert main(["experiment", "ablation", "--quick", "--out", str(tmp_path), "--variants", "glow,nope"]) == 2
+    assert "unknown variant(s) ['nope']" in capsys.readouterr().err
+    assert main(["experiment", "ablation", "--out", str(tmp_path), "--steps", "3", "--budget-minutes", "1"]) == 2
+    assert "not both" in capsys.readouterr().err

@@ -1,0 +1,93 @@
+"""bf16 autocast of the conditioner networks and torch.compile of them: same flow, stated tolerances."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from denseflow.config import load_config
+from denseflow.model import DenseFlow
+from denseflow.nets.coupling import CouplingNet
+from denseflow.train import prepare, train_step
+from denseflow.transforms.base import Noise
+from denseflow.transforms.glow import AffineCoupling
+
+BF16 = torch.bfloat16
+
+
+def _model(seed: int = 0) -> DenseFlow:
+    torch.manual_seed(seed)
+    model = DenseFlow(load_config("tiny").model).eval()
+    with torch.no_grad():  # every zero-initialised output acting
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _images() -> torch.Tensor:
+    return torch.randint(0, 256, (6, 1, 28, 28), generator=torch.Generator().manual_seed(1))
+
+
+def _generator() -> torch.Generator:
+    return torch.Generator().manual_seed(3)
+
+
+def test_bf16_elbo_within_1e_3_bits_per_dim_of_float32():
+    """Same weights, same noise: |Δ| per image <= 1e-3 bpd (measured 1.6e-4); the estimate and
+    every log-determinant stay float32."""
+    model, x = _model(), _images()
+    reference = model.bits_per_dim(x, generator=_generator())
+    model.set_net_precision(BF16)
+    mixed = model.bits_per_dim(x, generator=_generator())
+    assert mixed.dtype == torch.float32
+    gap = (mixed - reference).abs().max().item()
+    assert 0 < gap <= 1e-3  # > 0: the networks really ran in bf16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bf16_coupling_inverts_exactly_and_the_flow_round_trips():
+    """One coupling: the kept half feeds the same bf16 network both ways, so the inverse is exact
+    to float32 rounding. The whole flow: the bf16 network sees the float32-rounded inverse of its
+    forward input, so its output can differ by a bf16 rounding step; the round trip error
+    (measured 2.4e-4 in z ∈ (0, 1), float32 alone 7.7e-7) stays below a tenth of a pixel level."""
+    torch.manual_seed(0)
+    coupling = AffineCoupling(CouplingNet(2, 4, width=8, depth=2, growth=4))
+    with torch.no_grad():
+        for p in coupling.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    coupling.eval().net_dtype = BF16
+    x = torch.randn(3, 4, 6, 6)
+    z, logdet = coupling(x)
+    assert z.dtype == logdet.dtype == torch.float32
+    torch.testing.assert_close(coupling.inverse(z), x, rtol=0, atol=1e-6)
+
+    model, x = _model(), _images()
+    model.set_net_precision(BF16)
+    z0, _ = model.dequantizer(x, noise=Noise(None, _generator()))
+    z1 = model.decode(model.encode(x, generator=_generator()), quantize=False)
+    assert (z1 - z0).abs().max() < 0.1 / 256
+    assert torch.equal(model.decode(model.encode(x, generator=_generator())), x)
+
+
+def test_bf16_training_step_updates_float32_parameters():
+    config = load_config("tiny").override(["train.precision=bfloat16"])
+    model = prepare(DenseFlow(config.model), config.train, torch.device("cpu")).train()
+    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = train_step(model, optimizer, [(_images(), _generator())], 1e-3)
+    assert math.isfinite(loss.item()) and 7 < loss.item() < 10
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_compiled_networks_compute_the_same_values_and_gradients():
+    """torch.compile of every network the steps call (AOT autograd tracing, the eager backend:
+    the graph capture and the custom memory-efficient concat-conv, without a C++ toolchain)."""
+    x = _images()
+    eager, compiled = _model().train(), _model().train().compile_nets(backend="aot_eager", dynamic=False)
+    for model in (eager, compiled):
+        model(x, generator=_generator()).sum().backward()
+    torch.testing.assert_close(compiled(x, generator=_generator()), eager(x, generator=_generator()))
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, msg=lambda m, n=name: f"{n}: {m}")
