@@ -148,16 +148,16 @@ def _calibrate(names: list[str], batch_size: int, iwbo_k: int, iwbo_images: int,
         optimizer = torch.optim.Adamax(model.parameters())
         x = torch.randint(0, 256, (batch_size, *BASE.image_shape), device=device)
         times = []
-        for i in range(4):
+        for _ in range(4):
             tic = time.perf_counter()
             train_step(model, optimizer, [(x, None)], 1e-4)
-            times.append(time.perf_counter() - tic) if i else None
+            times.append(time.perf_counter() - tic)
         model.eval()
         tic = time.perf_counter()
         with torch.no_grad():
             model.elbo(x)
         per_image = (time.perf_counter() - tic) / batch_size
-        out[name] = (statistics.median(times), per_image * (iwbo_k * iwbo_images + 2 * n_test))
+        out[name] = (statistics.median(times[1:]), per_image * (iwbo_k * iwbo_images + 2 * n_test))
     return out
 
 
@@ -179,7 +179,7 @@ def run_ablation(
     the whole experiment should take about that long on this machine.
     """
     settings = dict(QUICK if quick else DEFAULTS)
-    settings["seeds"] = seeds or settings["seeds"]
+    settings["seeds"] = settings["seeds"] if seeds is None else seeds
     names = list(variants or VARIANTS)
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
@@ -193,14 +193,16 @@ def run_ablation(
     if steps is not None and budget_minutes is not None:
         raise ValueError("give --steps or --budget-minutes, not both")
     if budget_minutes is not None:
-        cost = _calibrate(names, settings["batch_size"], settings["iwbo_k"], settings["iwbo_images"], len(testset))
+        cost = _calibrate(
+            names, settings["batch_size"], settings["iwbo_k"], settings["iwbo_images"], len(testset.images)
+        )
         per_seed_steps = sum(step for step, _ in cost.values())
         per_seed_eval = sum(evaluation for _, evaluation in cost.values())
         steps = int((60 * budget_minutes / settings["seeds"] - per_seed_eval) / per_seed_steps)
         if steps < 1:
             raise ValueError(f"--budget-minutes {budget_minutes}: too short for one step of every variant here")
         log(f"calibrated: {steps} steps per run fit {budget_minutes} minutes ({settings['seeds']} seeds)")
-    settings["steps"] = steps or settings["steps"]
+    settings["steps"] = settings["steps"] if steps is None else steps
     if settings["steps"] < 1:
         raise ValueError(f"steps must be >= 1, got {settings['steps']}")
 

@@ -110,3 +110,20 @@ def test_experiment_errors_are_one_line(tmp_path, capsys):
     assert "unknown variant(s) ['nope']" in capsys.readouterr().err
     assert main(["experiment", "ablation", "--out", str(tmp_path), "--steps", "3", "--budget-minutes", "1"]) == 2
     assert "not both" in capsys.readouterr().err
+    assert main(["experiment", "ablation", "--quick", "--out", str(tmp_path), "--seeds", "0"]) == 2
+    assert "seeds must be >= 1" in capsys.readouterr().err
+
+
+def test_budget_minutes_derives_the_steps_from_a_calibration(tmp_path, monkeypatch):
+    from denseflow import experiment
+
+    cost = experiment._calibrate(["glow"], batch_size=4, iwbo_k=2, iwbo_images=2, n_test=4)["glow"]
+    assert all(0 < c < 60 for c in cost)  # seconds per step, seconds of evaluation
+    # 0.25 min for 1 seed of one variant costing 1 s per step and 5 s of evaluation: 10 steps
+    monkeypatch.setattr(experiment, "_calibrate", lambda names, *args: {name: (1.0, 5.0) for name in names})
+    lines = []
+    results = experiment.run_ablation(
+        tmp_path, quick=True, budget_minutes=0.25, seeds=1, variants=["glow"], progress=False, log=lines.append
+    )
+    assert results["command"]["steps"] == 10 and "calibrated: 10 steps per run" in lines[0]
+    assert results["runs"][0]["steps"] == 10 and results["runs"][0]["images_seen"] == 160
