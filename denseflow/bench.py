@@ -139,6 +139,8 @@ def bench(
         "image_shape": list(config.model.image_shape),
         "channels_last": config.train.channels_last,
         "low_memory": config.train.low_memory,
+        "precision": config.train.precision,
+        "compile": config.train.compile,
     }
     for item in what:
         if item == "train":

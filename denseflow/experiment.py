@@ -230,6 +230,7 @@ def run_ablation(
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(markdown_table(results))
     plot(results, out / "ablation.png", log)
+    montage(results, out, "0.7")
     return results
 
 
@@ -247,7 +248,7 @@ def _run_one(name, config, run_dir, data_dir, len_train, test_images, iwbo_set, 
     done = run_dir / "result.json"
     if done.exists():
         result = json.loads(done.read_text())
-        if result["config"] == config.to_dict():
+        if RunConfig.from_dict(result["config"]) == config:  # fields added since then take their defaults
             log(f"{name} seed {config.train.seed}: done before, kept")
             return result
         raise ValueError(f"{run_dir} holds a run of another configuration: choose another --out")
@@ -260,7 +261,9 @@ def _run_one(name, config, run_dir, data_dir, len_train, test_images, iwbo_set, 
     model.eval()
     seed = config.train.seed
     tic = time.perf_counter()
-    elbo = evaluate_images(model, test_images, 250, seed=seed, progress=progress, desc=f"{name} ELBO")
+    elbo = {"bpd": summary["test_bpd"]}  # train() ends with this evaluation: the whole test set, eval.batch_size 250
+    if summary["test_bpd"] is None:  # a resumed run that had finished training
+        elbo = evaluate_images(model, test_images, 250, seed=seed, progress=progress, desc=f"{name} ELBO")
     elbo_subset = evaluate_images(model, iwbo_set, 250, seed=seed, progress=False)
     k = settings["iwbo_k"]
     iwbo = evaluate_images(model, iwbo_set, 5, k, min(k, 50), seed=seed, progress=progress, desc=f"{name} IWBO-{k}")
@@ -361,6 +364,28 @@ def plot(results: dict[str, Any], path: Path, log=print) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def montage(results: dict[str, Any], out: Path, temperature: str) -> Path:
+    """``samples_t{T}.png``: the first seed's sample grid of every variant side by side, labelled."""
+    from PIL import Image, ImageDraw
+
+    first = {}
+    for run in results["runs"]:
+        first.setdefault(run["variant"], out / run["samples"][temperature])
+    grids = {name: Image.open(path).convert("L") for name, path in first.items()}
+    width, height = next(iter(grids.values())).size
+    columns = min(3, len(grids))
+    rows = -(-len(grids) // columns)
+    canvas = Image.new("L", (columns * (width + 8), rows * (height + 22)), 255)
+    draw = ImageDraw.Draw(canvas)
+    for i, (name, grid) in enumerate(grids.items()):
+        x, y = (i % columns) * (width + 8), (i // columns) * (height + 22)
+        draw.text((x + 2, y + 4), name, fill=0)
+        canvas.paste(grid, (x, y + 20))
+    path = out / f"samples_t{temperature}.png"
+    canvas.save(path)
+    return path
 
 
 def _machine() -> dict[str, Any]:

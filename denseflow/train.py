@@ -375,7 +375,7 @@ def train(
 
     def evaluate_and_sample() -> float:
         nonlocal eval_seconds
-        started = time.perf_counter()
+        began = time.perf_counter()
         model.eval()
         result = evaluate_images(model, testset.images, config.eval.batch_size, seed=cfg.seed, progress=False)
         if cfg.num_samples:
@@ -386,7 +386,7 @@ def train(
         log.write({"kind": "eval", "step": step, "epoch": epoch, "test_bpd": result["bpd"]})
         if main:
             plot_bpd_curve(log.records(), run_dir / "bpd_curve.png")
-        eval_seconds += time.perf_counter() - started
+        eval_seconds += time.perf_counter() - began
         return result["bpd"]
 
     def timing() -> dict[str, float]:

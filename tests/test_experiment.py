@@ -97,6 +97,7 @@ def test_quick_ablation_runs_end_to_end_and_continues(tmp_path, capsys):
     for row in results["summary"].values():
         assert row["seeds"] == 2 and row["elbo_bpd_std"] > 0
     assert (out / "ablation.png").stat().st_size > 1000
+    assert (out / "samples_t0.7.png").stat().st_size > 1000  # every variant's first grid, labelled
     assert "| denseflow |" in (out / "results.md").read_text()
     # a second call keeps every finished run
     capsys.readouterr()
