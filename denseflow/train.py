@@ -376,13 +376,13 @@ def train(
     def evaluate_and_sample() -> float:
         nonlocal eval_seconds
         began = time.perf_counter()
-        model.eval()
+        model.eval().set_net_precision(None)  # bf16 trains only: evaluation and sampling in float32
         result = evaluate_images(model, testset.images, config.eval.batch_size, seed=cfg.seed, progress=False)
         if cfg.num_samples:
             images = sample_seeds(model, list(range(cfg.num_samples)), cfg.sample_temperature)
             if main:
                 save_grid(images, run_dir / "samples" / f"step_{step:07d}.png", num_bits=config.model.num_bits)
-        model.train()
+        model.train().set_net_precision(torch.bfloat16 if cfg.precision == "bfloat16" else None)
         log.write({"kind": "eval", "step": step, "epoch": epoch, "test_bpd": result["bpd"]})
         if main:
             plot_bpd_curve(log.records(), run_dir / "bpd_curve.png")

@@ -47,11 +47,11 @@ def test_without_augmentation_the_width_never_grows(name):
     model = DenseFlow(matched_config(name))
     widths = [4]  # 1 channel squeezed
     for s, block in enumerate(model.blocks):
-        widths += [unit[0].actnorm.loc.shape[1] for unit in block.units]  # every unit's input width
+        widths += [unit[0].actnorm.shift.shape[1] for unit in block.units]  # every unit's input width
         widths.append(block.out_channels)
         if s < len(model.transitions):
             widths.append(2 * block.out_channels)  # after the transition's squeeze and split
-    assert widths == [4, 4, 4, 8, 8] if name == "glow" else widths == [4, 4, 4, 4, 4, 8, 8, 8, 8]
+    assert widths == [4, 4, 4, 8, 8, 8] if name == "glow" else widths == [4, 4, 4, 4, 4, 8, 8, 8, 8]
     latent_dims = sum(c * h * w for c, h, w in model.latent_shapes.values())
     assert latent_dims == 28 * 28  # a bijection of the (dequantized) data: no extra dimensions
     augmented = DenseFlow(matched_config("denseflow"))

@@ -116,14 +116,14 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     """Test hook: the third training loss is NaN. That update is skipped (Adamax state untouched),
     logged, and training carries on to finite weights."""
     calls = []
-    original = ckpt.DenseFlow.bits_per_dim
+    original = ckpt.DenseFlow.forward  # the training forward (evaluation calls elbo)
 
     def poisoned(self, x, noise=None, generator=None):
         calls.append(1)
         value = original(self, x, noise, generator)
         return value * float("nan") if len(calls) == 3 else value
 
-    monkeypatch.setattr(ckpt.DenseFlow, "bits_per_dim", poisoned)
+    monkeypatch.setattr(ckpt.DenseFlow, "forward", poisoned)
     summary = train(load_config("tiny"), tmp_path, progress=False)
     assert summary["step"] == 8 and math.isfinite(summary["test_bpd"])
     skips = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"skip"' in line]
@@ -138,14 +138,14 @@ def test_persistent_divergence_rolls_back_then_stops_cleanly(tmp_path, monkeypat
     """From the fifth training loss on, every loss is NaN: two rollbacks to the newest good
     checkpoint (learning rate x0.5, x0.25), then a clean stop; the checkpoints survive."""
     calls = []
-    original = ckpt.DenseFlow.bits_per_dim
+    original = ckpt.DenseFlow.forward  # the training forward (evaluation calls elbo)
 
     def diverging(self, x, noise=None, generator=None):
         calls.append(1)
         value = original(self, x, noise, generator)
         return value * float("nan") if len(calls) >= 5 else value
 
-    monkeypatch.setattr(ckpt.DenseFlow, "bits_per_dim", diverging)
+    monkeypatch.setattr(ckpt.DenseFlow, "forward", diverging)
     config = load_config("tiny").override(["train.max_bad_steps=2", "train.max_rollbacks=2", "train.epochs=4"])
     with pytest.raises(TrainingDiverged, match="after 2 rollback"):
         train(config, tmp_path, progress=False)

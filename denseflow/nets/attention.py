@@ -24,6 +24,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .precision import at_least_float32
+
 
 def segment_means(x: Tensor, groups: int) -> Tensor:
     """Means of ``groups`` contiguous row groups: (..., N, d) -> (..., groups, d)."""
@@ -80,7 +82,7 @@ class NystromAttention(nn.Module):
         a = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=axis)
         g = torch.softmax(q_l @ k.transpose(-1, -2), dim=axis)
         with torch.autocast(h.device.type, enabled=False):  # the m x m pseudo-inverse in float32
-            pinv = iterative_pinv(a.float(), self.pinv_iters)
+            pinv = iterative_pinv(at_least_float32(a), self.pinv_iters)
         o = (f @ pinv.to(f.dtype)) @ (g @ v) + v
         if self.kind == "official":
             o = o.reshape(b, e, height, width)  # inverse memory reinterpretation

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .attention import NystromAttention
 from .dense import DenseBlock
+from .precision import at_least_float32
 from .recompute import Recomputable, is_recomputing
 
 
@@ -96,7 +97,7 @@ class NoiseNet(Recomputable):
         self.out = zero_conv1x1(4 * in_channels, 2 * growth)
 
     def _net(self, c: Tensor) -> tuple[Tensor, Tensor]:
-        mu, s = self.out(torch.relu(self.conv(c))).float().chunk(2, dim=1)  # the bound in float32
+        mu, s = at_least_float32(self.out(torch.relu(self.conv(c)))).chunk(2, dim=1)  # the bound in >= fp32
         return mu, 2 * torch.tanh(s / 2)
 
 

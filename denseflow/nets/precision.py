@@ -11,6 +11,11 @@ import torch
 from torch import nn
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 if it is a 16-bit float (float32 and float64 pass unchanged)."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 class NetPrecision:
     """Mixin of the steps that call a network: ``net_dtype`` (None = float32) is set by
     :meth:`denseflow.model.DenseFlow.set_net_precision`."""
@@ -22,4 +27,4 @@ class NetPrecision:
             return net(*args)
         with torch.autocast(args[0].device.type, dtype=self.net_dtype):
             out = net(*args)
-        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+        return tuple(map(at_least_float32, out)) if isinstance(out, tuple) else at_least_float32(out)
