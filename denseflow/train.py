@@ -87,14 +87,13 @@ def train_step(
     forward = ddp or model
     world = distributed.world_size() if ddp is not None else 1
     total = batch_size or sum(len(x) for x, _ in chunks)
-    to_bpd = 1 / (model.config.num_dims * math.log(2) * total)
     optimizer.zero_grad(set_to_none=True)
     loss = torch.zeros((), device=chunks[0][0].device)
     for i, (x, generator) in enumerate(chunks):
         with distributed.no_sync(forward, last=i == len(chunks) - 1):
-            nats = -forward(x, generator=generator).sum()
-            (nats * (to_bpd * world)).backward()  # DDP averages over the ranks: undo its 1/world
-        loss += nats.detach() * to_bpd
+            share = (-forward(x, generator=generator) / (model.config.num_dims * math.log(2))).sum() / total
+            (share * world).backward()  # DDP averages over the ranks: undo its 1/world
+        loss += share.detach()
     if ddp is not None:
         distributed.all_sum(loss)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
