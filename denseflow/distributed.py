@@ -80,15 +80,13 @@ def no_sync(module: torch.nn.Module, last: bool):
     )
 
 
+def seeded_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of draw ``index`` (a step, an epoch, a chunk, an evaluation batch) of a run seeded ``seed``."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+
+
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (the tensor itself in a single process)."""
     if dist.is_initialized() and world_size() > 1:
         dist.all_reduce(tensor)
     return tensor
-
-
-def broadcast_from_main(module: torch.nn.Module) -> None:
-    """Copy rank 0's parameters and buffers to every rank."""
-    if dist.is_initialized() and world_size() > 1:
-        for tensor in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(tensor.data, 0)

@@ -38,7 +38,7 @@ def evaluate_images(
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=not show, leave=False)
     for start in starts:
         x = images[start : start + batch_size].to(device).long()
-        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start // batch_size)
+        generator = distributed.seeded_generator(seed, start // batch_size, device)
         if k is None:
             log_p = model.elbo(x, generator=generator)
         else:

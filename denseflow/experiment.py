@@ -21,6 +21,7 @@ A finished run is never repeated: rerunning the same command continues an interr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import platform
@@ -32,27 +33,16 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
+from .config import DataConfig, EvalConfig, ModelConfig, RunConfig, load_config
 from .data import load_images
 from .evaluate import evaluate_images
 from .model import DenseFlow
 from .sample import sample_seeds, save_grid
+from .train import prepare, resolve_device, train, train_step
 
-#: the reference architecture (the ``demo`` preset's model): 2 scales, 3 + 2 units of 2 steps
-BASE = ModelConfig(
-    image_shape=(1, 28, 28),
-    block_conf=(3, 2),
-    layers_conf=(2, 2),
-    layer_mid_chnls=(32, 32),
-    growth_rate=4,
-    dense_depth=3,
-    dense_growth=16,
-    dequant_width=16,
-    dequant_steps=2,
-    dequant_depth=2,
-    dequant_growth=16,
-    dequant_context_growth=8,
-)
+_DEMO = load_config("demo")
+#: the reference architecture, the ``demo`` preset's model: 2 scales, 3 + 2 units of 2 steps
+BASE = _DEMO.model
 
 #: name -> (changes to BASE, one-line description); the width is then matched to ``denseflow``
 VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
@@ -79,18 +69,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     ),
 }
 
-#: the training recipe shared by every variant (the demo preset's, on the full training set)
-RECIPE = TrainConfig(
-    epochs=1000,
-    finetune_epochs=0,
-    batch_size=64,
-    lr=2e-3,
-    warmup=100,
-    eval_every=1000,
-    log_every=20,
-    num_samples=0,
-    device="auto",
-)
+#: the training recipe shared by every variant: the demo preset's (batch 64, lr 2e-3 after 100
+#: warm-up steps), no intermediate evaluations or sample grids; ``max_steps`` is the budget
+RECIPE = dataclasses.replace(_DEMO.train, epochs=1000, max_steps=None, eval_every=1000, num_samples=0, device="auto")
 
 DEFAULTS = {"steps": 800, "seeds": 2, "iwbo_k": 100, "iwbo_images": 500, "batch_size": 64}
 #: --quick: the pipeline on a tiny subset (CI), not the numbers
@@ -109,6 +90,7 @@ def num_params(config: ModelConfig) -> int:
     return sum(p.numel() for p in DenseFlow(config).parameters())
 
 
+@functools.cache
 def matched_config(name: str, base: ModelConfig = BASE) -> ModelConfig:
     """The variant's configuration, its width ``layer_mid_chnls`` chosen (the same at every scale)
     so that its parameter count is the closest to the reference ``denseflow``'s."""
@@ -139,8 +121,6 @@ def run_config(name: str, seed: int, steps: int, batch_size: int, limits: dict[s
 
 def _calibrate(names: list[str], batch_size: int, iwbo_k: int, iwbo_images: int, n_test: int) -> dict[str, float]:
     """Seconds per training step and per evaluation of each variant, from a few timed steps."""
-    from .train import prepare, resolve_device, train_step
-
     device = resolve_device(RECIPE.device)
     out = {}
     for name in names:
@@ -243,8 +223,6 @@ def images_seen(n: int, batch_size: int, steps: int) -> int:
 
 def _run_one(name, config, run_dir, data_dir, len_train, test_images, iwbo_set, settings, progress, log):
     """Train one variant for one seed (continuing an interrupted run) and evaluate it."""
-    from .train import resolve_device, train
-
     done = run_dir / "result.json"
     if done.exists():
         result = json.loads(done.read_text())

@@ -36,6 +36,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import RunConfig, TrainConfig
 from .data import augment, load_images
+from .distributed import seeded_generator
 from .evaluate import evaluate_images
 from .model import DenseFlow
 from .sample import sample_seeds, save_grid
@@ -143,10 +144,6 @@ def _wrap(model: DenseFlow, device: torch.device) -> torch.nn.Module:
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-
-def _generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -401,16 +398,16 @@ def train(
     started, images_seen, eval_seconds = time.perf_counter(), 0, 0.0
     with _stop_requests() as stop:
         while step < total_steps:
-            order = torch.randperm(n, generator=_generator(cfg.seed, epoch))
+            order = torch.randperm(n, generator=seeded_generator(cfg.seed, epoch))
             while batch_index < steps_per_epoch and step < total_steps:
                 indices = order[batch_index * cfg.batch_size : (batch_index + 1) * cfg.batch_size]
-                x = augment(trainset.images[indices], config.data.augmentation, _generator(cfg.seed, step))
+                x = augment(trainset.images[indices], config.data.augmentation, seeded_generator(cfg.seed, step))
                 if step == 0:  # on the global batch, the same on every rank
-                    model.data_init(x.to(device).long(), generator=_generator(cfg.seed + 1, 0, device))
+                    model.data_init(x.to(device).long(), generator=seeded_generator(cfg.seed + 1, 0, device))
                 if world > 1 and ddp is None:
                     ddp = _wrap(model, device)
                 parts = [
-                    (part.to(device, non_blocking=True).long(), _generator(cfg.seed, step + (j << 40), device))
+                    (part.to(device, non_blocking=True).long(), seeded_generator(cfg.seed, step + (j << 40), device))
                     for j, part in distributed.my_chunks(x, chunks)
                 ]
                 lr = learning_rate(cfg, step, epoch, batch_index == 0, main_steps) * lr_scale
