@@ -23,13 +23,14 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import RunConfig
-from .model import DenseFlow
+from .model import DenseFlow, eager
 from .train import prepare, train_step
 
 MEASUREMENTS = ("train", "sample", "iwbo")
@@ -71,8 +72,9 @@ class PeakMemory:
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call (multiply-add = 2), from torch's FLOP counter (convolutions, matmuls)."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of one call (multiply-add = 2), from torch's FLOP counter (convolutions, matmuls);
+    compiled nets run eagerly for the count (the counter does not see inside compiled graphs)."""
+    with eager(), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -93,6 +95,25 @@ def _time(fn: Callable[[], Any], steps: int, warmup: int, device: torch.device) 
             sync()
             times.append(time.perf_counter() - start)
     return times, memory.peak
+
+
+def profile_table(fn: Callable[[], Any], device: torch.device, rows: int = 30) -> str:
+    """torch.profiler's operator table of one call (sorted by self time on ``device``) and its
+    kernel-launch count: where the time goes, and whether a GPU is launch-bound."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = events.table(sort_by=key, row_limit=rows)
+    if device.type == "cuda":
+        kernels = sum(e.count for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        table += f"\nCUDA kernels launched: {kernels}"
+    return table
 
 
 def _summary(times: list[float], images: int, flops: int, peak: int) -> dict[str, float]:
@@ -118,8 +139,10 @@ def bench(
     k: int = 16,
     kbs: int = 8,
     seed: int = 0,
+    profile: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Run the measurements in ``what``; return a JSON-able report."""
+    """Run the measurements in ``what``; return a JSON-able report. With ``profile``, one more
+    call of each measurement runs under torch.profiler and its table is written to that file."""
     unknown = sorted(set(what) - set(MEASUREMENTS))
     if unknown:
         raise ValueError(f"bench: unknown measurement(s) {unknown}; expected some of {list(MEASUREMENTS)}")
@@ -142,21 +165,27 @@ def bench(
         "precision": config.train.precision,
         "compile": config.train.compile,
     }
+    if device.type == "cuda":  # float32 convolutions/matmuls may run as TF32 on tensor cores
+        report["tf32"] = {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
+    tables = []
     for item in what:
         if item == "train":
             model.train()
             flops = count_flops(lambda: train_step(model, optimizer, [(x[:1], generator)], 1e-3)) * batch_size
-            times, peak = _time(lambda: train_step(model, optimizer, [(x, generator)], 1e-3), steps, warmup, device)
+            call = lambda: train_step(model, optimizer, [(x, generator)], 1e-3)  # noqa: E731
+            times, peak = _time(call, steps, warmup, device)
             report["train"] = _summary(times, batch_size, flops, peak)
         elif item == "sample":
             model.eval()
             flops = count_flops(lambda: model.sample(1, generator=generator)) * batch_size
-            times, peak = _time(lambda: model.sample(batch_size, generator=generator), steps, warmup, device)
+            call = lambda: model.sample(batch_size, generator=generator)  # noqa: E731
+            times, peak = _time(call, steps, warmup, device)
             report["sample"] = _summary(times, batch_size, flops, peak)
         else:
             model.eval()
             flops = count_flops(lambda: model.iwbo(x[:1], k, chunk=kbs, generator=generator)) * batch_size
-            times, peak = _time(lambda: model.iwbo(x, k, chunk=kbs, generator=generator), steps, warmup, device)
+            call = lambda: model.iwbo(x, k, chunk=kbs, generator=generator)  # noqa: E731
+            times, peak = _time(call, steps, warmup, device)
             result = _summary(times, batch_size * k, flops, peak)
 
             def loop() -> None:  # what a user writes: k calls of elbo, autograd on
@@ -171,6 +200,10 @@ def bench(
             result["speedup_vs_elbo_loop"] = result["loop_median_s"] / result["median_s"]
             result["speedup_vs_no_grad_elbo_loop"] = result["loop_no_grad_median_s"] / result["median_s"]
             report["iwbo"] = result
+        if profile is not None:
+            tables.append(f"== {item} (batch {batch_size})\n{profile_table(call, device)}\n")
+    if profile is not None:
+        Path(profile).write_text("\n".join(tables))
     return report
 
 

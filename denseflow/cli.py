@@ -108,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--json", help="write the report here as JSON")
+    p.add_argument("--profile", help="profile one more call of each measurement; write the operator tables here")
 
     p = command("experiment", "Reproducible experiments; 'ablation': what the paper's ideas buy at equal budget.")
     p.add_argument("name", choices=["ablation"])
@@ -235,7 +236,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     config = load_config(a.preset).override(a.set)
     what = tuple(w.strip() for w in a.what.split(",") if w.strip())
-    report = bench(config, a.batch_size, a.steps, a.warmup, what, resolve_device(a.device), a.k, a.kbs)
+    device = resolve_device(a.device)
+    report = bench(config, a.batch_size, a.steps, a.warmup, what, device, a.k, a.kbs, profile=a.profile)
     report["preset"] = a.preset
     print(format_report(report))
     if a.json:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,12 @@ from .transforms.glow import ActNorm, squeeze, unsqueeze
 from .transforms.transition import Transition
 
 NoiseArg = Mapping[str, Tensor] | None
+
+
+def eager() -> AbstractContextManager:
+    """Run ``torch.compile``-d code eagerly inside this block (no tracing, no recompilation)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance is not None else nullcontext()
 
 
 class DenseFlow(nn.Module):
@@ -233,12 +240,29 @@ class DenseFlow(nn.Module):
         return self
 
     def compile_nets(self, **options) -> DenseFlow:
-        """``torch.compile`` every network the steps call (options as ``torch.compile``'s)."""
-        for module in self.modules():
-            if isinstance(module, NetPrecision):
-                for net in (getattr(module, "net", None), getattr(module, "context_net", None)):
-                    if net is not None:
-                        net.compile(**options)
+        """``torch.compile`` every network the steps call (options as ``torch.compile``'s).
+
+        A net that low-memory mode checkpoints itself (the noise nets, the dequantizer's context
+        net) has its inner computation compiled, so checkpointing stays outside the graph.
+        Nets of one class and shape share a compiled graph; each distinct shape is one
+        recompilation of the same code, so dynamo's recompile limit is raised to the number of
+        nets (at its default of 8 the later scales would silently fall back to eager).
+        """
+        nets = [
+            net
+            for module in self.modules()
+            if isinstance(module, NetPrecision)
+            for net in (getattr(module, "net", None), getattr(module, "context_net", None))
+            if net is not None
+        ]
+        dynamo = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo, limit, max(getattr(dynamo, limit), len(nets)))
+        for net in nets:
+            if isinstance(net, Recomputable):  # compile what low-memory mode checkpoints, not the checkpointing
+                net._net = torch.compile(net._net, **options)
+            else:
+                net.compile(**options)
         return self
 
     # ------------------------------------------------------------------ initialisation
@@ -259,7 +283,8 @@ class DenseFlow(nn.Module):
         was_training = self.training
         try:
             self.train()
-            self.elbo(x, noise, generator)
+            with eager():  # one pass: not worth compiling (compiled nets would trace a no-grad graph)
+                self.elbo(x, noise, generator)
         finally:
             for hook in hooks:
                 hook.remove()

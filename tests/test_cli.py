@@ -160,7 +160,12 @@ def test_refuses_to_overwrite_a_run(tiny_run, capsys):
 def test_bench_reports_every_measurement(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["bench", "--preset", "tiny", "--batch-size", "2", "--steps", "2", "--warmup", "0", "--k", "4", "--kbs", "2"]
-    assert main([*argv, "--device", "cpu", "--json", str(out)]) == 0
+    profile = tmp_path / "profile.txt"
+    assert main([*argv, "--device", "cpu", "--json", str(out), "--profile", str(profile)]) == 0
+    tables = profile.read_text()
+    for item in ("train", "sample", "iwbo"):  # one operator table per measurement
+        assert f"== {item} (batch 2)" in tables
+    assert "aten::convolution_backward" in tables and "aten::convolution " in tables
     report = json.loads(out.read_text())
     for item in ("train", "sample", "iwbo"):
         r = report[item]

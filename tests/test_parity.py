@@ -17,10 +17,18 @@ from denseflow.transforms.base import Noise, std_normal_log_prob
 
 from .conftest import PARITY_DIRS
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-def _load(fixture):
-    io = torch.load(fixture / "io.pt", weights_only=True)
-    model = convert_official(fixture / "checkpoint.pt", fixture / "args.json")
+
+def _to(tree, device):
+    if isinstance(tree, dict):
+        return {key: _to(value, device) for key, value in tree.items()}
+    return tree.to(device) if isinstance(tree, torch.Tensor) else tree
+
+
+def _load(fixture, device="cpu"):
+    io = _to(torch.load(fixture / "io.pt", weights_only=True), device)
+    model = convert_official(fixture / "checkpoint.pt", fixture / "args.json").to(device)
     return io, model
 
 
@@ -129,8 +137,11 @@ def _compare(got, io, expected, tolerance, skip=()):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("fixture", PARITY_DIRS, ids=[p.name for p in PARITY_DIRS])
-def test_parity_with_official_code(fixture, dtype, channels_last):
-    io, model = _load(fixture)
+@pytest.mark.parametrize("device", DEVICES)
+def test_parity_with_official_code(device, fixture, dtype, channels_last, monkeypatch):
+    if device == "cuda":  # cuDNN's default TF32 convolutions carry 10-bit mantissas: not float32
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    io, model = _load(fixture, device)
     model = model.to(dtype)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

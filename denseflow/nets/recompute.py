@@ -3,27 +3,30 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-_RECOMPUTING = contextvars.ContextVar("denseflow_recomputing", default=False)
+# A plain module global, not a ContextVar: torch.compile traces a global (guarding on its value)
+# but breaks the graph at ContextVar.get. The flag is only set while autograd recomputes a
+# checkpointed forward inside backward(), during which the thread that called backward() waits.
+_recomputing_now = False
 
 
 def is_recomputing() -> bool:
     """True while a low-memory forward is being recomputed in the backward pass."""
-    return _RECOMPUTING.get()
+    return _recomputing_now
 
 
 @contextlib.contextmanager
 def _recomputing():
-    token = _RECOMPUTING.set(True)
+    global _recomputing_now
+    previous, _recomputing_now = _recomputing_now, True
     try:
         yield
     finally:
-        _RECOMPUTING.reset(token)
+        _recomputing_now = previous
 
 
 class Recomputable(nn.Module):
