@@ -8,6 +8,10 @@ Measurements (each on random 8-bit images of the preset's shape):
 ``iwbo``    ``model.iwbo(x, k, chunk)`` in eval mode, against a plain loop of ``k`` ``elbo`` calls
             (as a user writes it, and the same loop under ``torch.no_grad()``); images/s counts
             importance samples of x per second.
+``convs``   the kernel ceiling (opt-in): every convolution of one training step at batch B,
+            grouped by shape, each shape timed alone on random data (forward, then both backward
+            products); the sum is what the step's convolutions cost at isolated-kernel speed,
+            and ``train``'s median over it says how close the whole step gets to that bound.
 
 For each: median and min seconds over ``steps`` timed repetitions after ``warmup`` untimed ones,
 images/s, achieved GFLOP/s (from a FLOP count of the same call on one image, times B), peak
@@ -17,11 +21,13 @@ allocated on a GPU), and the torch version, thread count and device.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +39,7 @@ from .config import RunConfig
 from .model import DenseFlow, eager
 from .train import prepare, train_step
 
-MEASUREMENTS = ("train", "sample", "iwbo")
+MEASUREMENTS = ("train", "sample", "iwbo", "convs")
 
 
 def _rss() -> int:
@@ -129,6 +135,45 @@ def _summary(times: list[float], images: int, flops: int, peak: int) -> dict[str
     }
 
 
+ConvCall = tuple  # input shape, weight shape, has bias, stride, padding, dilation, groups
+
+
+def conv_census(fn: Callable[[], Any]) -> Counter[ConvCall]:
+    """How many convolutions of each kind one call of ``fn`` runs (from the profiler's record)."""
+    with torch.profiler.profile(record_shapes=True) as prof:
+        fn()
+    calls: Counter[ConvCall] = Counter()
+    for event in prof.events():
+        if event.name == "aten::convolution":
+            x, w, b = event.input_shapes[:3]
+            stride, padding, dilation, transposed, _, groups = event.concrete_inputs[3:9]
+            if transposed:
+                raise ValueError("conv_census: transposed convolutions are not timed")
+            calls[(tuple(x), tuple(w), bool(b), tuple(stride), tuple(padding), tuple(dilation), groups)] += 1
+    return calls
+
+
+def conv_kernel_seconds(call: ConvCall, device: torch.device, channels_last: bool, reps: int = 3) -> tuple[float, int]:
+    """Median seconds of one convolution ``call`` alone on random data — forward plus the input-
+    and weight-gradient products — and its FLOPs (forward x 3; multiply-add = 2)."""
+    x_shape, w_shape, has_bias, stride, padding, dilation, groups = call
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(x_shape, device=device).contiguous(memory_format=layout)
+    w = torch.randn(w_shape, device=device).contiguous(memory_format=layout)
+    b = torch.randn(w_shape[0], device=device) if has_bias else None
+    g = torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)
+    bias_sizes = [w_shape[0]] if has_bias else None
+
+    def once() -> None:
+        torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)
+        torch.ops.aten.convolution_backward(
+            g, x, w, bias_sizes, stride, padding, dilation, False, [0, 0], groups, [True, True, has_bias]
+        )
+
+    times, _ = _time(once, reps, 1, device)
+    return statistics.median(times), 3 * 2 * g.numel() * math.prod(w_shape[1:])
+
+
 def bench(
     config: RunConfig,
     batch_size: int = 32,
@@ -181,7 +226,7 @@ def bench(
             call = lambda: model.sample(batch_size, generator=generator)  # noqa: E731
             times, peak = _time(call, steps, warmup, device)
             report["sample"] = _summary(times, batch_size, flops, peak)
-        else:
+        elif item == "iwbo":
             model.eval()
             flops = count_flops(lambda: model.iwbo(x[:1], k, chunk=kbs, generator=generator)) * batch_size
             call = lambda: model.iwbo(x, k, chunk=kbs, generator=generator)  # noqa: E731
@@ -200,6 +245,22 @@ def bench(
             result["speedup_vs_elbo_loop"] = result["loop_median_s"] / result["median_s"]
             result["speedup_vs_no_grad_elbo_loop"] = result["loop_no_grad_median_s"] / result["median_s"]
             report["iwbo"] = result
+        else:  # convs
+            model.train()
+            census = conv_census(lambda: train_step(model, optimizer, [(x, generator)], 1e-3))
+            timed = {call: conv_kernel_seconds(call, device, config.train.channels_last) for call in census}
+            seconds = sum(n * timed[call][0] for call, n in census.items())
+            flops = sum(n * timed[call][1] for call, n in census.items())
+            report["convs"] = {
+                "calls": sum(census.values()),
+                "shapes": len(census),
+                "isolated_s": seconds,
+                "gflop": flops / 1e9,
+                "isolated_gflop_per_s": flops / seconds / 1e9,
+            }
+            if "train" in report:
+                report["convs"]["train_over_isolated"] = report["train"]["median_s"] / seconds
+            continue
         if profile is not None:
             tables.append(f"== {item} (batch {batch_size})\n{profile_table(call, device)}\n")
     if profile is not None:
@@ -214,7 +275,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['parameters']:,} parameters"
     )
     rows = [head, f"{'':8} {'median s':>9} {'min s':>8} {'img/s':>8} {'GFLOP/s':>8} {'peak GiB':>9}"]
-    for item in MEASUREMENTS:
+    for item in MEASUREMENTS[:3]:
         if item in report:
             r = report[item]
             rows.append(
@@ -227,4 +288,13 @@ def format_report(report: dict[str, Any]) -> str:
             f"iwbo k={r['k']} kbs={r['kbs']}: {r['speedup_vs_elbo_loop']:.2f}x a loop of {r['k']} elbo calls, "
             f"{r['speedup_vs_no_grad_elbo_loop']:.2f}x the same loop under torch.no_grad()"
         )
+    if "convs" in report:
+        r = report["convs"]
+        line = (
+            f"convs: the step's {r['calls']} convolutions ({r['shapes']} shapes, {r['gflop']:.0f} GFLOP) "
+            f"take {r['isolated_s']:.3f} s timed alone ({r['isolated_gflop_per_s']:.1f} GFLOP/s)"
+        )
+        if "train_over_isolated" in r:
+            line += f"; the whole step takes {r['train_over_isolated']:.2f}x that"
+        rows.append(line)
     return "\n".join(rows)

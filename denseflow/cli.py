@@ -34,7 +34,8 @@ EXAMPLES = {
     "bench": """examples:
   denseflow bench --preset cifar10 --batch-size 32 --steps 10 --warmup 2 --json bench.json
   denseflow bench --preset cifar10 --batch-size 8 --what sample --steps 5
-  denseflow bench --preset demo --what train,iwbo --k 16 --kbs 8""",
+  denseflow bench --preset demo --what train,iwbo --k 16 --kbs 8
+  denseflow bench --preset cifar10 --batch-size 32 --steps 3 --what train,convs   # step vs its kernel ceiling""",
     "experiment": """examples:
   denseflow experiment ablation --out runs/ablation                       # full Fashion-MNIST, ~2 h on 2 cores
   denseflow experiment ablation --quick --out /tmp/ablation               # the pipeline on a tiny subset
@@ -102,7 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="timed repetitions")
     p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
-    p.add_argument("--what", default="train,sample,iwbo", help="comma-separated: train, sample, iwbo")
+    p.add_argument(
+        "--what",
+        default="train,sample,iwbo",
+        help="comma-separated: train, sample, iwbo, convs (its convolutions alone)",
+    )
     p.add_argument("--k", type=int, default=16, help="importance samples for the iwbo measurement")
     p.add_argument("--kbs", type=int, default=8, help="importance samples per pass for the iwbo measurement")
     p.add_argument("--device", default="auto")

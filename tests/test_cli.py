@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from denseflow.cli import main
@@ -190,3 +191,40 @@ def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(evil)]) == 2
     assert "not a readable denseflow checkpoint" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_bench_conv_census_and_kernel_ceiling(tmp_path):
+    """`--what convs`: the census counts every convolution by shape (closed form on a hand-made
+    call), its FLOPs are the forward convolutions' FLOPs (torch's counter) times 3 (forward, input
+    and weight gradients), and every shape is timed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from denseflow.bench import conv_census, conv_kernel_seconds
+    from denseflow.config import load_config
+    from denseflow.model import DenseFlow
+    from denseflow.train import train_step
+    from denseflow.transforms.glow import Conv1x1
+
+    x, w3, w1 = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3), torch.randn(3, 4, 1, 1)
+    census = conv_census(lambda: [F.conv2d(x, w3, padding=1), F.conv2d(x, w3, padding=1), F.conv2d(x, w1, stride=2)])
+    assert census == {
+        ((2, 4, 6, 6), (5, 4, 3, 3), False, (1, 1), (1, 1), (1, 1), 1): 2,
+        ((2, 4, 6, 6), (3, 4, 1, 1), False, (2, 2), (0, 0), (1, 1), 1): 1,
+    }
+    _, flops = conv_kernel_seconds(next(iter(census)), torch.device("cpu"), channels_last=True, reps=1)
+    assert flops == 3 * 2 * (2 * 5 * 6 * 6) * (4 * 3 * 3)
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--preset", "tiny", "--batch-size", "4", "--steps", "2", "--warmup", "0", "--what", "train,convs"]
+    assert main([*argv, "--device", "cpu", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())["convs"]
+    model = DenseFlow(load_config("tiny").model).train()
+    optimizer = torch.optim.Adamax(model.parameters())
+    images = torch.randint(0, 256, (4, 1, 28, 28))
+    with FlopCounterMode(display=False) as counter:
+        train_step(model, optimizer, [(images, torch.Generator().manual_seed(0))], 1e-3)
+    forward = counter.get_flop_counts()["Global"][torch.ops.aten.convolution]
+    assert report["gflop"] == pytest.approx(3 * forward / 1e9, rel=1e-12)
+    convs = sum(isinstance(m, (torch.nn.Conv2d, Conv1x1)) for m in model.modules())  # each runs once per step
+    assert report["calls"] == convs and report["shapes"] >= 2 and report["isolated_s"] > 0
+    assert report["train_over_isolated"] > 0
