@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import RunConfig, TrainConfig
+from .config import ConfigError, RunConfig, TrainConfig
 from .data import augment, load_images
 from .distributed import seeded_generator
 from .evaluate import evaluate_images
@@ -150,7 +150,13 @@ def resolve_device(name: str) -> torch.device:
     """``auto``: CUDA when available, else the CPU; under torchrun CUDA means this rank's GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return distributed.local_device(torch.device(name))
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r}: not a torch device (auto, cpu, cuda, cuda:N, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: this torch ({torch.__version__}) sees no CUDA GPU; use cpu or auto")
+    return distributed.local_device(device)
 
 
 @contextmanager

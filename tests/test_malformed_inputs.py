@@ -142,6 +142,10 @@ CASES = {
         lambda t: ["import-official", str(t / "c.pt"), "--args", str(_write(t / "a.json", "[1]")), "--out", "o.pt"],
         "expected a JSON object of official flags",
     ),
+    "device that does not exist": (
+        lambda t: ["bench", "--preset", "tiny", "--device", "tpu"],
+        "device 'tpu': not a torch device",
+    ),
 }
 
 
@@ -195,6 +199,15 @@ def test_malformed_input(case, tmp_path, capsys, monkeypatch):
     assert expected in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "ran").exists()  # no payload ever runs
+
+
+def test_cuda_without_a_gpu_is_one_line_and_creates_no_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = tmp_path / "run"
+    assert main([*TINY, "--out", str(run), "--set", "train.device=cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "device 'cuda': this torch" in err and "sees no CUDA GPU" in err and err.count("\n") == 1
+    assert not run.exists()
 
 
 def test_the_documented_table_lists_every_case():
