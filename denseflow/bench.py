@@ -208,7 +208,7 @@ def bench(
         "channels_last": config.train.channels_last,
         "low_memory": config.train.low_memory,
         "precision": config.train.precision,
-        "compile": config.train.compile,
+        "compile": config.train.compile and f"{config.train.compile_backend}/{config.train.compile_mode}",
     }
     if device.type == "cuda":  # float32 convolutions/matmuls may run as TF32 on tensor cores
         report["tf32"] = {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}

@@ -147,6 +147,7 @@ def model_config(name: str) -> ModelConfig:
 
 AUGMENTATIONS = ("none", "eta", "neta", "hflip")
 SCHEDULES = ("official", "exponential", "cosine")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRECISIONS = ("float32", "bfloat16")
 
 
@@ -184,7 +185,9 @@ class TrainConfig:
     noise per chunk, gradients accumulated; a multiple of the torchrun world size, see
     :mod:`denseflow.distributed`). ``precision="bfloat16"`` runs the coupling, noise and
     dequantizer networks under bf16 autocast (everything else in float32); ``compile`` compiles
-    those networks with ``torch.compile``.
+    those networks with ``torch.compile`` (``compile_backend``: any registered dynamo backend,
+    e.g. ``cudagraphs`` to capture each net's kernels without code generation; ``compile_mode``:
+    inductor's mode, e.g. ``reduce-overhead``).
     """
 
     epochs: int = 400
@@ -209,6 +212,8 @@ class TrainConfig:
     batch_chunks: int = 1
     precision: str = "float32"
     compile: bool = False
+    compile_backend: str = "inductor"
+    compile_mode: str = "default"
     eval_every: int = 1
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -243,6 +248,18 @@ class TrainConfig:
             raise ConfigError(f"train.max_steps={self.max_steps!r}: must be >= 1 or null")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision={self.precision!r}: expected one of {PRECISIONS}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"train.compile_mode={self.compile_mode!r}: expected one of {COMPILE_MODES}")
+        if self.compile_mode != "default" and self.compile_backend != "inductor":
+            raise ConfigError(f"train.compile_mode={self.compile_mode!r}: a mode of the inductor backend only")
+        if self.compile:
+            import torch._dynamo
+
+            if self.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+                raise ConfigError(
+                    f"train.compile_backend={self.compile_backend!r}: expected one of "
+                    f"{torch._dynamo.list_backends()} or a debug backend such as 'aot_eager'"
+                )
         if self.batch_chunks > self.batch_size:
             raise ConfigError(f"train.batch_chunks={self.batch_chunks}: more chunks than train.batch_size")
         if self.schedule not in SCHEDULES:

@@ -121,7 +121,8 @@ def prepare(model: DenseFlow, cfg: TrainConfig, device: torch.device) -> DenseFl
     if cfg.precision == "bfloat16":
         model.set_net_precision(torch.bfloat16)
     if cfg.compile:
-        model.compile_nets(dynamic=False)  # dynamic shapes trip inductor here (torch 2.13)
+        mode = {} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}
+        model.compile_nets(backend=cfg.compile_backend, dynamic=False, **mode)  # dynamic shapes trip inductor
     if cfg.low_memory:
         model.set_low_memory(True)
         if device.type == "cpu":

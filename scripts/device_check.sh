@@ -4,6 +4,8 @@
 #   2. torchrun with NCCL (one process, two chunks): train, evaluate, sample the tiny preset on CUDA
 #   3. DenseFlow-74-10 (CIFAR-10 shape), B=64: float32 (cuDNN's default TF32 convolutions) with a
 #      profile, bf16 autocast of the conditioner nets, low-memory mode, IWBO (B=16), torch.compile
+#      with the cudagraphs backend (CUDA-graph capture of each net: the step is launch-bound), then
+#      with inductor
 # On the first H200 run (2026-11-29, docs/benchmarks.md) the whole check needed about 11 minutes of
 # device time with the machine's start; compilation did not finish in the time left.
 # Runs with the device's own python3/torch (no install: PYTHONPATH), the parity fixture from
@@ -44,5 +46,6 @@ bench 100 float32 "${B64[@]}" --what train,sample --profile "$OUT/profile_float3
 bench 60 bf16 "${B64[@]}" --what train,sample --set train.precision=bfloat16
 bench 60 low_memory "${B64[@]}" --what train --set train.low_memory=true
 bench 60 iwbo --batch-size 16 --steps 3 --warmup 1 --what iwbo
+bench 120 compile_cudagraphs "${B64[@]}" --what train --set train.compile=true --set train.compile_backend=cudagraphs
 bench 300 compile "${B64[@]}" --what train --set train.compile=true
 echo "== done at t=${SECONDS}s" | tee -a "$LOG"

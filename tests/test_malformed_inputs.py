@@ -142,6 +142,14 @@ CASES = {
         lambda t: ["import-official", str(t / "c.pt"), "--args", str(_write(t / "a.json", "[1]")), "--out", "o.pt"],
         "expected a JSON object of official flags",
     ),
+    "unknown compile backend": (
+        lambda t: [*TINY, "--set", "train.compile=true", "--set", "train.compile_backend=nope"],
+        "train.compile_backend='nope': expected one of",
+    ),
+    "compile mode without inductor": (
+        lambda t: [*TINY, "--set", "train.compile_mode=reduce-overhead", "--set", "train.compile_backend=cudagraphs"],
+        "a mode of the inductor backend only",
+    ),
     "device that does not exist": (
         lambda t: ["bench", "--preset", "tiny", "--device", "tpu"],
         "device 'tpu': not a torch device",

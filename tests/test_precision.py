@@ -134,3 +134,23 @@ def test_compiled_networks_compute_the_same_values_and_gradients(low_memory):
     assert counters["stats"]["unique_graphs"] >= 5  # one per distinct net shape at least
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert not any("recompile limit" in key for key in counters["unimplemented"]), dict(counters["unimplemented"])
+
+
+def test_a_compiled_training_run_matches_an_eager_one(tmp_path):
+    """`train.compile` with the configured backend, end to end through `train`: the same test bpd
+    and the same parameters as the eager run (the eager backend behind AOT autograd, so no C++
+    toolchain is needed), and the run really compiled its nets."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["train.compile=true", "train.compile_backend=aot_eager"])):
+        config = load_config("tiny").override(["train.epochs=1", *extra])
+        summary = train_module.train(config, tmp_path / name, progress=False)
+        runs[name] = (summary["test_bpd"], torch.load(tmp_path / name / "final.pt", weights_only=True)["model"])
+        if name == "eager":
+            assert not counters["frames"]
+    assert counters["aot_autograd"]["ok"] >= 5
+    assert runs["compiled"][0] == pytest.approx(runs["eager"][0], abs=1e-5)
+    for key, value in runs["eager"][1].items():
+        torch.testing.assert_close(runs["compiled"][1][key], value, rtol=1e-4, atol=1e-5, msg=key)
