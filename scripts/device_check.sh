@@ -42,10 +42,10 @@ step 120 "parity and precision tests on CUDA" $PY -m pytest -q -x -p no:cachepro
     tests/test_parity.py tests/test_precision.py
 step 90 "torchrun NCCL tiny" $PY -m torch.distributed.run --nproc_per_node=1 -m denseflow train --preset tiny \
     --out "$(mktemp -d)/run" --quiet --set train.device="${DEVICE:-cuda}" --set train.batch_chunks=2
-bench 100 float32 "${B64[@]}" --what train,sample --profile "$OUT/profile_float32.txt"
-bench 60 bf16 "${B64[@]}" --what train,sample --set train.precision=bfloat16
+bench 150 float32 "${B64[@]}" --what train,sample --profile "$OUT/profile_float32.txt"
+bench 80 bf16 "${B64[@]}" --what train,sample --set train.precision=bfloat16
 bench 60 low_memory "${B64[@]}" --what train --set train.low_memory=true
-bench 60 iwbo --batch-size 16 --steps 3 --warmup 1 --what iwbo
+bench 90 iwbo --batch-size 16 --steps 3 --warmup 1 --what iwbo
 bench 120 compile_cudagraphs "${B64[@]}" --what train --set train.compile=true --set train.compile_backend=cudagraphs
 bench 300 compile "${B64[@]}" --what train --set train.compile=true
 echo "== done at t=${SECONDS}s" | tee -a "$LOG"
