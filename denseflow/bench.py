@@ -39,7 +39,8 @@ from .config import RunConfig
 from .model import DenseFlow, eager
 from .train import prepare, train_step
 
-MEASUREMENTS = ("train", "sample", "iwbo", "convs")
+TIMED = ("train", "sample", "iwbo")  # the measurements with a row of timings
+MEASUREMENTS = (*TIMED, "convs")
 
 
 def _rss() -> int:
@@ -275,7 +276,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['parameters']:,} parameters"
     )
     rows = [head, f"{'':8} {'median s':>9} {'min s':>8} {'img/s':>8} {'GFLOP/s':>8} {'peak GiB':>9}"]
-    for item in MEASUREMENTS[:3]:
+    for item in TIMED:
         if item in report:
             r = report[item]
             rows.append(

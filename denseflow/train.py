@@ -118,8 +118,7 @@ def prepare(model: DenseFlow, cfg: TrainConfig, device: torch.device) -> DenseFl
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if cfg.precision == "bfloat16":
-        model.set_net_precision(torch.bfloat16)
+    model.set_net_precision(_net_dtype(cfg))
     if cfg.compile:
         mode = {} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}
         model.compile_nets(backend=cfg.compile_backend, dynamic=False, **mode)  # dynamic shapes trip inductor
@@ -128,6 +127,11 @@ def prepare(model: DenseFlow, cfg: TrainConfig, device: torch.device) -> DenseFl
         if device.type == "cpu":
             _cap_heap_growth(1 << 20)
     return model
+
+
+def _net_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    """The conditioner networks' autocast dtype while training (None: float32)."""
+    return torch.bfloat16 if cfg.precision == "bfloat16" else None
 
 
 def _cap_heap_growth(threshold: int) -> None:
@@ -301,11 +305,11 @@ def train(
     """
     run_dir = Path(run_dir)
     world, main = distributed.world_size(), distributed.is_main()
+    say = tqdm.write if main else lambda message: None  # messages from rank 0 only
     chunks = distributed.effective_chunks(config.train.batch_chunks, world)
     if chunks != config.train.batch_chunks:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_chunks=chunks))
-        if main:
-            tqdm.write(f"train.batch_chunks raised to {chunks}, a multiple of the {world} ranks")
+        say(f"train.batch_chunks raised to {chunks}, a multiple of the {world} ranks")
     cfg = config.train
     progress = progress and main
     device = resolve_device(cfg.device)
@@ -385,7 +389,7 @@ def train(
             images = sample_seeds(model, list(range(cfg.num_samples)), cfg.sample_temperature)
             if main:
                 save_grid(images, run_dir / "samples" / f"step_{step:07d}.png", num_bits=config.model.num_bits)
-        model.train().set_net_precision(torch.bfloat16 if cfg.precision == "bfloat16" else None)
+        model.train().set_net_precision(_net_dtype(cfg))
         log.write({"kind": "eval", "step": step, "epoch": epoch, "test_bpd": result["bpd"]})
         if main:
             plot_bpd_curve(log.records(), run_dir / "bpd_curve.png")
@@ -427,8 +431,7 @@ def train(
                 if bad_in_a_row:
                     skipped += 1
                     log.write({"kind": "skip", "step": step, "epoch": epoch, "skipped_steps": skipped})
-                    if main:
-                        tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
+                    say(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
                 if bad_in_a_row >= cfg.max_bad_steps:
                     if rollbacks >= cfg.max_rollbacks:
                         bar.close()
@@ -446,8 +449,7 @@ def train(
                         ) from None
                     lr_scale, rollbacks, bad_in_a_row = scale, count, 0
                     log.write({"kind": "rollback", "step": step, "epoch": epoch, "lr_scale": lr_scale})
-                    if main:
-                        tqdm.write(f"rolled back to step {step} with the learning rate scaled by {lr_scale:g}")
+                    say(f"rolled back to step {step} with the learning rate scaled by {lr_scale:g}")
                     bar.n = step
                     break
 
@@ -467,8 +469,7 @@ def train(
                     if step % cfg.checkpoint_every:
                         save_checkpoint()
                     bar.close()
-                    if main:
-                        tqdm.write(f"stopped at step {step}; resume with --resume {run_dir}")
+                    say(f"stopped at step {step}; resume with --resume {run_dir}")
                     return {"run_dir": str(run_dir), "step": step, "stopped": True, "test_bpd": test_bpd, **timing()}
             if batch_index == steps_per_epoch:
                 epoch, batch_index = epoch + 1, 0
