@@ -6,4 +6,11 @@ from .config import ConfigError, ModelConfig, model_config  # noqa: E402
 from .model import DenseFlow  # noqa: E402
 from .official import convert_official  # noqa: E402
 
-__all__ = ["ConfigError", "DenseFlow", "ModelConfig", "convert_official", "model_config", "__version__"]
+__all__ = [
+    "ConfigError",
+    "DenseFlow",
+    "ModelConfig",
+    "convert_official",
+    "model_config",
+    "__version__",
+]

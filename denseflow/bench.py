@@ -37,7 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import RunConfig
 from .model import DenseFlow, eager
-from .train import prepare, train_step
+from .runtime import prepare
+from .train import train_step
 
 TIMED = ("train", "sample", "iwbo")  # the measurements with a row of timings
 MEASUREMENTS = (*TIMED, "convs")
@@ -49,7 +50,8 @@ def _rss() -> int:
 
 
 class PeakMemory:
-    """Peak resident memory (CPU, sampled) or max allocated memory (CUDA) inside a ``with`` block."""
+    """Peak resident memory (CPU, sampled) or max allocated memory (CUDA) inside a ``with``
+    block."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.peak = device, 0
@@ -86,7 +88,9 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def _time(fn: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> tuple[list[float], int]:
+def _time(
+    fn: Callable[[], Any], steps: int, warmup: int, device: torch.device
+) -> tuple[list[float], int]:
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -118,7 +122,9 @@ def profile_table(fn: Callable[[], Any], device: torch.device, rows: int = 30) -
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = events.table(sort_by=key, row_limit=rows)
     if device.type == "cuda":
-        kernels = sum(e.count for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        kernels = sum(
+            e.count for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+        )
         table += f"\nCUDA kernels launched: {kernels}"
     return table
 
@@ -150,11 +156,23 @@ def conv_census(fn: Callable[[], Any]) -> Counter[ConvCall]:
             stride, padding, dilation, transposed, _, groups = event.concrete_inputs[3:9]
             if transposed:
                 raise ValueError("conv_census: transposed convolutions are not timed")
-            calls[(tuple(x), tuple(w), bool(b), tuple(stride), tuple(padding), tuple(dilation), groups)] += 1
+            calls[
+                (
+                    tuple(x),
+                    tuple(w),
+                    bool(b),
+                    tuple(stride),
+                    tuple(padding),
+                    tuple(dilation),
+                    groups,
+                )
+            ] += 1
     return calls
 
 
-def conv_kernel_seconds(call: ConvCall, device: torch.device, channels_last: bool, reps: int = 3) -> tuple[float, int]:
+def conv_kernel_seconds(
+    call: ConvCall, device: torch.device, channels_last: bool, reps: int = 3
+) -> tuple[float, int]:
     """Median seconds of one convolution ``call`` alone on random data — forward plus the input-
     and weight-gradient products — and its FLOPs (forward x 3; multiply-add = 2)."""
     x_shape, w_shape, has_bias, stride, padding, dilation, groups = call
@@ -168,7 +186,17 @@ def conv_kernel_seconds(call: ConvCall, device: torch.device, channels_last: boo
     def once() -> None:
         torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)
         torch.ops.aten.convolution_backward(
-            g, x, w, bias_sizes, stride, padding, dilation, False, [0, 0], groups, [True, True, has_bias]
+            g,
+            x,
+            w,
+            bias_sizes,
+            stride,
+            padding,
+            dilation,
+            False,
+            [0, 0],
+            groups,
+            [True, True, has_bias],
         )
 
     times, _ = _time(once, reps, 1, device)
@@ -191,33 +219,48 @@ def bench(
     call of each measurement runs under torch.profiler and its table is written to that file."""
     unknown = sorted(set(what) - set(MEASUREMENTS))
     if unknown:
-        raise ValueError(f"bench: unknown measurement(s) {unknown}; expected some of {list(MEASUREMENTS)}")
+        raise ValueError(
+            f"bench: unknown measurement(s) {unknown}; expected some of {list(MEASUREMENTS)}"
+        )
     device = torch.device(device)
     torch.manual_seed(seed)
     model = prepare(DenseFlow(config.model), config.train, device)
-    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-3, betas=config.train.betas, eps=config.train.eps)
-    x = torch.randint(0, 2**config.model.num_bits, (batch_size, *config.model.image_shape), device=device)
+    optimizer = torch.optim.Adamax(
+        model.parameters(), lr=1e-3, betas=config.train.betas, eps=config.train.eps
+    )
+    x = torch.randint(
+        0, 2**config.model.num_bits, (batch_size, *config.model.image_shape), device=device
+    )
     generator = torch.Generator(device=device).manual_seed(seed)
     model.data_init(x, generator=generator)
     report: dict[str, Any] = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
         "batch_size": batch_size,
         "parameters": sum(p.numel() for p in model.parameters()),
         "image_shape": list(config.model.image_shape),
         "channels_last": config.train.channels_last,
         "low_memory": config.train.low_memory,
         "precision": config.train.precision,
-        "compile": config.train.compile and f"{config.train.compile_backend}/{config.train.compile_mode}",
+        "compile": config.train.compile
+        and f"{config.train.compile_backend}/{config.train.compile_mode}",
     }
     if device.type == "cuda":  # float32 convolutions/matmuls may run as TF32 on tensor cores
-        report["tf32"] = {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
+        report["tf32"] = {
+            "cudnn": torch.backends.cudnn.allow_tf32,
+            "matmul": torch.backends.cuda.matmul.allow_tf32,
+        }
     tables = []
     for item in what:
         if item == "train":
             model.train()
-            flops = count_flops(lambda: train_step(model, optimizer, [(x[:1], generator)], 1e-3)) * batch_size
+            flops = (
+                count_flops(lambda: train_step(model, optimizer, [(x[:1], generator)], 1e-3))
+                * batch_size
+            )
             call = lambda: train_step(model, optimizer, [(x, generator)], 1e-3)  # noqa: E731
             times, peak = _time(call, steps, warmup, device)
             report["train"] = _summary(times, batch_size, flops, peak)
@@ -229,7 +272,10 @@ def bench(
             report["sample"] = _summary(times, batch_size, flops, peak)
         elif item == "iwbo":
             model.eval()
-            flops = count_flops(lambda: model.iwbo(x[:1], k, chunk=kbs, generator=generator)) * batch_size
+            flops = (
+                count_flops(lambda: model.iwbo(x[:1], k, chunk=kbs, generator=generator))
+                * batch_size
+            )
             call = lambda: model.iwbo(x, k, chunk=kbs, generator=generator)  # noqa: E731
             times, peak = _time(call, steps, warmup, device)
             result = _summary(times, batch_size * k, flops, peak)
@@ -244,12 +290,17 @@ def bench(
             result["loop_median_s"] = statistics.median(loop_times)
             result["loop_no_grad_median_s"] = statistics.median(loop_no_grad_times)
             result["speedup_vs_elbo_loop"] = result["loop_median_s"] / result["median_s"]
-            result["speedup_vs_no_grad_elbo_loop"] = result["loop_no_grad_median_s"] / result["median_s"]
+            result["speedup_vs_no_grad_elbo_loop"] = (
+                result["loop_no_grad_median_s"] / result["median_s"]
+            )
             report["iwbo"] = result
         else:  # convs
             model.train()
             census = conv_census(lambda: train_step(model, optimizer, [(x, generator)], 1e-3))
-            timed = {call: conv_kernel_seconds(call, device, config.train.channels_last) for call in census}
+            timed = {
+                call: conv_kernel_seconds(call, device, config.train.channels_last)
+                for call in census
+            }
             seconds = sum(n * timed[call][0] for call, n in census.items())
             flops = sum(n * timed[call][1] for call, n in census.items())
             report["convs"] = {
@@ -272,10 +323,14 @@ def bench(
 def format_report(report: dict[str, Any]) -> str:
     """A small text table of a :func:`bench` report."""
     head = (
-        f"torch {report['torch']}, {report['threads']} threads, {report['device']}, batch {report['batch_size']}, "
+        f"torch {report['torch']}, {report['threads']} threads, {report['device']}, "
+        f"batch {report['batch_size']}, "
         f"{report['parameters']:,} parameters"
     )
-    rows = [head, f"{'':8} {'median s':>9} {'min s':>8} {'img/s':>8} {'GFLOP/s':>8} {'peak GiB':>9}"]
+    rows = [
+        head,
+        f"{'':8} {'median s':>9} {'min s':>8} {'img/s':>8} {'GFLOP/s':>8} {'peak GiB':>9}",
+    ]
     for item in TIMED:
         if item in report:
             r = report[item]
@@ -286,13 +341,15 @@ def format_report(report: dict[str, Any]) -> str:
     if "iwbo" in report:
         r = report["iwbo"]
         rows.append(
-            f"iwbo k={r['k']} kbs={r['kbs']}: {r['speedup_vs_elbo_loop']:.2f}x a loop of {r['k']} elbo calls, "
+            f"iwbo k={r['k']} kbs={r['kbs']}: {r['speedup_vs_elbo_loop']:.2f}x a loop of "
+            f"{r['k']} elbo calls, "
             f"{r['speedup_vs_no_grad_elbo_loop']:.2f}x the same loop under torch.no_grad()"
         )
     if "convs" in report:
         r = report["convs"]
         line = (
-            f"convs: the step's {r['calls']} convolutions ({r['shapes']} shapes, {r['gflop']:.0f} GFLOP) "
+            f"convs: the step's {r['calls']} convolutions ({r['shapes']} shapes, "
+            f"{r['gflop']:.0f} GFLOP) "
             f"take {r['isolated_s']:.3f} s timed alone ({r['isolated_gflop_per_s']:.1f} GFLOP/s)"
         )
         if "train_over_isolated" in r:

@@ -32,7 +32,8 @@ class CheckpointError(ValueError):
 
 
 def checksum(value: Any) -> str:
-    """SHA-256 over a nest of dicts, lists, tensors and plain values (tensor bytes, dtypes, shapes)."""
+    """SHA-256 over a nest of dicts, lists, tensors and plain values (tensor bytes, dtypes,
+    shapes)."""
     digest = hashlib.sha256()
 
     def feed(v: Any) -> None:
@@ -57,7 +58,8 @@ def checksum(value: Any) -> str:
 
 
 def save(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` plus format, version and checksum atomically (temporary file, fsync, rename)."""
+    """Write ``payload`` plus format, version and checksum atomically (temporary file, fsync,
+    rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -77,7 +79,9 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
         return _load_file(path)
-    found = sorted((path / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    found = sorted(
+        (path / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1])
+    )
     if not found:
         raise CheckpointError(f"{path}: no checkpoints/step_*.pt to resume from")
     for candidate in reversed(found):
@@ -98,17 +102,25 @@ def _load_file(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
     except Exception as err:  # unpickling errors of foreign or damaged files come in many types
-        raise CheckpointError(f"{path}: not a readable denseflow checkpoint ({type(err).__name__})") from None
+        raise CheckpointError(
+            f"{path}: not a readable denseflow checkpoint ({type(err).__name__})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         hint = (
-            " (an official DenseFlow checkpoint? use `denseflow import-official`)" if _looks_official(payload) else ""
+            " (an official DenseFlow checkpoint? use `denseflow import-official`)"
+            if _looks_official(payload)
+            else ""
         )
         raise CheckpointError(f"{path}: not a denseflow checkpoint{hint}")
     if payload.get("version", 0) > VERSION:
-        raise CheckpointError(f"{path}: written by a newer denseflow (format {payload['version']} > {VERSION})")
+        raise CheckpointError(
+            f"{path}: written by a newer denseflow (format {payload['version']} > {VERSION})"
+        )
     stored = payload.pop("checksum", None)
     if stored != checksum(payload):
-        raise CheckpointError(f"{path}: damaged (its contents do not match the checksum it carries)")
+        raise CheckpointError(
+            f"{path}: damaged (its contents do not match the checksum it carries)"
+        )
     return payload
 
 
@@ -117,13 +129,18 @@ def _looks_official(payload: Any) -> bool:
 
 
 def run_config(payload: dict[str, Any], where: str = "checkpoint") -> RunConfig:
+    """The run configuration a checkpoint carries; a CheckpointError if it no longer fits."""
     try:
         return RunConfig.from_dict(payload["config"], where)
     except (KeyError, ConfigError) as err:
-        raise CheckpointError(f"{where}: its configuration does not fit this denseflow ({err})") from None
+        raise CheckpointError(
+            f"{where}: its configuration does not fit this denseflow ({err})"
+        ) from None
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[DenseFlow, RunConfig]:
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[DenseFlow, RunConfig]:
     """The model of a training checkpoint or an inference export, in eval mode."""
     payload = load(path)
     config = run_config(payload, str(path))
@@ -136,8 +153,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     return model.to(device).eval(), config
 
 
-def export(path: str | os.PathLike, model: DenseFlow, config: RunConfig, safetensors: bool = False) -> Path:
-    """Inference-only weights + config (no optimizer); ``safetensors=True`` writes that format too."""
+def export(
+    path: str | os.PathLike, model: DenseFlow, config: RunConfig, safetensors: bool = False
+) -> Path:
+    """Inference-only weights + config (no optimizer); ``safetensors=True`` writes that format
+    too."""
     out = save(path, {"kind": "weights", "config": config.to_dict(), "model": model.state_dict()})
     if safetensors:
         try:
@@ -146,6 +166,8 @@ def export(path: str | os.PathLike, model: DenseFlow, config: RunConfig, safeten
             raise CheckpointError("safetensors is not installed: pip install safetensors") from None
         tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file(
-            tensors, str(Path(path).with_suffix(".safetensors")), metadata={"config": json.dumps(config.to_dict())}
+            tensors,
+            str(Path(path).with_suffix(".safetensors")),
+            metadata={"config": json.dumps(config.to_dict())},
         )
     return out

@@ -28,29 +28,46 @@ EXAMPLES = {
   denseflow evaluate --checkpoint runs/demo/final.pt                    # test ELBO bits/dim
   denseflow evaluate --checkpoint runs/cifar10/final.pt --data-dir ~/data --k 1000 --kbs 50
   denseflow evaluate --checkpoint published.pt --data-dir ~/data --double --json out.json""",
-    "sample": """examples:
-  denseflow sample --checkpoint runs/demo/final.pt --out samples.png
-  denseflow sample --checkpoint published.pt --seeds 0-63 --temperature 0.8 --out grid.png --each-dir samples/""",
-    "bench": """examples:
-  denseflow bench --preset cifar10 --batch-size 32 --steps 10 --warmup 2 --json bench.json
-  denseflow bench --preset cifar10 --batch-size 8 --what sample --steps 5
-  denseflow bench --preset demo --what train,iwbo --k 16 --kbs 8
-  denseflow bench --preset cifar10 --batch-size 32 --steps 3 --what train,convs   # step vs its kernel ceiling""",
-    "experiment": """examples:
-  denseflow experiment ablation --out runs/ablation                       # full Fashion-MNIST, ~2 h on 2 cores
-  denseflow experiment ablation --quick --out /tmp/ablation               # the pipeline on a tiny subset
-  denseflow experiment ablation --budget-minutes 30 --seeds 1 --variants denseflow,glow""",
-    "import-official": """examples:
-  denseflow import-official ~/official/cifar10_run --out published.pt          # args.pickle read safely
-  denseflow import-official checkpoint.pt --args args.json --out published.pt""",
+    "sample": (
+        "examples:\n"
+        "  denseflow sample --checkpoint runs/demo/final.pt --out samples.png\n"
+        "  denseflow sample --checkpoint published.pt --seeds 0-63 --temperature 0.8 --out grid.png"
+        " --each-dir samples/"
+    ),
+    "bench": (
+        "examples:\n"
+        "  denseflow bench --preset cifar10 --batch-size 32 --steps 10 --warmup 2"
+        " --json bench.json\n"
+        "  denseflow bench --preset cifar10 --batch-size 8 --what sample --steps 5\n"
+        "  denseflow bench --preset demo --what train,iwbo --k 16 --kbs 8\n"
+        "  denseflow bench --preset cifar10 --batch-size 32 --steps 3 --what train,convs"
+        "   # step vs its kernel ceiling"
+    ),
+    "experiment": (
+        "examples:\n"
+        "  denseflow experiment ablation --out runs/ablation"
+        "                       # full Fashion-MNIST, ~2 h on 2 cores\n"
+        "  denseflow experiment ablation --quick --out /tmp/ablation"
+        "               # the pipeline on a tiny subset\n"
+        "  denseflow experiment ablation --budget-minutes 30 --seeds 1 --variants denseflow,glow"
+    ),
+    "import-official": (
+        "examples:\n"
+        "  denseflow import-official ~/official/cifar10_run --out published.pt"
+        "          # args.pickle read safely\n"
+        "  denseflow import-official checkpoint.pt --args args.json --out published.pt"
+    ),
 }
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="denseflow", description="DenseFlow: train, evaluate (bits/dim), sample, load published weights."
+        prog="denseflow",
+        description="DenseFlow: train, evaluate (bits/dim), sample, load published weights.",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks instead of one-line errors"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_: str) -> argparse.ArgumentParser:
@@ -66,9 +83,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help=f"preset name ({', '.join(preset_names())}) or a YAML file")
     p.add_argument("--data-dir", help="folder holding the dataset (or its usual top folder)")
     p.add_argument("--out", help="run directory (default: runs/<preset>)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=2e-4")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. train.lr=2e-4",
+    )
     p.add_argument("--resume", help="run directory or checkpoint to continue from")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the resolved configuration and exit"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = command("evaluate", "Test-set bits/dim of a checkpoint: ELBO, or IWBO-k with --k.")
@@ -76,8 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder holding the dataset (default: as in the run)")
     p.add_argument("--split", default="test", choices=["test", "train"])
     p.add_argument("--k", type=int, help="importance samples per image (IWBO-k); default: ELBO")
-    p.add_argument("--kbs", type=int, help="importance samples per pass (default: the config's eval.kbs)")
-    p.add_argument("--batch-size", type=int, help="images per batch (default: the config's eval.batch_size)")
+    p.add_argument(
+        "--kbs", type=int, help="importance samples per pass (default: the config's eval.kbs)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, help="images per batch (default: the config's eval.batch_size)"
+    )
     p.add_argument("--limit", type=int, help="evaluate the first N images only")
     p.add_argument("--double", action="store_true", help="evaluate in float64")
     p.add_argument("--seed", type=int, default=0)
@@ -87,18 +116,31 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("sample", "Sample images to a PNG grid and/or one PNG per seed.")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--num", type=int, default=64, help="number of images (seeds 0..num-1) unless --seeds")
+    p.add_argument(
+        "--num", type=int, default=64, help="number of images (seeds 0..num-1) unless --seeds"
+    )
     p.add_argument("--seeds", help="e.g. 0-63 or 1,5,9: image i depends only on seed i")
-    p.add_argument("--temperature", type=float, default=1.0, help="scale of the latent draws (official: 1.0)")
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="scale of the latent draws (official: 1.0)"
+    )
     p.add_argument("--out", help="grid PNG path (default: samples.png beside the checkpoint)")
     p.add_argument("--each-dir", help="also write one PNG per seed into this folder")
     p.add_argument("--nrow", type=int, default=8)
     p.add_argument("--device", default="auto")
 
-    p = command("bench", "Time the training step, sampling and IWBO; report medians, img/s, GFLOP/s, peak memory.")
-    p.add_argument("--preset", required=True, help="preset name or YAML file (the model to measure)")
+    p = command(
+        "bench",
+        "Time the training step, sampling and IWBO; report medians, img/s, GFLOP/s, peak memory.",
+    )
     p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. model.attention=multihead"
+        "--preset", required=True, help="preset name or YAML file (the model to measure)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. model.attention=multihead",
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="timed repetitions")
@@ -109,25 +151,53 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated: train, sample, iwbo, convs (its convolutions alone)",
     )
     p.add_argument("--k", type=int, default=16, help="importance samples for the iwbo measurement")
-    p.add_argument("--kbs", type=int, default=8, help="importance samples per pass for the iwbo measurement")
+    p.add_argument(
+        "--kbs", type=int, default=8, help="importance samples per pass for the iwbo measurement"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--json", help="write the report here as JSON")
-    p.add_argument("--profile", help="profile one more call of each measurement; write the operator tables here")
+    p.add_argument(
+        "--profile",
+        help="profile one more call of each measurement; write the operator tables here",
+    )
 
-    p = command("experiment", "Reproducible experiments; 'ablation': what the paper's ideas buy at equal budget.")
+    p = command(
+        "experiment",
+        "Reproducible experiments; 'ablation': what the paper's ideas buy at equal budget.",
+    )
     p.add_argument("name", choices=["ablation"])
-    p.add_argument("--data-dir", help="Fashion-MNIST folder (default: the Debian package's, else the bundled subset)")
-    p.add_argument("--out", default="runs/ablation", help="output folder (rerun to continue an interrupted one)")
+    p.add_argument(
+        "--data-dir",
+        help="Fashion-MNIST folder (default: the Debian package's, else the bundled subset)",
+    )
+    p.add_argument(
+        "--out",
+        default="runs/ablation",
+        help="output folder (rerun to continue an interrupted one)",
+    )
     p.add_argument("--seeds", type=int, help="seeds per variant (default 2)")
     p.add_argument("--steps", type=int, help="training steps of 64 images per run (default 800)")
-    p.add_argument("--budget-minutes", type=float, help="derive --steps from a calibration to fit this wall-clock")
+    p.add_argument(
+        "--budget-minutes",
+        type=float,
+        help="derive --steps from a calibration to fit this wall-clock",
+    )
     p.add_argument("--variants", help="comma-separated subset of the variants (default: all)")
-    p.add_argument("--quick", action="store_true", help="a tiny subset and 3 steps: checks the pipeline in minutes")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny subset and 3 steps: checks the pipeline in minutes",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = command("import-official", "Convert a published official DenseFlow checkpoint into a denseflow checkpoint.")
-    p.add_argument("source", help="official run directory (args.pickle, check/checkpoint.pt) or checkpoint.pt")
+    p = command(
+        "import-official",
+        "Convert a published official DenseFlow checkpoint into a denseflow checkpoint.",
+    )
+    p.add_argument(
+        "source", help="official run directory (args.pickle, check/checkpoint.pt) or checkpoint.pt"
+    )
     p.add_argument("--args", help="the official flags: args.pickle (read safely) or args.json")
     p.add_argument("--out", required=True, help="denseflow checkpoint to write")
     return parser
@@ -151,10 +221,21 @@ def _cmd_train(a: argparse.Namespace) -> int:
         print(f"# run directory: {run_dir}\n# data: {a.data_dir or '(default location)'}")
         print(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None), end="")
         return 0
+    _cap_heap_growth(config)
     summary = train(config, run_dir, a.data_dir, resume=state, progress=not a.quiet)
     if distributed.is_main():
         print(json.dumps(summary))
     return 0
+
+
+def _cap_heap_growth(config: RunConfig) -> None:
+    """Low-memory training on the CPU frees and reallocates large activation blocks every step;
+    glibc keeps them resident unless its mmap threshold is fixed. That is a process-wide setting,
+    so the command line makes it, not the library (:func:`denseflow.runtime.cap_heap_growth`)."""
+    from .runtime import cap_heap_growth, resolve_device
+
+    if config.train.low_memory and resolve_device(config.train.device).type == "cpu":
+        cap_heap_growth()
 
 
 def _run_dir_of(path: Path) -> Path:
@@ -164,11 +245,13 @@ def _run_dir_of(path: Path) -> Path:
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from .data import load_images
     from .evaluate import evaluate_images
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     for name in ("k", "kbs", "batch_size", "limit"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
-            raise ValueError(f"evaluate: --{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+            raise ValueError(
+                f"evaluate: --{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}"
+            )
     model, config = ckpt.load_model(a.checkpoint, resolve_device(a.device))
     model = model.double() if a.double else model.to(memory_format=torch.channels_last)
     images = load_images(
@@ -181,11 +264,26 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     )
     kbs = a.kbs or min(a.k or 1, config.eval.kbs)
     result = evaluate_images(
-        model, images.images, a.batch_size or config.eval.batch_size, a.k, kbs, a.seed, progress=not a.quiet
+        model,
+        images.images,
+        a.batch_size or config.eval.batch_size,
+        a.k,
+        kbs,
+        a.seed,
+        progress=not a.quiet,
     )
-    result |= {"split": a.split, "dataset": config.data.dataset, "checkpoint": str(a.checkpoint), "double": a.double}
+    result |= {
+        "split": a.split,
+        "dataset": config.data.dataset,
+        "checkpoint": str(a.checkpoint),
+        "double": a.double,
+    }
     name = "elbo" if a.k is None else f"iwbo{a.k}"
-    out = Path(a.json) if a.json else Path(a.checkpoint).with_name(f"{Path(a.checkpoint).stem}.{a.split}.{name}.json")
+    out = (
+        Path(a.json)
+        if a.json
+        else Path(a.checkpoint).with_name(f"{Path(a.checkpoint).stem}.{a.split}.{name}.json")
+    )
     if not distributed.is_main():
         return 0
     out.write_text(json.dumps(result, indent=1) + "\n")
@@ -194,8 +292,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def _cmd_sample(a: argparse.Namespace) -> int:
+    from .runtime import resolve_device
     from .sample import parse_seeds, sample_seeds, save_grid, to_pil
-    from .train import resolve_device
 
     model, config = ckpt.load_model(a.checkpoint, resolve_device(a.device))
     model = model.to(memory_format=torch.channels_last)
@@ -209,7 +307,10 @@ def _cmd_sample(a: argparse.Namespace) -> int:
         Path(a.each_dir).mkdir(parents=True, exist_ok=True)
         for seed, image in zip(seeds, images, strict=True):
             to_pil(image, config.model.num_bits).save(Path(a.each_dir) / f"seed{seed:06d}.png")
-    print(f"{len(seeds)} samples (temperature {a.temperature}) -> {out}" + (f", {a.each_dir}/" if a.each_dir else ""))
+    print(
+        f"{len(seeds)} samples (temperature {a.temperature}) -> {out}"
+        + (f", {a.each_dir}/" if a.each_dir else "")
+    )
     return 0
 
 
@@ -220,10 +321,17 @@ def _cmd_import_official(a: argparse.Namespace) -> int:
     source = Path(a.source)
     args_path = a.args or (source / "args.pickle" if source.is_dir() else None)
     if args_path is None:
-        raise ConfigError("import-official: give --args args.pickle|args.json for a bare checkpoint.pt")
+        raise ConfigError(
+            "import-official: give --args args.pickle|args.json for a bare checkpoint.pt"
+        )
     flags = load_official_args(args_path)
     model = convert_official(source, flags)
-    preset = {"cifar10": "cifar10", "imagenet32": "imagenet32", "imagenet64": "imagenet64", "celeba": "celeba64"}
+    preset = {
+        "cifar10": "cifar10",
+        "imagenet32": "imagenet32",
+        "imagenet64": "imagenet64",
+        "celeba": "celeba64",
+    }
     name = preset.get(flags["dataset"])
     base = load_config(name) if name else RunConfig(data=DataConfig(dataset=flags["dataset"]))
     config = RunConfig(model=model.config, data=base.data, train=base.train, eval=base.eval)
@@ -235,14 +343,17 @@ def _cmd_import_official(a: argparse.Namespace) -> int:
 
 def _cmd_bench(a: argparse.Namespace) -> int:
     from .bench import bench, format_report
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     if a.threads:
         torch.set_num_threads(a.threads)
     config = load_config(a.preset).override(a.set)
     what = tuple(w.strip() for w in a.what.split(",") if w.strip())
     device = resolve_device(a.device)
-    report = bench(config, a.batch_size, a.steps, a.warmup, what, device, a.k, a.kbs, profile=a.profile)
+    _cap_heap_growth(config.override([f"train.device={device}"]))
+    report = bench(
+        config, a.batch_size, a.steps, a.warmup, what, device, a.k, a.kbs, profile=a.profile
+    )
     report["preset"] = a.preset
     print(format_report(report))
     if a.json:
@@ -255,7 +366,14 @@ def _cmd_experiment(a: argparse.Namespace) -> int:
 
     variants = [v.strip() for v in a.variants.split(",") if v.strip()] if a.variants else None
     results = run_ablation(
-        a.out, a.data_dir, a.seeds, a.steps, a.budget_minutes, a.quick, variants, progress=not a.quiet
+        a.out,
+        a.data_dir,
+        a.seeds,
+        a.steps,
+        a.budget_minutes,
+        a.quick,
+        variants,
+        progress=not a.quiet,
     )
     print(Path(a.out, "results.md").read_text(), end="")
     print(f"results: {Path(a.out) / 'results.json'} ({len(results['runs'])} runs)")
@@ -273,6 +391,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     args = _parser().parse_args(argv)
     command = COMMANDS[args.command]
     joined = distributed.init_from_env()  # under torchrun: one process per rank

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from .data.augment import AUGMENTATIONS
+
 ATTENTION_KINDS = ("official", "multihead")
 DEQUANTIZATIONS = ("variational", "uniform")
 CONV1X1_KINDS = ("full", "lu")
@@ -71,6 +73,7 @@ class ModelConfig:
 
     @property
     def num_scales(self) -> int:
+        """S, the number of scales (dense blocks)."""
         return len(self.block_conf)
 
     @property
@@ -80,11 +83,17 @@ class ModelConfig:
         return c * h * w
 
     def validate(self) -> None:
+        """Raise a ConfigError naming the first field whose value cannot work."""
+
         def need(ok: bool, name: str, why: str) -> None:
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
 
-        need(len(self.image_shape) == 3 and min(self.image_shape) > 0, "image_shape", "expected (C, H, W) > 0")
+        need(
+            len(self.image_shape) == 3 and min(self.image_shape) > 0,
+            "image_shape",
+            "expected (C, H, W) > 0",
+        )
         need(1 <= self.num_bits <= 16, "num_bits", "expected 1 .. 16")
         s = len(self.block_conf)
         need(s >= 1, "block_conf", "need at least one scale")
@@ -93,25 +102,49 @@ class ModelConfig:
         need(all(k >= 1 for k in self.layers_conf), "layers_conf", "every unit needs >= 1 step")
         need(len(self.layer_mid_chnls) == s, "layer_mid_chnls", f"needs one entry per scale ({s})")
         need(all(m >= 2 for m in self.layer_mid_chnls), "layer_mid_chnls", "widths must be >= 2")
-        need(self.growth_rate >= 0 and self.growth_rate % 2 == 0, "growth_rate", "must be even and >= 0")
+        need(
+            self.growth_rate >= 0 and self.growth_rate % 2 == 0,
+            "growth_rate",
+            "must be even and >= 0",
+        )
         _, h, w = self.image_shape
         side = 2**s
-        need(h % side == 0 and w % side == 0, "image_shape", f"H and W must be divisible by 2**scales = {side}")
+        need(
+            h % side == 0 and w % side == 0,
+            "image_shape",
+            f"H and W must be divisible by 2**scales = {side}",
+        )
         need(self.dense_depth >= 1, "dense_depth", "must be >= 1")
         need(self.dense_growth >= 1, "dense_growth", "must be >= 1")
         need(self.coupling_net in COUPLING_NETS, "coupling_net", f"expected one of {COUPLING_NETS}")
-        need(self.cross_unit in CROSS_UNIT_KINDS, "cross_unit", f"expected one of {CROSS_UNIT_KINDS}")
+        need(
+            self.cross_unit in CROSS_UNIT_KINDS, "cross_unit", f"expected one of {CROSS_UNIT_KINDS}"
+        )
         need(self.attention in ATTENTION_KINDS, "attention", f"expected one of {ATTENTION_KINDS}")
         need(self.attention_landmarks >= 1, "attention_landmarks", "must be >= 1")
         need(self.attention_heads >= 1, "attention_heads", "must be >= 1")
         if self.attention == "official":
-            need(self.attention_heads == 1, "attention_heads", "the official attention is single-head")
+            need(
+                self.attention_heads == 1,
+                "attention_heads",
+                "the official attention is single-head",
+            )
         else:
             bad = [m for m in self.layer_mid_chnls if (m // 2) % self.attention_heads]
             need(not bad, "attention_heads", f"must divide every embedding width M//2 (M = {bad})")
         need(self.conv1x1 in CONV1X1_KINDS, "conv1x1", f"expected one of {CONV1X1_KINDS}")
-        need(self.dequantization in DEQUANTIZATIONS, "dequantization", f"expected one of {DEQUANTIZATIONS}")
-        for name in ("dequant_width", "dequant_steps", "dequant_depth", "dequant_growth", "dequant_context_growth"):
+        need(
+            self.dequantization in DEQUANTIZATIONS,
+            "dequantization",
+            f"expected one of {DEQUANTIZATIONS}",
+        )
+        for name in (
+            "dequant_width",
+            "dequant_steps",
+            "dequant_depth",
+            "dequant_growth",
+            "dequant_context_growth",
+        ):
             need(getattr(self, name) >= 1, name, "must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,14 +171,15 @@ def model_config(name: str) -> ModelConfig:
     The network is identical for all four (130,647,294 parameters); only the image size differs.
     """
     if name not in _IMAGE_SHAPES:
-        raise ConfigError(f"unknown model preset {name!r}; expected one of {', '.join(_IMAGE_SHAPES)}")
+        raise ConfigError(
+            f"unknown model preset {name!r}; expected one of {', '.join(_IMAGE_SHAPES)}"
+        )
     return ModelConfig(image_shape=_IMAGE_SHAPES[name])
 
 
 # ---------------------------------------------------------------------------------------------
 # Run configuration: model + data + training + evaluation, YAML presets, checked overrides.
 
-AUGMENTATIONS = ("none", "eta", "neta", "hflip")
 SCHEDULES = ("official", "exponential", "cosine")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRECISIONS = ("float32", "bfloat16")
@@ -153,7 +187,8 @@ PRECISIONS = ("float32", "bfloat16")
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which images to train and evaluate on (``denseflow.data``); ``augmentation`` as spec §13.4."""
+    """Which images to train and evaluate on (``denseflow.data``); ``augmentation`` as spec
+    §13.4."""
 
     dataset: str = "cifar10"
     augmentation: str = "eta"
@@ -163,7 +198,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.augmentation not in AUGMENTATIONS:
-            raise ConfigError(f"data.augmentation={self.augmentation!r}: expected one of {AUGMENTATIONS}")
+            raise ConfigError(
+                f"data.augmentation={self.augmentation!r}: expected one of {AUGMENTATIONS}"
+            )
         for name in ("train_limit", "test_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -249,9 +286,13 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision={self.precision!r}: expected one of {PRECISIONS}")
         if self.compile_mode not in COMPILE_MODES:
-            raise ConfigError(f"train.compile_mode={self.compile_mode!r}: expected one of {COMPILE_MODES}")
+            raise ConfigError(
+                f"train.compile_mode={self.compile_mode!r}: expected one of {COMPILE_MODES}"
+            )
         if self.compile_mode != "default" and self.compile_backend != "inductor":
-            raise ConfigError(f"train.compile_mode={self.compile_mode!r}: a mode of the inductor backend only")
+            raise ConfigError(
+                f"train.compile_mode={self.compile_mode!r}: a mode of the inductor backend only"
+            )
         if self.compile:
             import torch._dynamo
 
@@ -261,7 +302,9 @@ class TrainConfig:
                     f"{torch._dynamo.list_backends()} or a debug backend such as 'aot_eager'"
                 )
         if self.batch_chunks > self.batch_size:
-            raise ConfigError(f"train.batch_chunks={self.batch_chunks}: more chunks than train.batch_size")
+            raise ConfigError(
+                f"train.batch_chunks={self.batch_chunks}: more chunks than train.batch_size"
+            )
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"train.schedule={self.schedule!r}: expected one of {SCHEDULES}")
         if not 0 < self.gamma <= 1:
@@ -271,7 +314,9 @@ class TrainConfig:
         if self.max_rollbacks < 0:
             raise ConfigError(f"train.max_rollbacks={self.max_rollbacks!r}: must be >= 0")
         if not 0 < self.rollback_lr_factor <= 1:
-            raise ConfigError(f"train.rollback_lr_factor={self.rollback_lr_factor!r}: must lie in (0, 1]")
+            raise ConfigError(
+                f"train.rollback_lr_factor={self.rollback_lr_factor!r}: must lie in (0, 1]"
+            )
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip={self.grad_clip!r}: must be >= 0 (0 = off)")
         if self.sample_temperature < 0:
@@ -280,7 +325,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Test-set evaluation (spec §11): batch size, and importance samples ``k`` in chunks of ``kbs``."""
+    """Test-set evaluation (spec §11): batch size, and importance samples ``k`` in chunks of
+    ``kbs``."""
 
     batch_size: int = 64
     k: int = 1000
@@ -305,12 +351,14 @@ class RunConfig:
     eval: EvalConfig = EvalConfig()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested values (YAML/JSON-able), one mapping per section."""
         return {name: _plain(getattr(self, name)) for name in SECTIONS}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "config") -> RunConfig:
         """Build from nested plain values; unknown sections/keys and wrongly typed values are
-        errors naming ``section.key``. A ``model`` section may name a preset: ``{preset: cifar10}``."""
+        errors naming ``section.key``. A ``model`` section may name a preset:
+        ``{preset: cifar10}``."""
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: expected a mapping of sections {list(SECTIONS)}")
         unknown = sorted(set(values) - set(SECTIONS))
@@ -332,15 +380,21 @@ class RunConfig:
             key, sep, raw = item.partition("=")
             section, dot, field_name = key.strip().partition(".")
             if not sep or not dot:
-                raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.lr=2e-4")
+                raise ConfigError(
+                    f"override {item!r}: expected section.key=value, e.g. train.lr=2e-4"
+                )
             if section not in SECTIONS:
-                raise ConfigError(f"override {item!r}: unknown section {section!r}; expected {list(SECTIONS)}")
+                raise ConfigError(
+                    f"override {item!r}: unknown section {section!r}; expected {list(SECTIONS)}"
+                )
             if field_name not in _field_types(SECTIONS[section]):
                 raise ConfigError(f"override {item!r}: unknown key {key.strip()!r}")
             try:
                 values[section][field_name] = yaml.safe_load(raw) if raw.strip() else None
             except yaml.YAMLError as err:
-                raise ConfigError(f"override {item!r}: cannot parse the value ({err.problem})") from None
+                raise ConfigError(
+                    f"override {item!r}: cannot parse the value ({err.problem})"
+                ) from None
         return RunConfig.from_dict(values, "overrides")
 
 
@@ -355,7 +409,8 @@ def _field_types(kind: type) -> dict[str, Any]:
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against a field's type hint; ints are accepted for floats, lists for tuples."""
+    """Check ``value`` against a field's type hint; ints are accepted for floats, lists for
+    tuples."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -391,13 +446,16 @@ def _build(kind: type, values: dict[str, Any], section: str) -> Any:
         return kind(**checked)
     except ConfigError as err:
         message = str(err)
-        raise ConfigError(message if message.startswith(f"{section}.") else f"{section}.{message}") from None
+        raise ConfigError(
+            message if message.startswith(f"{section}.") else f"{section}.{message}"
+        ) from None
 
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
 def preset_names() -> list[str]:
+    """Names of the bundled presets (``denseflow/configs/*.yaml``)."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
@@ -407,7 +465,9 @@ def load_config(source: str | Path) -> RunConfig:
     if path.suffix not in (".yaml", ".yml"):
         path = PRESET_DIR / f"{source}.yaml"
         if not path.exists():
-            raise ConfigError(f"unknown preset {str(source)!r}; expected one of {', '.join(preset_names())}")
+            raise ConfigError(
+                f"unknown preset {str(source)!r}; expected one of {', '.join(preset_names())}"
+            )
     try:
         values = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -415,5 +475,7 @@ def load_config(source: str | Path) -> RunConfig:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
+        raise ConfigError(
+            f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}"
+        ) from None
     return RunConfig.from_dict(values or {}, str(path))

@@ -21,17 +21,21 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 def rank() -> int:
+    """This process's rank (0 outside a process group)."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
 def world_size() -> int:
+    """The number of ranks (1 outside a process group)."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def is_main() -> bool:
+    """Whether this process is rank 0 (the one that writes files and prints)."""
     return rank() == 0
 
 
@@ -81,7 +85,8 @@ def no_sync(module: torch.nn.Module, last: bool):
 
 
 def seeded_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of draw ``index`` (a step, an epoch, a chunk, an evaluation batch) of a run seeded ``seed``."""
+    """The generator of draw ``index`` (a step, an epoch, a chunk, an evaluation batch) of a run
+    seeded ``seed``."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
 
 
@@ -90,3 +95,9 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and world_size() > 1:
         dist.all_reduce(tensor)
     return tensor
+
+
+def say(message: str) -> None:
+    """Print ``message`` above any progress bar, from rank 0 only."""
+    if is_main():
+        tqdm.write(message)

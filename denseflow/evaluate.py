@@ -1,4 +1,5 @@
-"""Test-set bits/dim: the single-sample ELBO (spec §10) or the importance-weighted bound IWBO-k (§11)."""
+"""Test-set bits/dim: the single-sample ELBO (spec §10) or the importance-weighted bound IWBO-k
+(§11)."""
 
 from __future__ import annotations
 
@@ -47,4 +48,9 @@ def evaluate_images(
         bar.update(len(x) * distributed.world_size())
     bar.close()
     nats = (distributed.all_sum(total) / len(images)).item()
-    return {"bpd": -nats / (model.config.num_dims * math.log(2)), "nats": nats, "images": len(images), "k": k or 1}
+    return {
+        "bpd": -nats / (model.config.num_dims * math.log(2)),
+        "nats": nats,
+        "images": len(images),
+        "k": k or 1,
+    }

@@ -1,4 +1,5 @@
-"""The ablation experiment (``denseflow experiment ablation``): what the paper's ideas buy at equal budget.
+"""The ablation experiment (``denseflow experiment ablation``): what the paper's ideas buy at
+equal budget.
 
 Variants of one small two-scale architecture on 28x28 Fashion-MNIST, each within 5 % of the
 reference's parameter count (the coupling-net width ``layer_mid_chnls`` is solved for) and
@@ -37,8 +38,9 @@ from .config import DataConfig, EvalConfig, ModelConfig, RunConfig, load_config
 from .data import load_images
 from .evaluate import evaluate_images
 from .model import DenseFlow
+from .runtime import prepare, resolve_device
 from .sample import sample_seeds, save_grid
-from .train import prepare, resolve_device, train, train_step
+from .train import train, train_step
 
 _DEMO = load_config("demo")
 #: the reference architecture, the ``demo`` preset's model: 2 scales, 3 + 2 units of 2 steps
@@ -55,8 +57,14 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         {"cross_unit": "unconditional"},
         "augmentation noise from a learned Gaussian independent of earlier latents (VFlow-style)",
     ),
-    "no_augmentation": ({"growth_rate": 0}, "no noise augmentation: constant width, wider coupling nets"),
-    "no_attention": ({"coupling_net": "dense"}, "coupling nets without the attention branch (DenseBlock only)"),
+    "no_augmentation": (
+        {"growth_rate": 0},
+        "no noise augmentation: constant width, wider coupling nets",
+    ),
+    "no_attention": (
+        {"coupling_net": "dense"},
+        "coupling nets without the attention branch (DenseBlock only)",
+    ),
     "glow": (
         {
             "coupling_net": "glow",
@@ -71,7 +79,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
 
 #: the training recipe shared by every variant: the demo preset's (batch 64, lr 2e-3 after 100
 #: warm-up steps), no intermediate evaluations or sample grids; ``max_steps`` is the budget
-RECIPE = dataclasses.replace(_DEMO.train, epochs=1000, max_steps=None, eval_every=1000, num_samples=0, device="auto")
+RECIPE = dataclasses.replace(
+    _DEMO.train, epochs=1000, max_steps=None, eval_every=1000, num_samples=0, device="auto"
+)
 
 DEFAULTS = {"steps": 800, "seeds": 2, "iwbo_k": 100, "iwbo_images": 500, "batch_size": 64}
 #: --quick: the pipeline on a tiny subset (CI), not the numbers
@@ -87,6 +97,7 @@ QUICK = {
 
 
 def num_params(config: ModelConfig) -> int:
+    """Parameter count of the model of ``config``."""
     return sum(p.numel() for p in DenseFlow(config).parameters())
 
 
@@ -99,13 +110,17 @@ def matched_config(name: str, base: ModelConfig = BASE) -> ModelConfig:
     if name == "denseflow":
         return config
     target = num_params(dataclasses.replace(base, **VARIANTS["denseflow"][0]))
-    step = 2 * config.attention_heads if config.coupling_net == "fused" else 2  # M//2 divisible by the heads
+    step = (
+        2 * config.attention_heads if config.coupling_net == "fused" else 2
+    )  # M//2 divisible by the heads
 
     def at(width: int) -> ModelConfig:
         return dataclasses.replace(config, layer_mid_chnls=(width,) * config.num_scales)
 
     lo, hi = 1, 1
-    while num_params(at(hi * step)) < target:  # parameters grow with the width: bracket, then bisect
+    while (
+        num_params(at(hi * step)) < target
+    ):  # parameters grow with the width: bracket, then bisect
         lo, hi = hi, 2 * hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -113,13 +128,22 @@ def matched_config(name: str, base: ModelConfig = BASE) -> ModelConfig:
     return min((at(lo * step), at(hi * step)), key=lambda c: abs(num_params(c) - target))
 
 
-def run_config(name: str, seed: int, steps: int, batch_size: int, limits: dict[str, int | None]) -> RunConfig:
-    train = dataclasses.replace(RECIPE, max_steps=steps, batch_size=batch_size, seed=seed, checkpoint_every=steps)
+def run_config(
+    name: str, seed: int, steps: int, batch_size: int, limits: dict[str, int | None]
+) -> RunConfig:
+    """The configuration of one run: a variant's matched model, the shared recipe, a seed."""
+    train = dataclasses.replace(
+        RECIPE, max_steps=steps, batch_size=batch_size, seed=seed, checkpoint_every=steps
+    )
     data = DataConfig(dataset="fashion_mnist", augmentation="none", **limits)
-    return RunConfig(model=matched_config(name), data=data, train=train, eval=EvalConfig(batch_size=250))
+    return RunConfig(
+        model=matched_config(name), data=data, train=train, eval=EvalConfig(batch_size=250)
+    )
 
 
-def _calibrate(names: list[str], batch_size: int, iwbo_k: int, iwbo_images: int, n_test: int) -> dict[str, float]:
+def _calibrate(
+    names: list[str], batch_size: int, iwbo_k: int, iwbo_images: int, n_test: int
+) -> dict[str, float]:
     """Seconds per training step and per evaluation of each variant, from a few timed steps."""
     device = resolve_device(RECIPE.device)
     out = {}
@@ -168,20 +192,31 @@ def run_ablation(
         raise ValueError(f"seeds must be >= 1, got {settings['seeds']}")
     limits = {"train_limit": settings.get("train_limit"), "test_limit": settings.get("test_limit")}
     testset = load_images("fashion_mnist", "test", data_dir, limit=limits["test_limit"])
-    trainset_source = load_images("fashion_mnist", "train", data_dir, limit=limits["train_limit"]).source
+    trainset_source = load_images(
+        "fashion_mnist", "train", data_dir, limit=limits["train_limit"]
+    ).source
     n_train = trainset_source["num_images"]
     if steps is not None and budget_minutes is not None:
         raise ValueError("give --steps or --budget-minutes, not both")
     if budget_minutes is not None:
         cost = _calibrate(
-            names, settings["batch_size"], settings["iwbo_k"], settings["iwbo_images"], len(testset.images)
+            names,
+            settings["batch_size"],
+            settings["iwbo_k"],
+            settings["iwbo_images"],
+            len(testset.images),
         )
         per_seed_steps = sum(step for step, _ in cost.values())
         per_seed_eval = sum(evaluation for _, evaluation in cost.values())
         steps = int((60 * budget_minutes / settings["seeds"] - per_seed_eval) / per_seed_steps)
         if steps < 1:
-            raise ValueError(f"--budget-minutes {budget_minutes}: too short for one step of every variant here")
-        log(f"calibrated: {steps} steps per run fit {budget_minutes} minutes ({settings['seeds']} seeds)")
+            raise ValueError(
+                f"--budget-minutes {budget_minutes}: too short for one step of every variant here"
+            )
+        log(
+            f"calibrated: {steps} steps per run fit {budget_minutes} minutes "
+            f"({settings['seeds']} seeds)"
+        )
     settings["steps"] = settings["steps"] if steps is None else steps
     if settings["steps"] < 1:
         raise ValueError(f"steps must be >= 1, got {settings['steps']}")
@@ -195,14 +230,26 @@ def run_ablation(
             config = run_config(name, seed, settings["steps"], settings["batch_size"], limits)
             run_dir = out / f"seed{seed}" / name
             runs.append(
-                _run_one(name, config, run_dir, data_dir, n_train, testset.images, iwbo_set, settings, progress, log)
+                _run_one(
+                    name,
+                    config,
+                    run_dir,
+                    data_dir,
+                    n_train,
+                    testset.images,
+                    iwbo_set,
+                    settings,
+                    progress,
+                    log,
+                )
             )
     results = {
         "command": settings | {"budget_minutes": budget_minutes, "quick": quick, "variants": names},
         "machine": _machine(),
         "data": {"train": trainset_source, "test": testset.source, "iwbo_images": len(iwbo_set)},
         "variants": {
-            name: {"description": VARIANTS[name][1], "model": matched_config(name).to_dict()} for name in names
+            name: {"description": VARIANTS[name][1], "model": matched_config(name).to_dict()}
+            for name in names
         },
         "runs": runs,
         "summary": summarize(runs),
@@ -215,22 +262,30 @@ def run_ablation(
 
 
 def images_seen(n: int, batch_size: int, steps: int) -> int:
-    """Training images in ``steps`` steps over ``n`` images (the last batch of an epoch is partial)."""
+    """Training images in ``steps`` steps over ``n`` images (the last batch of an epoch is
+    partial)."""
     per_epoch = math.ceil(n / batch_size)
     epochs, rest = divmod(steps, per_epoch)
     return epochs * n + min(rest * batch_size, n)
 
 
-def _run_one(name, config, run_dir, data_dir, len_train, test_images, iwbo_set, settings, progress, log):
+def _run_one(
+    name, config, run_dir, data_dir, len_train, test_images, iwbo_set, settings, progress, log
+):
     """Train one variant for one seed (continuing an interrupted run) and evaluate it."""
     done = run_dir / "result.json"
     if done.exists():
         result = json.loads(done.read_text())
-        if RunConfig.from_dict(result["config"]) == config:  # fields added since then take their defaults
+        if (
+            RunConfig.from_dict(result["config"]) == config
+        ):  # fields added since then take their defaults
             log(f"{name} seed {config.train.seed}: done before, kept")
             return result
         raise ValueError(f"{run_dir} holds a run of another configuration: choose another --out")
-    log(f"{name} seed {config.train.seed}: training {config.train.max_steps} steps of {config.train.batch_size}")
+    log(
+        f"{name} seed {config.train.seed}: training {config.train.max_steps} steps of "
+        f"{config.train.batch_size}"
+    )
     resume = run_dir if any((run_dir / "checkpoints").glob("step_*.pt")) else None
     tic = time.perf_counter()
     summary = train(config, run_dir, data_dir, resume=resume, progress=progress)
@@ -239,17 +294,25 @@ def _run_one(name, config, run_dir, data_dir, len_train, test_images, iwbo_set, 
     model.eval()
     seed = config.train.seed
     tic = time.perf_counter()
-    elbo = {"bpd": summary["test_bpd"]}  # train() ends with this evaluation: the whole test set, eval.batch_size 250
+    elbo = {
+        "bpd": summary["test_bpd"]
+    }  # train() ends with this evaluation: the whole test set, eval.batch_size 250
     if summary["test_bpd"] is None:  # a resumed run that had finished training
-        elbo = evaluate_images(model, test_images, 250, seed=seed, progress=progress, desc=f"{name} ELBO")
+        elbo = evaluate_images(
+            model, test_images, 250, seed=seed, progress=progress, desc=f"{name} ELBO"
+        )
     elbo_subset = evaluate_images(model, iwbo_set, 250, seed=seed, progress=False)
     k = settings["iwbo_k"]
-    iwbo = evaluate_images(model, iwbo_set, 5, k, min(k, 50), seed=seed, progress=progress, desc=f"{name} IWBO-{k}")
+    iwbo = evaluate_images(
+        model, iwbo_set, 5, k, min(k, 50), seed=seed, progress=progress, desc=f"{name} IWBO-{k}"
+    )
     eval_s = time.perf_counter() - tic
     grids = {}
     for temperature in (1.0, 0.7):
         path = run_dir / f"samples_t{temperature}.png"
-        save_grid(sample_seeds(model, list(range(64)), temperature), path, num_bits=config.model.num_bits)
+        save_grid(
+            sample_seeds(model, list(range(64)), temperature), path, num_bits=config.model.num_bits
+        )
         grids[str(temperature)] = str(path.relative_to(run_dir.parent.parent))
     result = {
         "variant": name,
@@ -269,7 +332,10 @@ def _run_one(name, config, run_dir, data_dir, len_train, test_images, iwbo_set, 
         "config": config.to_dict(),
     }
     done.write_text(json.dumps(result, indent=1) + "\n")
-    log(f"{name} seed {seed}: ELBO {elbo['bpd']:.4f} bpd, IWBO-{k} {iwbo['bpd']:.4f} bpd, {train_s / 60:.1f} min")
+    log(
+        f"{name} seed {seed}: ELBO {elbo['bpd']:.4f} bpd, IWBO-{k} {iwbo['bpd']:.4f} bpd, "
+        f"{train_s / 60:.1f} min"
+    )
     return result
 
 
@@ -278,7 +344,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     summary: dict[str, dict[str, float]] = {}
     for name in dict.fromkeys(r["variant"] for r in runs):
         mine = [r for r in runs if r["variant"] == name]
-        row: dict[str, float] = {"seeds": len(mine), "params": mine[0]["params"], "images_seen": mine[0]["images_seen"]}
+        row: dict[str, float] = {
+            "seeds": len(mine),
+            "params": mine[0]["params"],
+            "images_seen": mine[0]["images_seen"],
+        }
         for key in ("elbo_bpd", "elbo_bpd_iwbo_images", "iwbo_bpd", "train_seconds"):
             values = [r[key] for r in mine]
             row[key] = statistics.fmean(values)
@@ -288,10 +358,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
+    """``results.md``: mean ± std per variant, then every run."""
     k = results["command"]["iwbo_k"]
     n = results["data"]["iwbo_images"]
     lines = [
-        f"| variant | parameters | images seen | test ELBO bpd (all {results['data']['test']['num_images']}) "
+        f"| variant | parameters | images seen "
+        f"| test ELBO bpd (all {results['data']['test']['num_images']}) "
         f"| ELBO bpd (first {n}) | IWBO-{k} bpd (first {n}) | train min |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -304,14 +376,18 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"| {row['train_seconds'] / 60:.1f} ± {row['train_seconds_std'] / 60:.1f} |"
         )
     seeds = max(int(row["seeds"]) for row in results["summary"].values())
-    lines.append(f"\nmean ± standard deviation over {seeds} seed(s); lower bits/dim is better. Every run:\n")
     lines.append(
-        f"| variant | seed | test ELBO bpd | ELBO bpd (first {n}) | IWBO-{k} bpd (first {n}) | train s | eval s |"
+        f"\nmean ± standard deviation over {seeds} seed(s); lower bits/dim is better. Every run:\n"
+    )
+    lines.append(
+        f"| variant | seed | test ELBO bpd | ELBO bpd (first {n}) | IWBO-{k} bpd (first {n}) "
+        "| train s | eval s |"
     )
     lines.append("|---|---:|---:|---:|---:|---:|---:|")
     for r in results["runs"]:
         lines.append(
-            f"| {r['variant']} | {r['seed']} | {r['elbo_bpd']:.4f} | {r['elbo_bpd_iwbo_images']:.4f} "
+            f"| {r['variant']} | {r['seed']} | {r['elbo_bpd']:.4f} "
+            f"| {r['elbo_bpd_iwbo_images']:.4f} "
             f"| {r['iwbo_bpd']:.4f} | {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -332,7 +408,10 @@ def plot(results: dict[str, Any], path: Path, log=print) -> None:
     k = results["command"]["iwbo_k"]
     fig, ax = plt.subplots(figsize=(8, 4))
     xs = range(len(names))
-    for offset, key, label in ((-0.2, "elbo_bpd", "ELBO (whole test set)"), (0.2, "iwbo_bpd", f"IWBO-{k} (subset)")):
+    for offset, key, label in (
+        (-0.2, "elbo_bpd", "ELBO (whole test set)"),
+        (0.2, "iwbo_bpd", f"IWBO-{k} (subset)"),
+    ):
         ax.bar(
             [x + offset for x in xs],
             [r[key] for r in rows],
@@ -354,7 +433,8 @@ def plot(results: dict[str, Any], path: Path, log=print) -> None:
 
 
 def montage(results: dict[str, Any], out: Path, temperature: str) -> Path:
-    """``samples_t{T}.png``: the first seed's sample grid of every variant side by side, labelled."""
+    """``samples_t{T}.png``: the first seed's sample grid of every variant side by side,
+    labelled."""
     from PIL import Image, ImageDraw
 
     first = {}

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .nets.precision import NetPrecision
 from .nets.recompute import Recomputable
-from .transforms.base import DiagonalGaussian, Noise, std_normal_log_prob
+from .nets.runner import NetRunner
+from .transforms.base import DiagonalGaussian, Noise
 from .transforms.cross_unit import InvertibleDenseBlock, coupling_net_factory
 from .transforms.dequantization import UniformDequantization, VariationalDequantization
 from .transforms.glow import ActNorm, squeeze, unsqueeze
@@ -38,8 +38,7 @@ NoiseArg = Mapping[str, Tensor] | None
 
 def eager() -> AbstractContextManager:
     """Run ``torch.compile``-d code eagerly inside this block (no tracing, no recompilation)."""
-    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
-    return set_stance("force_eager") if set_stance is not None else nullcontext()
+    return torch.compiler.set_stance("force_eager")
 
 
 class DenseFlow(nn.Module):
@@ -59,13 +58,13 @@ class DenseFlow(nn.Module):
         if cfg.dequantization == "variational":
             self.dequantizer = VariationalDequantization(
                 c,
-                cfg.num_bits,
-                cfg.dequant_width,
-                cfg.dequant_steps,
-                cfg.dequant_depth,
-                cfg.dequant_growth,
-                cfg.dequant_context_growth,
-                cfg.conv1x1,
+                num_bits=cfg.num_bits,
+                width=cfg.dequant_width,
+                steps=cfg.dequant_steps,
+                depth=cfg.dequant_depth,
+                growth=cfg.dequant_growth,
+                context_growth=cfg.dequant_context_growth,
+                conv1x1=cfg.conv1x1,
             )
         else:
             self.dequantizer = UniformDequantization(cfg.num_bits)
@@ -75,23 +74,23 @@ class DenseFlow(nn.Module):
         self.latent_shapes: dict[str, tuple[int, int, int]] = {}
         for s in range(cfg.num_scales):
             nets = coupling_net_factory(
-                cfg.layer_mid_chnls[s],
-                cfg.dense_depth,
-                cfg.dense_growth,
-                cfg.attention,
-                cfg.attention_heads,
-                cfg.attention_landmarks,
-                cfg.coupling_net,
+                width=cfg.layer_mid_chnls[s],
+                depth=cfg.dense_depth,
+                growth=cfg.dense_growth,
+                attention=cfg.attention,
+                heads=cfg.attention_heads,
+                landmarks=cfg.attention_landmarks,
+                kind=cfg.coupling_net,
             )
             block = InvertibleDenseBlock(
                 channels,
-                cfg.block_conf[s],
-                cfg.layers_conf[s],
-                cfg.growth_rate,
-                nets,
-                f"block{s + 1}",
-                cfg.conv1x1,
-                cfg.cross_unit == "conditional",
+                units=cfg.block_conf[s],
+                steps=cfg.layers_conf[s],
+                growth=cfg.growth_rate,
+                net_factory=nets,
+                name=f"block{s + 1}",
+                conv1x1=cfg.conv1x1,
+                conditional=cfg.cross_unit == "conditional",
             )
             self.blocks.append(block)
             channels = block.out_channels
@@ -111,56 +110,76 @@ class DenseFlow(nn.Module):
         sampling = ["base.eta", *(f"{t.name}.eta" for t in reversed(self.transitions))]
         return ["dequant.eta", *couplings, *sampling]
 
-    def _noise(self, noise: NoiseArg, generator: torch.Generator | None, temperature: float = 1.0) -> Noise:
+    def _noise(
+        self, noise: NoiseArg, generator: torch.Generator | None, temperature: float = 1.0
+    ) -> Noise:
         unknown = sorted(set(noise or {}) - set(self.noise_names))
         if unknown:
             raise KeyError(f"unknown noise name(s) {unknown}; this model draws {self.noise_names}")
         return Noise(noise, generator, temperature)
 
     def _check_images(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-            raise TypeError(f"x: expected an integer tensor of images, got {getattr(x, 'dtype', type(x))}")
+        if (
+            not isinstance(x, Tensor)
+            or x.dtype.is_floating_point
+            or x.dtype.is_complex
+            or x.dtype == torch.bool
+        ):
+            raise TypeError(
+                f"x: expected an integer tensor of images, got {getattr(x, 'dtype', type(x))}"
+            )
         if x.dim() != 4 or tuple(x.shape[1:]) != self.config.image_shape:
             raise ValueError(
-                f"x: expected shape (B, {', '.join(map(str, self.config.image_shape))}), got {tuple(x.shape)}"
+                f"x: expected shape (B, {', '.join(map(str, self.config.image_shape))}), "
+                f"got {tuple(x.shape)}"
             )
         top = 2**self.config.num_bits - 1
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi > top:
-            raise ValueError(f"x: values must lie in 0 .. {top} for num_bits={self.config.num_bits}, got {lo} .. {hi}")
+            raise ValueError(
+                f"x: values must lie in 0 .. {top} for num_bits={self.config.num_bits}, "
+                f"got {lo} .. {hi}"
+            )
 
     # ------------------------------------------------------------------ data -> latent
     def _forward(self, x: Tensor, noise: Noise) -> tuple[Tensor, dict[str, Tensor]]:
         """(log p̂(x), latents): the estimate and every factored-out and final latent."""
         self._check_images(x)
+        latents: dict[str, Tensor] = {}
         z, total = self.dequantizer(x, noise=noise)
         h = squeeze(z - 0.5)
-        latents: dict[str, Tensor] = {}
         for s, block in enumerate(self.blocks):
             h, delta = block(h, noise=noise)
             total = total + delta
             if s < len(self.transitions):
                 transition = self.transitions[s]
-                h, dropped = transition.split(h)
-                total = total + std_normal_log_prob(dropped)
-                latents[transition.name] = dropped
+                h, latents[transition.name], delta = transition.factor_out(h)
+                total = total + delta
         latents["base"] = h
         return total + self.base.log_prob(h), latents
 
-    def elbo(self, x: Tensor, noise: NoiseArg = None, generator: torch.Generator | None = None) -> Tensor:
+    def elbo(
+        self, x: Tensor, noise: NoiseArg = None, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Single-sample ``log p̂(x)`` in nats, ``(B,)`` (spec §10): the training objective."""
         return self._forward(x, self._noise(noise, generator))[0]
 
-    def forward(self, x: Tensor, noise: NoiseArg = None, generator: torch.Generator | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, noise: NoiseArg = None, generator: torch.Generator | None = None
+    ) -> Tensor:
         """``model(x)`` is :meth:`elbo` (what DistributedDataParallel wraps)."""
         return self.elbo(x, noise, generator)
 
-    def bits_per_dim(self, x: Tensor, noise: NoiseArg = None, generator: torch.Generator | None = None) -> Tensor:
+    def bits_per_dim(
+        self, x: Tensor, noise: NoiseArg = None, generator: torch.Generator | None = None
+    ) -> Tensor:
         """``−log p̂(x) / (D·ln 2)`` per sample, ``(B,)``; D counts data dimensions only."""
         return -self.elbo(x, noise, generator) / (self.config.num_dims * math.log(2))
 
     @torch.inference_mode()
-    def iwbo(self, x: Tensor, k: int, chunk: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+    def iwbo(
+        self, x: Tensor, k: int, chunk: int | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Importance-weighted bound ``log (1/k) Σ_j exp(log p̂_j(x))`` in nats, ``(B,)`` (spec §11).
 
         ``k`` independent draws of every noise; ``chunk`` copies of the batch go through the
@@ -178,7 +197,9 @@ class DenseFlow(nn.Module):
             weights.append(self.elbo(x.repeat(n, 1, 1, 1), generator=generator).view(n, b))
         return torch.logsumexp(torch.cat(weights), dim=0) - math.log(k)
 
-    def encode(self, x: Tensor, noise: NoiseArg = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def encode(
+        self, x: Tensor, noise: NoiseArg = None, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
         """Latents of ``x`` for one draw of the noises: ``{"transition1": …, …, "base": z_L}``.
 
         :meth:`decode` inverts them exactly (up to float rounding) to the dequantized images.
@@ -235,7 +256,7 @@ class DenseFlow(nn.Module):
         """Run the coupling, noise and dequantizer networks under autocast to ``dtype`` (None:
         float32); everything else, log-determinants and densities included, stays float32."""
         for module in self.modules():
-            if isinstance(module, NetPrecision):
+            if isinstance(module, NetRunner):
                 module.net_dtype = dtype
         return self
 
@@ -245,29 +266,31 @@ class DenseFlow(nn.Module):
         A net that low-memory mode checkpoints itself (the noise nets, the dequantizer's context
         net) has its inner computation compiled, so checkpointing stays outside the graph.
         Nets of one class and shape share a compiled graph; each distinct shape is one
-        recompilation of the same code, so dynamo's recompile limit is raised to the number of
-        nets (at its default of 8 the later scales would silently fall back to eager).
+        recompilation of the same code, so while a compiled net runs dynamo's recompile limit is
+        raised to four per net (at its default of 8 the later scales would silently fall
+        back to eager); the process-wide setting is left as it was (:mod:`denseflow.nets.runner`).
         """
+        runners = [module for module in self.modules() if isinstance(module, NetRunner)]
         nets = [
             net
-            for module in self.modules()
-            if isinstance(module, NetPrecision)
+            for module in runners
             for net in (getattr(module, "net", None), getattr(module, "context_net", None))
             if net is not None
         ]
-        dynamo = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-        setattr(dynamo, limit, max(getattr(dynamo, limit), len(nets)))
         for net in nets:
-            if isinstance(net, Recomputable):  # compile what low-memory mode checkpoints, not the checkpointing
-                net._net = torch.compile(net._net, **options)
+            if isinstance(net, Recomputable):  # compile what low-memory mode checkpoints
+                net._compute = torch.compile(net._compute, **options)
             else:
                 net.compile(**options)
+        for module in runners:  # per net: training, recomputation, evaluation, sampling graphs
+            module.recompile_limit = 4 * len(nets)
         return self
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
-    def data_init(self, x: Tensor, noise: NoiseArg = None, generator: torch.Generator | None = None) -> None:
+    def data_init(
+        self, x: Tensor, noise: NoiseArg = None, generator: torch.Generator | None = None
+    ) -> None:
         """Data-dependent ActNorm initialisation from the batch ``x`` (spec §6.1).
 
         One forward pass in training mode (BatchNorm on batch statistics, as the official first
@@ -283,7 +306,9 @@ class DenseFlow(nn.Module):
         was_training = self.training
         try:
             self.train()
-            with eager():  # one pass: not worth compiling (compiled nets would trace a no-grad graph)
+            with (
+                eager()
+            ):  # one pass: not worth compiling (compiled nets would trace a no-grad graph)
                 self.elbo(x, noise, generator)
         finally:
             for hook in hooks:

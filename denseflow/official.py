@@ -45,11 +45,14 @@ class _NamespaceUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("argparse", "Namespace"):
             return argparse.Namespace
-        raise pickle.UnpicklingError(f"refusing {module}.{name}: an args.pickle may hold only an argparse Namespace")
+        raise pickle.UnpicklingError(
+            f"refusing {module}.{name}: an args.pickle may hold only an argparse Namespace"
+        )
 
 
 def load_official_args(args: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
-    """The official flags as a dict, from a dict, an ``args.json`` or an ``args.pickle`` (read safely)."""
+    """The official flags as a dict, from a dict, an ``args.json`` or an ``args.pickle`` (read
+    safely)."""
     if isinstance(args, Mapping):
         return dict(args)
     path = Path(args)
@@ -64,24 +67,34 @@ def load_official_args(args: Mapping[str, Any] | str | os.PathLike) -> dict[str,
     except Exception as err:  # any failure of an untrusted file is reported the same way
         raise ValueError(f"{path}: not a readable official args.pickle ({err})") from None
     if not isinstance(namespace, argparse.Namespace):
-        raise ValueError(f"{path}: expected a pickled argparse.Namespace, got {type(namespace).__name__}")
+        raise ValueError(
+            f"{path}: expected a pickled argparse.Namespace, got {type(namespace).__name__}"
+        )
     values = vars(namespace)
     for key, value in values.items():
         items = value if isinstance(value, (list, tuple)) else [value]
         if not all(isinstance(v, _PLAIN) for v in items):
-            raise ValueError(f"{path}: flag {key!r} holds a {type(value).__name__}, not a plain value")
+            raise ValueError(
+                f"{path}: flag {key!r} holds a {type(value).__name__}, not a plain value"
+            )
     return values
 
 
 def config_from_official_args(flags: Mapping[str, Any]) -> ModelConfig:
     """ModelConfig of an official run: ``dataset``, ``num_bits``, ``block_conf``, ``layers_conf``,
     ``layer_mid_chnls``, ``growth_rate``; everything else is fixed in the official code."""
-    missing = [k for k in ("dataset", "block_conf", "layers_conf", "layer_mid_chnls", "growth_rate") if k not in flags]
+    missing = [
+        k
+        for k in ("dataset", "block_conf", "layers_conf", "layer_mid_chnls", "growth_rate")
+        if k not in flags
+    ]
     if missing:
         raise ValueError(f"official flags: missing {missing}")
     dataset = flags["dataset"]
     if dataset not in OFFICIAL_DATASETS:
-        raise ValueError(f"official flags: dataset {dataset!r} is not one of {sorted(OFFICIAL_DATASETS)}")
+        raise ValueError(
+            f"official flags: dataset {dataset!r} is not one of {sorted(OFFICIAL_DATASETS)}"
+        )
     return ModelConfig(
         image_shape=OFFICIAL_DATASETS[dataset],
         num_bits=int(flags.get("num_bits", 8)),
@@ -118,7 +131,9 @@ def official_key(key: str) -> str | None:
     """
     if key in ("transforms.1._shift", "transforms.1._scale", "transforms.0.ldj_per_dim"):
         return None
-    if re.fullmatch(r"transforms\.\d+\.dist\.buffer|.*\.transforms\.0\.initialized|.*\.temperature", key):
+    if re.fullmatch(
+        r"transforms\.\d+\.dist\.buffer|.*\.transforms\.0\.initialized|.*\.temperature", key
+    ):
         return None
     if m := re.fullmatch(r"(transforms\.0\.encoder\.)?base_dist\.(loc|log_scale)", key):
         return f"{'dequantizer.base' if m[1] else 'base'}.{m[2]}"
@@ -138,9 +153,16 @@ def official_key(key: str) -> str | None:
             inner = _dense_block_key(n[1])
             if inner:
                 return f"dequantizer.flow.{step}.net.dense.{inner}"
-    if m := re.fullmatch(r"transforms\.(\d+)\.noise_params\.(\d+)\.transformation\.([02])\.(weight|bias)", key):
-        return f"blocks.{(int(m[1]) - 3) // 2}.couplings.{m[2]}.net.{'conv' if m[3] == '0' else 'out'}.{m[4]}"
-    if m := re.fullmatch(r"transforms\.(\d+)\.blocks\.(\d+)\.transforms\.(\d+)\.transforms\.([012])\.(.+)", key):
+    if m := re.fullmatch(
+        r"transforms\.(\d+)\.noise_params\.(\d+)\.transformation\.([02])\.(weight|bias)", key
+    ):
+        return (
+            f"blocks.{(int(m[1]) - 3) // 2}.couplings.{m[2]}.net."
+            f"{'conv' if m[3] == '0' else 'out'}.{m[4]}"
+        )
+    if m := re.fullmatch(
+        r"transforms\.(\d+)\.blocks\.(\d+)\.transforms\.(\d+)\.transforms\.([012])\.(.+)", key
+    ):
         prefix = f"blocks.{(int(m[1]) - 3) // 2}.units.{m[2]}.{m[3]}"
         part, rest = m[4], m[5]
         if part == "0" and rest in ("shift", "log_scale"):
@@ -167,8 +189,13 @@ def _check_constant(key: str, value: Tensor, num_bits: int) -> None:
     }.get(key)
     if key.endswith(".temperature"):
         expected = 1.0
-    if expected is not None and not torch.allclose(value.double(), torch.tensor(expected, dtype=torch.float64)):
-        raise ValueError(f"official buffer {key} = {value.tolist()}, expected {expected}: not a DenseFlow checkpoint")
+    if expected is not None and not torch.allclose(
+        value.double(), torch.tensor(expected, dtype=torch.float64)
+    ):
+        raise ValueError(
+            f"official buffer {key} = {value.tolist()}, expected {expected}: "
+            "not a DenseFlow checkpoint"
+        )
 
 
 def convert_state_dict(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
@@ -205,7 +232,9 @@ def convert_official(
             path = path / "check" / "checkpoint.pt"
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if args is None:
-        raise ValueError("convert_official: the official flags (args) are needed to rebuild the architecture")
+        raise ValueError(
+            "convert_official: the official flags (args) are needed to rebuild the architecture"
+        )
     config = config_from_official_args(load_official_args(args))
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping):
@@ -215,10 +244,15 @@ def convert_official(
     own = model.state_dict()
     missing = sorted(set(own) - set(translated))
     if missing:
-        raise ValueError(f"official checkpoint lacks {len(missing)} weights for this config, e.g. {missing[0]}")
+        raise ValueError(
+            f"official checkpoint lacks {len(missing)} weights for this config, e.g. {missing[0]}"
+        )
     for key, value in translated.items():
         if key not in own or own[key].shape != value.shape:
             shape = tuple(own[key].shape) if key in own else "absent"
-            raise ValueError(f"official weight for {key} has shape {tuple(value.shape)}, the config needs {shape}")
+            raise ValueError(
+                f"official weight for {key} has shape {tuple(value.shape)}, "
+                f"the config needs {shape}"
+            )
     model.load_state_dict(translated)
     return model.eval()

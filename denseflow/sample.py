@@ -27,7 +27,9 @@ def parse_seeds(text: str) -> list[int]:
 
 
 @torch.no_grad()
-def sample_seeds(model: DenseFlow, seeds: list[int], temperature: float = 1.0, batch_size: int = 64) -> torch.Tensor:
+def sample_seeds(
+    model: DenseFlow, seeds: list[int], temperature: float = 1.0, batch_size: int = 64
+) -> torch.Tensor:
     """One image per seed, ``(len(seeds), C, H, W)`` integers. The sampling noises of image i are
     drawn from a generator seeded with ``seeds[i]`` alone, and the model is in eval mode, so the
     image does not depend on the other seeds or on the batch size. In a process group every rank
@@ -36,14 +38,18 @@ def sample_seeds(model: DenseFlow, seeds: list[int], temperature: float = 1.0, b
     if world == 1:
         return _sample(model, seeds, temperature, batch_size)
     shares = [None] * world
-    torch.distributed.all_gather_object(shares, _sample(model, seeds[rank::world], temperature, batch_size))
+    torch.distributed.all_gather_object(
+        shares, _sample(model, seeds[rank::world], temperature, batch_size)
+    )
     out = torch.empty(len(seeds), *model.config.image_shape, dtype=torch.long)
     for r, share in enumerate(shares):
         out[r::world] = share
     return out
 
 
-def _sample(model: DenseFlow, seeds: list[int], temperature: float, batch_size: int) -> torch.Tensor:
+def _sample(
+    model: DenseFlow, seeds: list[int], temperature: float, batch_size: int
+) -> torch.Tensor:
     device = model.base.loc.device
     shapes = {"base.eta": model.latent_shapes["base"]}
     shapes |= {f"{t.name}.eta": model.latent_shapes[t.name] for t in model.transitions}
@@ -68,7 +74,11 @@ def to_pil(image: torch.Tensor, num_bits: int = 8) -> Image.Image:
 
 
 def save_grid(
-    images: torch.Tensor, path: str | os.PathLike, nrow: int = 8, padding: int = 2, num_bits: int = 8
+    images: torch.Tensor,
+    path: str | os.PathLike,
+    nrow: int = 8,
+    padding: int = 2,
+    num_bits: int = 8,
 ) -> Path:
     """Tile ``(N, C, H, W)`` integer images into one PNG, ``nrow`` per row, white gaps."""
     n, c, h, w = images.shape
@@ -76,11 +86,14 @@ def save_grid(
     rows = (n + ncol - 1) // ncol
     mode = "L" if c == 1 else "RGB"
     grid = Image.new(
-        mode, (ncol * (w + padding) + padding, rows * (h + padding) + padding), color=255 if c == 1 else (255,) * 3
+        mode,
+        (ncol * (w + padding) + padding, rows * (h + padding) + padding),
+        color=255 if c == 1 else (255,) * 3,
     )
     for i in range(n):
         grid.paste(
-            to_pil(images[i], num_bits), (padding + (i % ncol) * (w + padding), padding + (i // ncol) * (h + padding))
+            to_pil(images[i], num_bits),
+            (padding + (i % ncol) * (w + padding), padding + (i // ncol) * (h + padding)),
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

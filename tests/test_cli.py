@@ -13,19 +13,34 @@ from PIL import Image
 
 from denseflow.cli import main
 
-from .conftest import PARITY_DIRS
+from .conftest import PARITY_DIRS, needs_fixtures
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    assert main(["train", "--preset", "tiny", "--out", str(run), "--quiet", "--set", "train.epochs=1"]) == 0
+    assert (
+        main(["train", "--preset", "tiny", "--out", str(run), "--quiet", "--set", "train.epochs=1"])
+        == 0
+    )
     return run
 
 
 def test_dry_run_prints_the_resolved_config(capsys):
     assert (
-        main(["train", "--preset", "tiny", "--set", "train.lr=0.002", "--set", "model.growth_rate=4", "--dry-run"]) == 0
+        main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--set",
+                "train.lr=0.002",
+                "--set",
+                "model.growth_rate=4",
+                "--dry-run",
+            ]
+        )
+        == 0
     )
     out = capsys.readouterr().out
     assert "lr: 0.002" in out and "growth_rate: 4" in out and "dataset: fashion_mnist" in out
@@ -57,15 +72,33 @@ def test_evaluate_elbo_and_chunked_iwbo(tiny_run, capsys):
     assert iwbo["bpd"] < elbo["bpd"] < 9  # the importance-weighted bound is tighter
     assert "bits/dim" in capsys.readouterr().out
     assert (
-        main(["evaluate", "--checkpoint", str(final), "--double", "--quiet", "--json", str(tiny_run / "d.json")]) == 0
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(final),
+                "--double",
+                "--quiet",
+                "--json",
+                str(tiny_run / "d.json"),
+            ]
+        )
+        == 0
     )
-    assert json.loads((tiny_run / "d.json").read_text())["bpd"] == pytest.approx(elbo["bpd"], abs=1e-4)
+    assert json.loads((tiny_run / "d.json").read_text())["bpd"] == pytest.approx(
+        elbo["bpd"], abs=1e-4
+    )
 
 
 def test_sample_seeds_are_reproducible_and_independent(tiny_run, tmp_path):
     for name, seeds in (("a", "0-3"), ("b", "2,3")):
         argv = ["sample", "--checkpoint", str(tiny_run / "final.pt"), "--seeds", seeds]
-        assert main([*argv, "--out", str(tmp_path / f"{name}.png"), "--each-dir", str(tmp_path / name)]) == 0
+        assert (
+            main(
+                [*argv, "--out", str(tmp_path / f"{name}.png"), "--each-dir", str(tmp_path / name)]
+            )
+            == 0
+        )
     for seed in (2, 3):
         a = np.asarray(Image.open(tmp_path / "a" / f"seed{seed:06d}.png"))
         b = np.asarray(Image.open(tmp_path / "b" / f"seed{seed:06d}.png"))
@@ -89,11 +122,18 @@ def write_cifar(root, n_train=8, n_test=6):
     return root
 
 
-@pytest.mark.skipif(not PARITY_DIRS, reason="no parity fixtures")
+@needs_fixtures
 def test_import_official_then_evaluate(tmp_path, capsys):
     fixture = PARITY_DIRS[0]
     out = tmp_path / "published.pt"
-    args = ["import-official", str(fixture / "checkpoint.pt"), "--args", str(fixture / "args.json"), "--out", str(out)]
+    args = [
+        "import-official",
+        str(fixture / "checkpoint.pt"),
+        "--args",
+        str(fixture / "args.json"),
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     assert "8,859,816 parameters" in capsys.readouterr().out
     data = write_cifar(tmp_path / "data")
@@ -147,7 +187,15 @@ def test_malformed_yaml_and_foreign_checkpoint(tmp_path, capsys):
 
 
 def test_missing_dataset_is_one_line(tmp_path, capsys):
-    argv = ["train", "--preset", "tiny", "--set", "data.dataset=cifar10", "--set", "model.image_shape=[3,32,32]"]
+    argv = [
+        "train",
+        "--preset",
+        "tiny",
+        "--set",
+        "data.dataset=cifar10",
+        "--set",
+        "model.image_shape=[3,32,32]",
+    ]
     assert main([*argv, "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(tmp_path) in err and "cifar" in err.lower()
@@ -160,7 +208,21 @@ def test_refuses_to_overwrite_a_run(tiny_run, capsys):
 
 def test_bench_reports_every_measurement(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    argv = ["bench", "--preset", "tiny", "--batch-size", "2", "--steps", "2", "--warmup", "0", "--k", "4", "--kbs", "2"]
+    argv = [
+        "bench",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--k",
+        "4",
+        "--kbs",
+        "2",
+    ]
     profile = tmp_path / "profile.txt"
     assert main([*argv, "--device", "cpu", "--json", str(out), "--profile", str(profile)]) == 0
     tables = profile.read_text()
@@ -206,16 +268,32 @@ def test_bench_conv_census_and_kernel_ceiling(tmp_path):
     from denseflow.transforms.glow import Conv1x1
 
     x, w3, w1 = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3), torch.randn(3, 4, 1, 1)
-    census = conv_census(lambda: [F.conv2d(x, w3, padding=1), F.conv2d(x, w3, padding=1), F.conv2d(x, w1, stride=2)])
+    census = conv_census(
+        lambda: [F.conv2d(x, w3, padding=1), F.conv2d(x, w3, padding=1), F.conv2d(x, w1, stride=2)]
+    )
     assert census == {
         ((2, 4, 6, 6), (5, 4, 3, 3), False, (1, 1), (1, 1), (1, 1), 1): 2,
         ((2, 4, 6, 6), (3, 4, 1, 1), False, (2, 2), (0, 0), (1, 1), 1): 1,
     }
-    _, flops = conv_kernel_seconds(next(iter(census)), torch.device("cpu"), channels_last=True, reps=1)
+    _, flops = conv_kernel_seconds(
+        next(iter(census)), torch.device("cpu"), channels_last=True, reps=1
+    )
     assert flops == 3 * 2 * (2 * 5 * 6 * 6) * (4 * 3 * 3)
 
     out = tmp_path / "bench.json"
-    argv = ["bench", "--preset", "tiny", "--batch-size", "4", "--steps", "2", "--warmup", "0", "--what", "train,convs"]
+    argv = [
+        "bench",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--what",
+        "train,convs",
+    ]
     assert main([*argv, "--device", "cpu", "--json", str(out)]) == 0
     report = json.loads(out.read_text())["convs"]
     model = DenseFlow(load_config("tiny").model).train()
@@ -225,6 +303,8 @@ def test_bench_conv_census_and_kernel_ceiling(tmp_path):
         train_step(model, optimizer, [(images, torch.Generator().manual_seed(0))], 1e-3)
     forward = counter.get_flop_counts()["Global"][torch.ops.aten.convolution]
     assert report["gflop"] == pytest.approx(3 * forward / 1e9, rel=1e-12)
-    convs = sum(isinstance(m, (torch.nn.Conv2d, Conv1x1)) for m in model.modules())  # each runs once per step
+    convs = sum(
+        isinstance(m, (torch.nn.Conv2d, Conv1x1)) for m in model.modules()
+    )  # each runs once per step
     assert report["calls"] == convs and report["shapes"] >= 2 and report["isolated_s"] > 0
     assert report["train_over_isolated"] > 0

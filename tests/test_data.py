@@ -21,7 +21,6 @@ import pytest
 import torch
 from PIL import Image
 
-from denseflow import data as data_module
 from denseflow.data import (
     DATASETS,
     IMAGENET_RELEASE_NPZ,
@@ -33,6 +32,7 @@ from denseflow.data import (
     embedded_fashion_mnist_dir,
     load_images,
 )
+from denseflow.data import idx as idx_module
 
 RNG = np.random.default_rng(0)
 
@@ -67,7 +67,8 @@ def write_cifar(parent: Path, n: int = 3) -> tuple[Path, dict[str, dict]]:
     folder = parent / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     batches = {
-        name: cifar_batch(n, i) for i, name in enumerate([*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"])
+        name: cifar_batch(n, i)
+        for i, name in enumerate([*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"])
     }
     for name, batch in batches.items():
         with open(folder / name, "wb") as f:
@@ -83,10 +84,14 @@ def test_cifar10_pixel_exact_channel_major(tmp_path: Path, given: str) -> None:
     check_set(train, (15, 3, 32, 32))
     rows = np.concatenate([batches[f"data_batch_{i}"][b"data"] for i in range(1, 6)])
     n, c, y, x = 7, 2, 5, 30
-    assert train.images[n, c, y, x].item() == rows[n, c * 1024 + y * 32 + x]  # channel-major, row-major
+    assert (
+        train.images[n, c, y, x].item() == rows[n, c * 1024 + y * 32 + x]
+    )  # channel-major, row-major
     assert np.array_equal(train.images.numpy().reshape(15, -1), rows)
     assert train.source["path"] == str(folder)
-    assert train.source["files"] == {f"data_batch_{i}": sha256(folder / f"data_batch_{i}") for i in range(1, 6)}
+    assert train.source["files"] == {
+        f"data_batch_{i}": sha256(folder / f"data_batch_{i}") for i in range(1, 6)
+    }
     test = load_images("cifar10", "test", data_dir)
     assert np.array_equal(test.images.numpy().reshape(3, -1), batches["test_batch"][b"data"])
     assert test.split == "test" and test.name == "cifar10"
@@ -103,7 +108,11 @@ def py2_cifar_pickle(data: np.ndarray, labels: list[int]) -> bytes:
     strings as SHORT_BINSTRING/BINSTRING and ``numpy.core.multiarray._reconstruct``."""
 
     def s(text: bytes) -> bytes:
-        return (b"U" + bytes([len(text)]) + text) if len(text) < 256 else (b"T" + struct.pack("<I", len(text)) + text)
+        return (
+            (b"U" + bytes([len(text)]) + text)
+            if len(text) < 256
+            else (b"T" + struct.pack("<I", len(text)) + text)
+        )
 
     n, d = data.shape
     array = (
@@ -161,7 +170,9 @@ def test_cifar10_errors(tmp_path: Path) -> None:
 def test_missing_data_dir_and_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         load_images("cifar10", data_dir=tmp_path / "nowhere")
-    with pytest.raises(DataError, match=r"no dataset files found in .*; expected the python version of CIFAR-10"):
+    with pytest.raises(
+        DataError, match=r"no dataset files found in .*; expected the python version of CIFAR-10"
+    ):
         load_images("cifar10", data_dir=tmp_path)
     with pytest.raises(DataError, match="unknown dataset"):
         load_images("svhn", data_dir=tmp_path)
@@ -204,7 +215,9 @@ def test_malicious_pickle_is_refused_and_its_payload_never_runs(tmp_path: Path, 
         evil = {b"data": np.zeros((1, 3072), np.uint8), b"labels": [Payload(os.mkdir, str(marker))]}
     blob = pickle.dumps(evil, protocol=2)
     (folder / "test_batch").write_bytes(blob)
-    with pytest.raises(DataError, match=r"test_batch: the pickle asks for .*(mkdir|exec).*refused") as err:
+    with pytest.raises(
+        DataError, match=r"test_batch: the pickle asks for .*(mkdir|exec).*refused"
+    ) as err:
         load_images("cifar10", "test", tmp_path / "data")
     assert "\n" not in str(err.value)
     assert not marker.exists()
@@ -214,7 +227,8 @@ def test_malicious_pickle_is_refused_and_its_payload_never_runs(tmp_path: Path, 
 
 def test_codecs_encode_admits_latin1_only(tmp_path: Path) -> None:
     folder, _ = write_cifar(tmp_path)
-    # protocol-2 pickles written by Python 3 encode bytes via _codecs.encode(text, 'latin1'): admitted
+    # protocol-2 pickles written by Python 3 encode bytes via _codecs.encode(text, 'latin1'):
+    # admitted
     s = load_images("cifar10", "test", tmp_path)
     assert s.images.shape[0] == 3
     blob = b"\x80\x02c_codecs\nencode\nX\x02\x00\x00\x00ab" + b"X\x04\x00\x00\x00zlib\x86R."
@@ -230,7 +244,11 @@ def test_codecs_encode_admits_latin1_only(tmp_path: Path) -> None:
 def imagenet_batch(n: int, side: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 256, (n, 3 * side * side), dtype=np.uint8)
-    return {"data": data, "labels": [int(v) for v in rng.integers(1, 1001, n)], "mean": data.mean(0)}
+    return {
+        "data": data,
+        "labels": [int(v) for v in rng.integers(1, 1001, n)],
+        "mean": data.mean(0),
+    }
 
 
 def write_imagenet(parent: Path, side: int = 32, n: int = 2, npz: bool = False) -> dict[str, dict]:
@@ -240,10 +258,17 @@ def write_imagenet(parent: Path, side: int = 32, n: int = 2, npz: bool = False) 
         batches[f"train_data_batch_{i}"] = imagenet_batch(n, side, i)
     batches["val_data"] = imagenet_batch(n, side, 0)
     for name, batch in batches.items():
-        sub = parent / (f"Imagenet{side}_val{suffix}" if name == "val_data" else f"Imagenet{side}_train{suffix}")
+        sub = parent / (
+            f"Imagenet{side}_val{suffix}" if name == "val_data" else f"Imagenet{side}_train{suffix}"
+        )
         sub.mkdir(parents=True, exist_ok=True)
         if npz:
-            np.savez(sub / f"{name}.npz", data=batch["data"], labels=np.array(batch["labels"]), mean=batch["mean"])
+            np.savez(
+                sub / f"{name}.npz",
+                data=batch["data"],
+                labels=np.array(batch["labels"]),
+                mean=batch["mean"],
+            )
         else:
             with open(sub / name, "wb") as f:
                 pickle.dump(batch, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -256,18 +281,23 @@ def test_imagenet32_planes_release_and_checksums(tmp_path: Path, npz: bool) -> N
     train = load_images("imagenet32", "train", tmp_path)
     check_set(train, (20, 3, 32, 32))
     rows = np.concatenate([batches[f"train_data_batch_{i}"]["data"] for i in range(1, 11)])
-    assert train.images[13, 1, 4, 9].item() == rows[13, 1024 + 4 * 32 + 9]  # R plane, G plane, B plane
+    assert (
+        train.images[13, 1, 4, 9].item() == rows[13, 1024 + 4 * 32 + 9]
+    )  # R plane, G plane, B plane
     assert np.array_equal(train.images.numpy().reshape(20, -1), rows)
     assert train.source["release"] == (IMAGENET_RELEASE_NPZ if npz else IMAGENET_RELEASE_PICKLE)
     sub, ext = ("Imagenet32_train_npz", ".npz") if npz else ("Imagenet32_train", "")
     expected = {
-        f"{sub}/train_data_batch_{i}{ext}": sha256(tmp_path / sub / f"train_data_batch_{i}{ext}") for i in range(1, 11)
+        f"{sub}/train_data_batch_{i}{ext}": sha256(tmp_path / sub / f"train_data_batch_{i}{ext}")
+        for i in range(1, 11)
     }
     assert train.source["files"] == expected
     val = load_images("imagenet32", "test", tmp_path)
     assert np.array_equal(val.images.numpy().reshape(2, -1), batches["val_data"]["data"])
     # the batch folder itself as data_dir
-    val2 = load_images("imagenet32", "test", tmp_path / ("Imagenet32_val_npz" if npz else "Imagenet32_val"))
+    val2 = load_images(
+        "imagenet32", "test", tmp_path / ("Imagenet32_val_npz" if npz else "Imagenet32_val")
+    )
     assert torch.equal(val.images, val2.images)
 
 
@@ -282,7 +312,9 @@ def test_imagenet_errors(tmp_path: Path) -> None:
         load_images("imagenet64", "test", tmp_path)
     # 32x32 rows handed to the 64x64 reader
     (tmp_path / "Imagenet32_val" / "val_data").rename(tmp_path / "val_data")
-    with pytest.raises(DataError, match=r"val_data: 'data' has shape \(2, 3072\) \(32x32 images\), expected"):
+    with pytest.raises(
+        DataError, match=r"val_data: 'data' has shape \(2, 3072\) \(32x32 images\), expected"
+    ):
         load_images("imagenet64", "test", tmp_path)
     (tmp_path / "val_data.npz").write_bytes(b"PK\x03\x04 not really a zip")
     (tmp_path / "val_data").unlink()
@@ -296,7 +328,11 @@ def test_imagenet_errors(tmp_path: Path) -> None:
 
 def test_imagenet64_batches_in_two_parts(tmp_path: Path) -> None:
     for i in range(1, 11):
-        part = tmp_path / "Imagenet64_train_part1_npz" if i <= 5 else tmp_path / "Imagenet64_train_part2_npz"
+        part = (
+            tmp_path / "Imagenet64_train_part1_npz"
+            if i <= 5
+            else tmp_path / "Imagenet64_train_part2_npz"
+        )
         part.mkdir(exist_ok=True)
         np.savez(part / f"train_data_batch_{i}.npz", data=np.full((1, 3 * 64 * 64), i, np.uint8))
     s = load_images("imagenet64", data_dir=tmp_path, image_size=(64, 64))
@@ -348,24 +384,36 @@ def test_celeba_matches_pil_bilinear(tmp_path: Path, crop: bool) -> None:
     for k, name in enumerate(["000004.jpg", "000005.jpg"]):
         with Image.open(folder / "img_align_celeba" / name) as img:
             assert img.size == (178, 218)
-            ref = (img.crop((15, 40, 163, 188)) if crop else img).resize((64, 64), Image.Resampling.BILINEAR)
+            ref = (img.crop((15, 40, 163, 188)) if crop else img).resize(
+                (64, 64), Image.Resampling.BILINEAR
+            )
         assert np.array_equal(s.images[k].numpy(), np.asarray(ref).transpose(2, 0, 1))
     assert s.source["partition"] == 2
     assert ("148x148 crop" in s.source["preprocessing"]) == crop
-    assert s.source["files"]["list_eval_partition.txt"] == sha256(folder / "list_eval_partition.txt")
-    train = load_images("celeba", "train", folder, image_size=(32, 48), celeba_crop=crop)  # the folder itself
+    assert s.source["files"]["list_eval_partition.txt"] == sha256(
+        folder / "list_eval_partition.txt"
+    )
+    train = load_images(
+        "celeba", "train", folder, image_size=(32, 48), celeba_crop=crop
+    )  # the folder itself
     check_set(train, (2, 3, 32, 48))
-    again = load_images("celeba", "train", folder / "img_align_celeba", image_size=(32, 48), celeba_crop=crop)
+    again = load_images(
+        "celeba", "train", folder / "img_align_celeba", image_size=(32, 48), celeba_crop=crop
+    )
     assert torch.equal(train.images, again.images)
 
 
 def test_celeba_errors(tmp_path: Path) -> None:
     folder = write_celeba(tmp_path)
     Image.new("RGB", (64, 64)).save(folder / "img_align_celeba" / "000001.jpg")
-    with pytest.raises(DataError, match=r"000001.jpg: RGB image of 64x64 \(HxW\), expected an aligned CelebA"):
+    with pytest.raises(
+        DataError, match=r"000001.jpg: RGB image of 64x64 \(HxW\), expected an aligned CelebA"
+    ):
         load_images("celeba", "train", tmp_path)
     (folder / "img_align_celeba" / "000001.jpg").unlink()
-    with pytest.raises(DataError, match=r"000001.jpg: missing \(listed in list_eval_partition.txt\)"):
+    with pytest.raises(
+        DataError, match=r"000001.jpg: missing \(listed in list_eval_partition.txt\)"
+    ):
         load_images("celeba", "train", tmp_path)
     (folder / "list_eval_partition.txt").write_text("000002.jpg zero\n")
     with pytest.raises(DataError, match=r"list_eval_partition.txt: line 1 is"):
@@ -426,21 +474,33 @@ def test_idx_errors(tmp_path: Path) -> None:
         load_images("mnist", data_dir=tmp_path, image_size=(32, 32))
     payload = raw.read_bytes()
     raw.write_bytes(payload[:-100])
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: 3836 bytes, the header .* needs 3936; .*truncated"):
+    with pytest.raises(
+        DataError,
+        match=r"train-images-idx3-ubyte: 3836 bytes, the header .* needs 3936; .*truncated",
+    ):
         load_images("mnist", data_dir=tmp_path)
     raw.unlink()
     (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(payload)[:-20])
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: truncated or corrupt gzip"):
         load_images("mnist", data_dir=tmp_path)
-    (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(struct.pack(">I", 2049) + payload[4:]))
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: magic number 2049, expected 2051"):
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(
+        gzip.compress(struct.pack(">I", 2049) + payload[4:])
+    )
+    with pytest.raises(
+        DataError, match=r"train-images-idx3-ubyte.gz: magic number 2049, expected 2051"
+    ):
         load_images("mnist", data_dir=tmp_path)
     (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(payload))
     (folder / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(4, np.uint8), 2049))
     with pytest.raises(DataError, match=r"train-labels-idx1-ubyte: 4 labels for the 5 images"):
         load_images("mnist", data_dir=tmp_path)
     (folder / "train-labels-idx1-ubyte").unlink()
-    assert load_images("mnist", data_dir=tmp_path).images.shape == (5, 1, 28, 28)  # labels are optional
+    assert load_images("mnist", data_dir=tmp_path).images.shape == (
+        5,
+        1,
+        28,
+        28,
+    )  # labels are optional
     (folder / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(5, np.uint8), 2049))
     (folder / "train-images-idx3-ubyte.gz").unlink()
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte\[.gz\]: missing"):
@@ -465,7 +525,9 @@ def reference_cover_crop(path: Path, height: int, width: int, mode: str) -> np.n
 def test_folder_rgb_resize_and_center_crop(tmp_path: Path) -> None:
     sizes = [(40, 30), (30, 50), (16, 16)]  # (W, H): landscape, portrait, exact
     for i, (w, h) in enumerate(sizes):
-        Image.fromarray(RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"b{i}.png")
+        Image.fromarray(RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            tmp_path / f"b{i}.png"
+        )
     Image.fromarray(RNG.integers(0, 256, (20, 20), dtype=np.uint8)).save(tmp_path / "a_grey.jpg")
     s = load_images("folder", "train", tmp_path, image_size=(16, 16))
     check_set(s, (4, 3, 16, 16))
@@ -475,20 +537,33 @@ def test_folder_rgb_resize_and_center_crop(tmp_path: Path) -> None:
         ref = reference_cover_crop(tmp_path / name, 16, 16, mode)
         expected = np.broadcast_to(ref, (3, 16, 16)) if mode == "L" else ref.transpose(2, 0, 1)
         assert np.array_equal(s.images[k].numpy(), expected), name
-    assert np.array_equal(s.images[3].numpy(), np.asarray(Image.open(tmp_path / "b2.png")).transpose(2, 0, 1))
-    assert torch.equal(load_images("folder", "test", tmp_path, image_size=(16, 16)).images, s.images)  # no subfolders
+    assert np.array_equal(
+        s.images[3].numpy(), np.asarray(Image.open(tmp_path / "b2.png")).transpose(2, 0, 1)
+    )
+    assert torch.equal(
+        load_images("folder", "test", tmp_path, image_size=(16, 16)).images, s.images
+    )  # no subfolders
 
 
 def test_folder_greyscale_and_splits(tmp_path: Path) -> None:
     for split, n in (("train", 3), ("test", 2)):
         (tmp_path / split).mkdir()
         for i in range(n):
-            Image.fromarray(RNG.integers(0, 256, (12, 10), dtype=np.uint8)).save(tmp_path / split / f"{i}.png")
+            Image.fromarray(RNG.integers(0, 256, (12, 10), dtype=np.uint8)).save(
+                tmp_path / split / f"{i}.png"
+            )
     s = load_images("folder", "test", tmp_path, image_size=(8, 8))
     check_set(s, (2, 1, 8, 8))
     assert s.source["path"] == str(tmp_path) and list(s.source["files"]) == ["test/"]
-    assert np.array_equal(s.images[1, 0].numpy(), reference_cover_crop(tmp_path / "test" / "1.png", 8, 8, "L"))
-    assert load_images("folder", "train", tmp_path, image_size=(8, 8), limit=2).images.shape == (2, 1, 8, 8)
+    assert np.array_equal(
+        s.images[1, 0].numpy(), reference_cover_crop(tmp_path / "test" / "1.png", 8, 8, "L")
+    )
+    assert load_images("folder", "train", tmp_path, image_size=(8, 8), limit=2).images.shape == (
+        2,
+        1,
+        8,
+        8,
+    )
 
 
 def test_folder_errors(tmp_path: Path) -> None:
@@ -515,16 +590,26 @@ def test_folder_errors(tmp_path: Path) -> None:
 
 
 def test_embedded_fashion_mnist(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data_module, "DEBIAN_FASHION_MNIST_DIR", Path("/nonexistent/fashion-mnist"))
+    monkeypatch.setattr(idx_module, "DEBIAN_FASHION_MNIST_DIR", Path("/nonexistent/fashion-mnist"))
     folder = embedded_fashion_mnist_dir()
-    assert {p.name for p in folder.iterdir()} >= {"LICENSE", "README.md", "train-images-idx3-ubyte.gz"}
+    assert {p.name for p in folder.iterdir()} >= {
+        "LICENSE",
+        "README.md",
+        "train-images-idx3-ubyte.gz",
+    }
     assert sum(p.stat().st_size for p in folder.iterdir()) < 5.5e6
     train, test = load_images("fashion_mnist", "train"), load_images("fashion_mnist", "test")
     check_set(train, (10000, 1, 28, 28))
     check_set(test, (2000, 1, 28, 28))
-    assert train.source["path"] == str(folder) and "0.0~git20200523.55506a9-1" in train.source["release"]
+    assert (
+        train.source["path"] == str(folder)
+        and "0.0~git20200523.55506a9-1" in train.source["release"]
+    )
     assert 0.2 < train.images.float().mean().item() / 255 < 0.4  # real clothes, not noise or zeros
-    for debian in (Path("/usr/share/datasets/fashion-mnist"), Path("/tmp/fmnist/usr/share/datasets/fashion-mnist")):
+    for debian in (
+        Path("/usr/share/datasets/fashion-mnist"),
+        Path("/tmp/fmnist/usr/share/datasets/fashion-mnist"),
+    ):
         if (debian / "train-images-idx3-ubyte.gz").is_file():
             break
     else:
@@ -538,9 +623,11 @@ def test_embedded_fashion_mnist(monkeypatch: pytest.MonkeyPatch) -> None:
         assert ours[8:] == labels[8 : 8 + n] and struct.unpack(">II", ours[:8]) == (2049, n)
 
 
-def test_fashion_mnist_prefers_debian_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fashion_mnist_prefers_debian_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     images = write_idx(tmp_path / "debian", n=3)
-    monkeypatch.setattr(data_module, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "debian")
+    monkeypatch.setattr(idx_module, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "debian")
     s = load_images("fashion_mnist")
     assert np.array_equal(s.images[:, 0].numpy(), images) and "Debian" in s.source["release"]
 
@@ -550,7 +637,8 @@ def test_fashion_mnist_prefers_debian_folder(tmp_path: Path, monkeypatch: pytest
 
 
 def find_window(out: np.ndarray, image: np.ndarray, pad: int) -> list[tuple[bool, int, int]]:
-    """All (flipped, d_y, d_x) with ``out`` == the window at offset ``pad + d`` of the edge-padded image."""
+    """All (flipped, d_y, d_x) with ``out`` == the window at offset ``pad + d`` of the
+    edge-padded image."""
     hits = []
     for flipped in (False, True):
         src = image[..., ::-1] if flipped else image
@@ -586,8 +674,12 @@ def test_hflip_is_a_fair_coin_per_image() -> None:
     assert abs(flipped.float().mean().item() - 0.5) < 0.04
 
 
-@pytest.mark.parametrize(("kind", "side", "pad", "max_d"), [("eta", 32, 2, 1), ("neta", 32, 2, 1), ("eta", 64, 3, 3)])
-def test_eta_windows_are_crops_of_the_edge_padded_image(kind: str, side: int, pad: int, max_d: int) -> None:
+@pytest.mark.parametrize(
+    ("kind", "side", "pad", "max_d"), [("eta", 32, 2, 1), ("neta", 32, 2, 1), ("eta", 64, 3, 3)]
+)
+def test_eta_windows_are_crops_of_the_edge_padded_image(
+    kind: str, side: int, pad: int, max_d: int
+) -> None:
     assert pad == math.ceil(0.04 * side) and max_d == round(0.04 * (side + 2 * pad))
     x = torch.randint(0, 256, (300, 2, side, side), dtype=torch.uint8)
     y = augment(x, kind, torch.Generator().manual_seed(3))

@@ -24,7 +24,13 @@ from denseflow.sample import sample_seeds
 
 WORLD = 2
 CONFIG = load_config("tiny").override(
-    ["train.epochs=1", "train.batch_chunks=2", "train.eval_every=5", "train.checkpoint_every=3", "train.num_samples=3"]
+    [
+        "train.epochs=1",
+        "train.batch_chunks=2",
+        "train.eval_every=5",
+        "train.checkpoint_every=3",
+        "train.num_samples=3",
+    ]
 )
 
 
@@ -33,7 +39,9 @@ def _join(rank: int, init: Path) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD)
 
 
-def _train_worker(rank: int, init: Path, config: dict, run_dir: Path, stop_after: int | None, out: Path) -> None:
+def _train_worker(
+    rank: int, init: Path, config: dict, run_dir: Path, stop_after: int | None, out: Path
+) -> None:
     """train() on this rank; records the ActNorm values right after the data-dependent init and
     every parameter after the last step."""
     _join(rank, init)
@@ -42,7 +50,9 @@ def _train_worker(rank: int, init: Path, config: dict, run_dir: Path, stop_after
 
     def data_init(model, *args, **kwargs):
         original_init(model, *args, **kwargs)
-        seen["init"] = {n: p.detach().clone() for n, p in model.named_parameters() if ".actnorm." in n}
+        seen["init"] = {
+            n: p.detach().clone() for n, p in model.named_parameters() if ".actnorm." in n
+        }
 
     def train_step(model, *args, **kwargs):
         loss = original_step(model, *args, **kwargs)
@@ -51,7 +61,9 @@ def _train_worker(rank: int, init: Path, config: dict, run_dir: Path, stop_after
 
     DenseFlow.data_init, train_module.train_step = data_init, train_step
     try:
-        summary = train_module.train(RunConfig.from_dict(config), run_dir, progress=False, stop_after=stop_after)
+        summary = train_module.train(
+            RunConfig.from_dict(config), run_dir, progress=False, stop_after=stop_after
+        )
         torch.save(seen, out / f"rank{rank}.pt")
         if rank == 0:
             (out / "summary.json").write_text(json.dumps(summary))
@@ -73,7 +85,8 @@ def single(tmp_path_factory):
 
 @contextmanager
 def _one_thread():
-    """As each rank runs: the same kernels, the same summation order, hence bitwise equal results."""
+    """As each rank runs: the same kernels, the same summation order, hence bitwise equal
+    results."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -90,7 +103,8 @@ def test_two_ranks_train_what_one_process_trains(tmp_path, single):
     run = tmp_path / "ddp"
     _spawn(_train_worker, tmp_path, CONFIG.to_dict(), run, None, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    # ActNorm init on the global first batch: identical on both ranks (before DDP broadcasts anything)
+    # ActNorm init on the global first batch: identical on both ranks (before DDP broadcasts
+    # anything)
     assert ranks[0]["init"].keys() and ranks[0]["init"].keys() == ranks[1]["init"].keys()
     for name, value in ranks[0]["init"].items():
         assert torch.equal(value, ranks[1]["init"][name]), name
@@ -101,15 +115,29 @@ def test_two_ranks_train_what_one_process_trains(tmp_path, single):
     assert json.loads((tmp_path / "summary.json").read_text())["step"] == single[1]["step"] == 4
     mine, reference = _params(run / "final.pt"), _params(single[0] / "final.pt")
     for name, value in reference.items():
-        if "running_" not in name and "num_batches" not in name:  # BatchNorm statistics follow rank 0's chunk
-            torch.testing.assert_close(mine[name], value, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
-    assert (run / "samples").is_dir() and (run / "metrics.jsonl").read_text().count('"kind": "train"') == 4
+        if (
+            "running_" not in name and "num_batches" not in name
+        ):  # BatchNorm statistics follow rank 0's chunk
+            torch.testing.assert_close(
+                mine[name], value, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}"
+            )
+    assert (run / "samples").is_dir() and (run / "metrics.jsonl").read_text().count(
+        '"kind": "train"'
+    ) == 4
 
 
 def test_ddp_checkpoint_resumes_in_one_process(tmp_path, single):
-    """The DDP part runs in low-memory mode (activation checkpointing under DDP): the same values."""
+    """The DDP part runs in low-memory mode (activation checkpointing under DDP): the same
+    values."""
     run = tmp_path / "ddp"
-    _spawn(_train_worker, tmp_path, CONFIG.override(["train.low_memory=true"]).to_dict(), run, 3, tmp_path)
+    _spawn(
+        _train_worker,
+        tmp_path,
+        CONFIG.override(["train.low_memory=true"]).to_dict(),
+        run,
+        3,
+        tmp_path,
+    )
     state = ckpt.load(run)
     assert state["step"] == 3 and set(state["model"]) == set(DenseFlow(CONFIG.model).state_dict())
     with _one_thread():
@@ -117,7 +145,9 @@ def test_ddp_checkpoint_resumes_in_one_process(tmp_path, single):
     mine, reference = _params(run / "final.pt"), _params(single[0] / "final.pt")
     for name, value in reference.items():
         if "running_" not in name and "num_batches" not in name:
-            torch.testing.assert_close(mine[name], value, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(
+                mine[name], value, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}"
+            )
 
 
 def _perturbed_model() -> DenseFlow:
@@ -130,7 +160,9 @@ def _perturbed_model() -> DenseFlow:
 
 
 def _images() -> torch.Tensor:
-    return torch.randint(0, 256, (37, 1, 28, 28), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    return torch.randint(
+        0, 256, (37, 1, 28, 28), generator=torch.Generator().manual_seed(1), dtype=torch.uint8
+    )
 
 
 def _eval_worker(rank: int, init: Path, out: Path) -> None:
@@ -139,7 +171,9 @@ def _eval_worker(rank: int, init: Path, out: Path) -> None:
         model, images = _perturbed_model(), _images()
         result = {
             "elbo": evaluate_images(model, images, batch_size=8, seed=3, progress=False)["bpd"],
-            "iwbo": evaluate_images(model, images, batch_size=8, k=3, kbs=2, seed=3, progress=False)["bpd"],
+            "iwbo": evaluate_images(
+                model, images, batch_size=8, k=3, kbs=2, seed=3, progress=False
+            )["bpd"],
             "samples": sample_seeds(model, list(range(5))),
         }
         torch.save(result, out / f"eval{rank}.pt")
@@ -161,7 +195,9 @@ def test_distributed_evaluation_of_an_odd_sized_set_equals_one_process(tmp_path)
         assert result["iwbo"] == pytest.approx(iwbo["bpd"], rel=1e-12)
         assert torch.equal(result["samples"], samples)  # seeds split over ranks, gathered in order
     # one process evaluating in different batches gives a different draw: the check above can fail
-    assert evaluate_images(model, images, batch_size=5, seed=3, progress=False)["bpd"] != elbo["bpd"]
+    assert (
+        evaluate_images(model, images, batch_size=5, seed=3, progress=False)["bpd"] != elbo["bpd"]
+    )
 
 
 def test_batch_chunks_must_split_every_batch():

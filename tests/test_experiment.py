@@ -1,4 +1,5 @@
-"""The ablation experiment: matched budgets, variants that are what they claim, the whole pipeline."""
+"""The ablation experiment: matched budgets, variants that are what they claim, the whole
+pipeline."""
 
 from __future__ import annotations
 
@@ -29,14 +30,25 @@ def _modules(name: str, kind: type) -> list:
 
 
 def test_variants_are_what_they_claim():
-    # the reference: conditional noise nets, attention in every coupling net, variational dequantization
-    assert len(_modules("denseflow", NoiseNet)) == 3 and len(_modules("denseflow", NystromAttention)) == 10
+    # the reference: conditional noise nets, attention in every coupling net, variational
+    # dequantization
+    assert (
+        len(_modules("denseflow", NoiseNet)) == 3
+        and len(_modules("denseflow", NystromAttention)) == 10
+    )
     assert {m.kind for m in _modules("denseflow_multihead", NystromAttention)} == {"multihead"}
     unconditional = _modules("unconditional_noise", CrossUnitCoupling)
-    assert len(unconditional) == 3 and all(isinstance(c.net, LearnedGaussianNoise) for c in unconditional)
+    assert len(unconditional) == 3 and all(
+        isinstance(c.net, LearnedGaussianNoise) for c in unconditional
+    )
     assert not _modules("unconditional_noise", NoiseNet)
-    assert not _modules("no_augmentation", CrossUnitCoupling) and len(_modules("no_augmentation", NystromAttention))
-    assert not _modules("no_attention", NystromAttention) and len(_modules("no_attention", NoiseNet)) == 3
+    assert not _modules("no_augmentation", CrossUnitCoupling) and len(
+        _modules("no_augmentation", NystromAttention)
+    )
+    assert (
+        not _modules("no_attention", NystromAttention)
+        and len(_modules("no_attention", NoiseNet)) == 3
+    )
     assert len(_modules("glow", GlowCouplingNet)) == 16 and not _modules("glow", NystromAttention)
     assert not _modules("glow", CrossUnitCoupling) and _modules("glow", UniformDequantization)
     assert not _modules("glow", VariationalDequantization)
@@ -47,7 +59,9 @@ def test_without_augmentation_the_width_never_grows(name):
     model = DenseFlow(matched_config(name))
     widths = [4]  # 1 channel squeezed
     for s, block in enumerate(model.blocks):
-        widths += [unit[0].actnorm.shift.shape[1] for unit in block.units]  # every unit's input width
+        widths += [
+            unit[0].actnorm.shift.shape[1] for unit in block.units
+        ]  # every unit's input width
         widths.append(block.out_channels)
         if s < len(model.transitions):
             widths.append(2 * block.out_channels)  # after the transition's squeeze and split
@@ -66,10 +80,15 @@ def test_unconditional_noise_does_not_depend_on_the_input():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     g = torch.Generator().manual_seed(1)
-    noise = {name: torch.randn(2, 4, 14, 14, generator=g) for name in ("block1.unit1.eta", "block1.unit2.eta")}
+    noise = {
+        name: torch.randn(2, 4, 14, 14, generator=g)
+        for name in ("block1.unit1.eta", "block1.unit2.eta")
+    }
     seen = {}
     for coupling in model.blocks[0].couplings:
-        coupling.register_forward_hook(lambda m, args, out: seen.setdefault(m.name, []).append(out[0][:, -4:]))
+        coupling.register_forward_hook(
+            lambda m, args, out: seen.setdefault(m.name, []).append(out[0][:, -4:])
+        )
     x1, x2 = torch.randint(0, 256, (2, 2, 1, 28, 28))
     model.elbo(x1, noise=noise)
     model.elbo(x2, noise=noise)
@@ -107,9 +126,28 @@ def test_quick_ablation_runs_end_to_end_and_continues(tmp_path, capsys):
 
 
 def test_experiment_errors_are_one_line(tmp_path, capsys):
-    assert main(["experiment", "ablation", "--quick", "--out", str(tmp_path), "--variants", "glow,nope"]) == 2
+    assert (
+        main(
+            ["experiment", "ablation", "--quick", "--out", str(tmp_path), "--variants", "glow,nope"]
+        )
+        == 2
+    )
     assert "unknown variant(s) ['nope']" in capsys.readouterr().err
-    assert main(["experiment", "ablation", "--out", str(tmp_path), "--steps", "3", "--budget-minutes", "1"]) == 2
+    assert (
+        main(
+            [
+                "experiment",
+                "ablation",
+                "--out",
+                str(tmp_path),
+                "--steps",
+                "3",
+                "--budget-minutes",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "not both" in capsys.readouterr().err
     assert main(["experiment", "ablation", "--quick", "--out", str(tmp_path), "--seeds", "0"]) == 2
     assert "seeds must be >= 1" in capsys.readouterr().err
@@ -121,10 +159,18 @@ def test_budget_minutes_derives_the_steps_from_a_calibration(tmp_path, monkeypat
     cost = experiment._calibrate(["glow"], batch_size=4, iwbo_k=2, iwbo_images=2, n_test=4)["glow"]
     assert all(0 < c < 60 for c in cost)  # seconds per step, seconds of evaluation
     # 0.25 min for 1 seed of one variant costing 1 s per step and 5 s of evaluation: 10 steps
-    monkeypatch.setattr(experiment, "_calibrate", lambda names, *args: {name: (1.0, 5.0) for name in names})
+    monkeypatch.setattr(
+        experiment, "_calibrate", lambda names, *args: {name: (1.0, 5.0) for name in names}
+    )
     lines = []
     results = experiment.run_ablation(
-        tmp_path, quick=True, budget_minutes=0.25, seeds=1, variants=["glow"], progress=False, log=lines.append
+        tmp_path,
+        quick=True,
+        budget_minutes=0.25,
+        seeds=1,
+        variants=["glow"],
+        progress=False,
+        log=lines.append,
     )
     assert results["command"]["steps"] == 10 and "calibrated: 10 steps per run" in lines[0]
     assert results["runs"][0]["steps"] == 10 and results["runs"][0]["images_seen"] == 160

@@ -19,7 +19,7 @@ import torch
 from denseflow import checkpoint as ckpt
 from denseflow.cli import main
 
-from .conftest import PARITY_DIRS
+from .conftest import PARITY_DIRS, needs_fixtures
 
 TINY = ["train", "--preset", "tiny", "--quiet"]
 
@@ -35,7 +35,12 @@ def _idx(folder, images: bytes, magic: int = 2051, count: int = 2):
 def _checkpoint(tmp):
     path = tmp / "ours.pt"
     config = ckpt.RunConfig.from_dict({"model": {"preset": "cifar10"}}).override(
-        ["model.block_conf=[1,1]", "model.layers_conf=[1,1]", "model.layer_mid_chnls=[4,4]", "model.growth_rate=2"]
+        [
+            "model.block_conf=[1,1]",
+            "model.layers_conf=[1,1]",
+            "model.layer_mid_chnls=[4,4]",
+            "model.growth_rate=2",
+        ]
     )
     ckpt.export(path, ckpt.DenseFlow(config.model), config)
     return path
@@ -52,20 +57,44 @@ def _evil_pickle(tmp, marker):
 CASES = {
     "unknown preset": (lambda t: ["train", "--preset", "nope"], "unknown preset 'nope'"),
     "unknown override key": (lambda t: [*TINY, "--set", "train.lrr=1"], "unknown key 'train.lrr'"),
-    "unknown override section": (lambda t: [*TINY, "--set", "optim.lr=1"], "unknown section 'optim'"),
+    "unknown override section": (
+        lambda t: [*TINY, "--set", "optim.lr=1"],
+        "unknown section 'optim'",
+    ),
     "override without =": (lambda t: [*TINY, "--set", "train.lr"], "expected section.key=value"),
-    "wrongly typed value": (lambda t: [*TINY, "--set", "train.epochs=abc"], "train.epochs='abc': expected int"),
+    "wrongly typed value": (
+        lambda t: [*TINY, "--set", "train.epochs=abc"],
+        "train.epochs='abc': expected int",
+    ),
     "unparsable value": (lambda t: [*TINY, "--set", "train.epochs=[1"], "cannot parse the value"),
-    "odd growth rate": (lambda t: [*TINY, "--set", "model.growth_rate=3"], "model.growth_rate=3: must be even"),
+    "odd growth rate": (
+        lambda t: [*TINY, "--set", "model.growth_rate=3"],
+        "model.growth_rate=3: must be even",
+    ),
     "image size the squeezes cannot take": (
         lambda t: [*TINY, "--set", "model.image_shape=[1,28,30]"],
         "H and W must be divisible by 2**scales = 4",
     ),
-    "negative learning rate": (lambda t: [*TINY, "--set", "train.lr=-1"], "train.lr=-1.0: must be > 0"),
-    "one beta": (lambda t: [*TINY, "--set", "train.betas=[0.9]"], "train.betas=[0.9]: expected 2 values"),
-    "unknown augmentation": (lambda t: [*TINY, "--set", "data.augmentation=rotate"], "data.augmentation='rotate'"),
-    "unknown attention kind": (lambda t: [*TINY, "--set", "model.attention=full"], "model.attention='full'"),
-    "missing config file": (lambda t: ["train", "--preset", str(t / "none.yaml")], "none.yaml: no such config file"),
+    "negative learning rate": (
+        lambda t: [*TINY, "--set", "train.lr=-1"],
+        "train.lr=-1.0: must be > 0",
+    ),
+    "one beta": (
+        lambda t: [*TINY, "--set", "train.betas=[0.9]"],
+        "train.betas=[0.9]: expected 2 values",
+    ),
+    "unknown augmentation": (
+        lambda t: [*TINY, "--set", "data.augmentation=rotate"],
+        "data.augmentation='rotate'",
+    ),
+    "unknown attention kind": (
+        lambda t: [*TINY, "--set", "model.attention=full"],
+        "model.attention='full'",
+    ),
+    "missing config file": (
+        lambda t: ["train", "--preset", str(t / "none.yaml")],
+        "none.yaml: no such config file",
+    ),
     "malformed YAML": (
         lambda t: ["train", "--preset", str(_write(t / "bad.yaml", "train: {epochs: [1, \n"))],
         "malformed YAML",
@@ -108,7 +137,10 @@ CASES = {
         ],
         "a.png",
     ),
-    "missing checkpoint": (lambda t: ["sample", "--checkpoint", str(t / "gone.pt")], "gone.pt: no such checkpoint"),
+    "missing checkpoint": (
+        lambda t: ["sample", "--checkpoint", str(t / "gone.pt")],
+        "gone.pt: no such checkpoint",
+    ),
     "truncated checkpoint": (
         lambda t: ["sample", "--checkpoint", str(_truncate(_checkpoint(t)))],
         "not a readable denseflow checkpoint",
@@ -129,17 +161,42 @@ CASES = {
         lambda t: [*TINY, "--out", str(_fake_run(t))],
         "already holds a run's checkpoints",
     ),
-    "malformed seeds": (lambda t: ["sample", "--checkpoint", str(_checkpoint(t)), "--seeds", "a-b"], "seeds 'a-b'"),
+    "malformed seeds": (
+        lambda t: ["sample", "--checkpoint", str(_checkpoint(t)), "--seeds", "a-b"],
+        "seeds 'a-b'",
+    ),
     "k below 1": (
-        lambda t: ["evaluate", "--checkpoint", str(_checkpoint(t)), "--k", "0", "--data-dir", str(t)],
+        lambda t: [
+            "evaluate",
+            "--checkpoint",
+            str(_checkpoint(t)),
+            "--k",
+            "0",
+            "--data-dir",
+            str(t),
+        ],
         "--k must be >= 1, got 0",
     ),
     "args.pickle that runs code": (
-        lambda t: ["import-official", str(t), "--args", str(_evil_args(t)), "--out", str(t / "o.pt")],
+        lambda t: [
+            "import-official",
+            str(t),
+            "--args",
+            str(_evil_args(t)),
+            "--out",
+            str(t / "o.pt"),
+        ],
         "refusing",
     ),
     "args.json that is not an object": (
-        lambda t: ["import-official", str(t / "c.pt"), "--args", str(_write(t / "a.json", "[1]")), "--out", "o.pt"],
+        lambda t: [
+            "import-official",
+            str(t / "c.pt"),
+            "--args",
+            str(_write(t / "a.json", "[1]")),
+            "--out",
+            "o.pt",
+        ],
         "expected a JSON object of official flags",
     ),
     "unknown compile backend": (
@@ -147,7 +204,13 @@ CASES = {
         "train.compile_backend='nope': expected one of",
     ),
     "compile mode without inductor": (
-        lambda t: [*TINY, "--set", "train.compile_mode=reduce-overhead", "--set", "train.compile_backend=cudagraphs"],
+        lambda t: [
+            *TINY,
+            "--set",
+            "train.compile_mode=reduce-overhead",
+            "--set",
+            "train.compile_backend=cudagraphs",
+        ],
         "a mode of the inductor backend only",
     ),
     "device that does not exist": (
@@ -193,7 +256,9 @@ def _fake_run(tmp):
 def _evil_args(tmp):
     path = tmp / "args.pickle"
     marker = tmp / "ran"
-    path.write_bytes(pickle.dumps(argparse.Namespace(dataset="cifar10", hook=_evil_pickle(tmp, marker))))
+    path.write_bytes(
+        pickle.dumps(argparse.Namespace(dataset="cifar10", hook=_evil_pickle(tmp, marker)))
+    )
     return path
 
 
@@ -222,13 +287,17 @@ def test_the_documented_table_lists_every_case():
     from .conftest import REPO
 
     text = (REPO / "docs" / "reliability.md").read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| ") and "`test_malformed_input[" in line]
+    rows = [
+        line
+        for line in text.splitlines()
+        if line.startswith("| ") and "`test_malformed_input[" in line
+    ]
     assert len(rows) == len(CASES) >= 25
     for case, (_, expected) in CASES.items():
         assert any(f"[{case}]" in row and expected.replace("|", "\\|") in row for row in rows), case
 
 
-@pytest.mark.skipif(not PARITY_DIRS, reason="no parity fixtures")
+@needs_fixtures
 def test_checkpoint_of_another_architecture(tmp_path, capsys):
     flags = json.loads((PARITY_DIRS[0] / "args.json").read_text())
     out = tmp_path / "o.pt"
@@ -254,6 +323,14 @@ def test_images_of_the_wrong_size(tmp_path, capsys):
     from PIL import Image
 
     Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(folder / "a.png")
-    argv = [*TINY, "--set", "data.dataset=cifar10", "--set", "model.image_shape=[3,64,64]", "--data-dir", str(folder)]
+    argv = [
+        *TINY,
+        "--set",
+        "data.dataset=cifar10",
+        "--set",
+        "model.image_shape=[3,64,64]",
+        "--data-dir",
+        str(folder),
+    ]
     assert main(argv) == 2
     assert capsys.readouterr().err.count("\n") == 1

@@ -55,10 +55,16 @@ def test_gaussian_closed_form_at_init():
     eta = torch.randn(x.shape, dtype=DT)
     z = (x + torch.special.ndtr(eta)) / 256
     d = x[0].numel()
-    want = -d * math.log(256) - 0.5 * (z - 0.5).square().flatten(1).sum(1) - d * 0.5 * math.log(2 * math.pi)
+    want = (
+        -d * math.log(256)
+        - 0.5 * (z - 0.5).square().flatten(1).sum(1)
+        - d * 0.5 * math.log(2 * math.pi)
+    )
     got = model.elbo(x, noise={"dequant.eta": eta})
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
-    torch.testing.assert_close(model.bits_per_dim(x, noise={"dequant.eta": eta}), -want / (d * math.log(2)))
+    torch.testing.assert_close(
+        model.bits_per_dim(x, noise={"dequant.eta": eta}), -want / (d * math.log(2))
+    )
 
 
 @pytest.mark.parametrize(
@@ -93,7 +99,9 @@ def test_decode_recovers_the_dequantized_point():
     x = images(model, 2)
     noise = {"dequant.eta": torch.randn(2, 12, 8, 8, dtype=DT)}
     z, _ = model.dequantizer(x, noise=model._noise(noise, None))
-    torch.testing.assert_close(model.decode(model.encode(x, noise=noise), quantize=False), z, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        model.decode(model.encode(x, noise=noise), quantize=False), z, rtol=0, atol=1e-12
+    )
 
 
 def test_latent_dimensions_add_up():
@@ -119,7 +127,10 @@ def test_iwbo_is_the_log_mean_exp_of_elbos_and_tightens():
     # log-mean-exp >= mean, and the bound grows with k (averaged over images and repeats)
     g = torch.Generator().manual_seed(2)
     elbo = torch.stack([model.elbo(x, generator=g).detach() for _ in range(8)]).mean()
-    iw = {k: torch.stack([model.iwbo(x, k, chunk=4, generator=g) for _ in range(2)]).mean() for k in (8, 32)}
+    iw = {
+        k: torch.stack([model.iwbo(x, k, chunk=4, generator=g) for _ in range(2)]).mean()
+        for k in (8, 32)
+    }
     assert iw[8] > elbo and iw[32] > iw[8]
 
 
@@ -227,7 +238,9 @@ def _loss_and_grads(model, x, noise):
     model.zero_grad(set_to_none=True)
     loss = model.bits_per_dim(x, noise=noise).mean()
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 @pytest.mark.parametrize("mode", ["low_memory", "channels_last"])
@@ -245,7 +258,11 @@ def test_speed_and_memory_modes_keep_values_and_gradients(mode):
     x = images(reference, 4)
     noise = {
         n: torch.randn(4, *s, dtype=DT)
-        for n, s in [("dequant.eta", (12, 8, 8)), ("block1.unit1.eta", (2, 8, 8)), ("block2.unit1.eta", (2, 4, 4))]
+        for n, s in [
+            ("dequant.eta", (12, 8, 8)),
+            ("block1.unit1.eta", (2, 8, 8)),
+            ("block2.unit1.eta", (2, 4, 4)),
+        ]
     }
     loss_a, grads_a = _loss_and_grads(reference, x, noise)
     loss_b, grads_b = _loss_and_grads(other, x, noise)

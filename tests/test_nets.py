@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from denseflow.nets.attention import NystromAttention, iterative_pinv, segment_means
-from denseflow.nets.dense import DenseBlock
+from denseflow.nets.dense import DenseBlock, concat_conv
 
 DT = torch.float64
 
 
 def test_iterative_pinv_converges_to_the_inverse():
     a = torch.softmax(torch.randn(3, 4, 4, dtype=DT), dim=-1)
-    torch.testing.assert_close(iterative_pinv(a, iters=30), torch.linalg.inv(a), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(
+        iterative_pinv(a, iters=30), torch.linalg.inv(a), rtol=1e-8, atol=1e-8
+    )
 
 
 def test_pinv_scaling_is_per_matrix():
@@ -33,7 +36,13 @@ def exact_attention(att: NystromAttention, h: torch.Tensor) -> torch.Tensor:
     """Softmax attention per pixel and head, with the residual on V and the output conv."""
     b, _, height, width = h.shape
     e, heads = att.embed, att.heads
-    q, k, v = att.qkv(h).flatten(2).transpose(1, 2).unflatten(-1, (3, heads, e // heads)).permute(2, 0, 3, 1, 4)
+    q, k, v = (
+        att.qkv(h)
+        .flatten(2)
+        .transpose(1, 2)
+        .unflatten(-1, (3, heads, e // heads))
+        .permute(2, 0, 3, 1, 4)
+    )
     weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(e // heads), dim=-1)
     o = weights @ v + v
     return att.out(o.permute(0, 1, 3, 2).reshape(b, e, height, width))
@@ -86,3 +95,27 @@ def test_concat_conv_gradients_equal_the_plain_concatenation():
     slow = [x.grad] + [p.grad for p in block.parameters()]
     for a, b in zip(fast, slow, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_concat_conv_matches_conv_of_the_concatenation_and_refuses_what_it_cannot_do():
+    """The memory-efficient concat-conv gives conv(cat(pieces)) and its gradients, and refuses a
+    convolution its custom backward does not handle (stride, dilation, groups, uneven padding)."""
+    pieces = [torch.randn(2, c, 5, 5, dtype=DT, requires_grad=True) for c in (3, 4)]
+    conv = torch.nn.Conv2d(7, 6, 3, padding=1).double()
+    want = conv(torch.cat(pieces, 1))
+    got = concat_conv(pieces, conv)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(got.square().sum(), [*pieces, conv.weight])
+    wants = torch.autograd.grad(want.square().sum(), [*pieces, conv.weight])
+    for g, w in zip(grads, wants, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    for bad in (
+        dict(stride=2, padding=1),
+        dict(dilation=2, padding=2),
+        dict(groups=7, padding=1),
+        dict(padding=(1, 0)),
+        dict(padding="same"),
+    ):
+        out_channels = 7 if "groups" in bad else 6
+        with pytest.raises(ValueError, match="concat_conv: needs stride 1"):
+            concat_conv(pieces, torch.nn.Conv2d(7, out_channels, 3, **bad).double())

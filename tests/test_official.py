@@ -13,7 +13,7 @@ import torch
 from denseflow import DenseFlow, ModelConfig, convert_official, model_config
 from denseflow.official import config_from_official_args, load_official_args, official_key
 
-from .conftest import LAYOUT_JSON, PARITY_DIRS
+from .conftest import LAYOUT_JSON, PARITY_DIRS, needs_fixtures
 
 
 def test_parameter_count_of_densenet_74_10():
@@ -34,15 +34,24 @@ def test_parameter_breakdown_matches_spec():
     assert count(model.base) == 616
     nets = [b.units[0][0].coupling.net for b in model.blocks]
     assert [count(n) for n in nets] == [1_569_716, 1_577_892, 1_591_324]
-    assert count(nets[0].dense) == 1_559_264 and count(nets[0].attention) == 4_728 and count(nets[0].fusion) == 4_800
+    assert (
+        count(nets[0].dense) == 1_559_264
+        and count(nets[0].attention) == 4_728
+        and count(nets[0].fusion) == 4_800
+    )
     noise = [count(c.net) for b in model.blocks for c in b.couplings]
     assert noise == [6_212, 22_772, 80_060, 225_596, 528_500, 563_972, 2_234_996, 5_285_372]
 
 
-@pytest.mark.skipif(not LAYOUT_JSON.exists(), reason="../shared/parity/df74_10_cifar_layout.json not present")
+@pytest.mark.skipif(not LAYOUT_JSON.exists(), reason=f"{LAYOUT_JSON} not present")
 def test_converter_maps_the_full_official_layout_one_to_one():
     layout = json.loads(LAYOUT_JSON.read_text())
-    flags = {"block_conf": (6, 4, 1), "layers_conf": (5, 6, 20), "layer_mid_chnls": (48, 48, 48), "growth_rate": 10}
+    flags = {
+        "block_conf": (6, 4, 1),
+        "layers_conf": (5, 6, 20),
+        "layer_mid_chnls": (48, 48, 48),
+        "growth_rate": 10,
+    }
     config = config_from_official_args({**flags, "dataset": "cifar10", "num_bits": 8})
     assert config == model_config("cifar10")
     ours = {k: tuple(v.shape) for k, v in DenseFlow(config).state_dict().items()}
@@ -70,7 +79,9 @@ def test_converter_maps_the_full_official_layout_one_to_one():
         ]
     )
     with pytest.raises(KeyError, match="no counterpart"):
-        official_key("transforms.3.blocks.0.transforms.0.transforms.2.coupling_net.0.dn.transform.9.weight")
+        official_key(
+            "transforms.3.blocks.0.transforms.0.transforms.2.coupling_net.0.dn.transform.9.weight"
+        )
 
 
 class Payload:
@@ -117,7 +128,7 @@ def test_args_pickle_is_read_safely(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.skipif(not PARITY_DIRS, reason="no parity fixtures")
+@needs_fixtures
 def test_convert_official_from_run_directory_and_pickle(tmp_path):
     fixture = PARITY_DIRS[0]
     run = tmp_path / "run"
@@ -128,7 +139,9 @@ def test_convert_official_from_run_directory_and_pickle(tmp_path):
     model = convert_official(run)
     assert not model.training
     reference = convert_official(fixture / "checkpoint.pt", flags)
-    for (k, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
+    for (k, a), (_, b) in zip(
+        model.state_dict().items(), reference.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), k
     with pytest.raises(ValueError, match="shape"):
         convert_official(fixture / "checkpoint.pt", {**flags, "growth_rate": 6})
@@ -170,11 +183,18 @@ def test_densenet_74_10_float32_round_trip_and_float64_elbo():
     assert torch.equal(model.decode(latents), x)
     with torch.no_grad():
         lp32 = model.elbo(x, noise=noise, generator=torch.Generator().manual_seed(1))
-        lp64 = model.to(torch.float64).elbo(x, noise=noise, generator=torch.Generator().manual_seed(1))
+        lp64 = model.to(torch.float64).elbo(
+            x, noise=noise, generator=torch.Generator().manual_seed(1)
+        )
     assert lp64.dtype == torch.float64 and torch.isfinite(lp64).all()
     gap = (lp32.double() - lp64).abs().max().item()
-    print(f"float32 round trip {err:.2e}; float32 vs float64 log-likelihood {gap:.2e} nats on {lp64.abs().max():.3g}")
-    assert gap <= 1e-5 * lp64.abs().max().item(), gap  # relative 1e-5: float32 rounding, not an error
+    print(
+        f"float32 round trip {err:.2e}; float32 vs float64 log-likelihood {gap:.2e} nats "
+        f"on {lp64.abs().max():.3g}"
+    )
+    assert gap <= 1e-5 * lp64.abs().max().item(), (
+        gap
+    )  # relative 1e-5: float32 rounding, not an error
 
 
 def test_model_config_presets_and_unknown_name():

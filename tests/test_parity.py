@@ -15,7 +15,7 @@ import torch
 from denseflow import convert_official
 from denseflow.transforms.base import Noise, std_normal_log_prob
 
-from .conftest import PARITY_DIRS
+from .conftest import FIXTURES
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -39,9 +39,13 @@ def _capture_likelihood(model, io, dtype):
 
     def on(module, name, pick, pre=False):
         if pre:
-            hooks.append(module.register_forward_pre_hook(lambda m, args: got.__setitem__(name, pick(args))))
+            hooks.append(
+                module.register_forward_pre_hook(lambda m, args: got.__setitem__(name, pick(args)))
+            )
         else:
-            hooks.append(module.register_forward_hook(lambda m, args, out: got.__setitem__(name, pick(out))))
+            hooks.append(
+                module.register_forward_hook(lambda m, args, out: got.__setitem__(name, pick(out)))
+            )
 
     deq = model.dequantizer
     on(deq.context_net, "dequant.context", lambda o: o)
@@ -118,7 +122,9 @@ def _capture_sampling(model, io):
                 z = model.transitions[s - 1].inverse(z, noise=noise)
                 got[f"sample.transition{s}.out"] = z
         got["sample.z_pre_quant"] = torch.nn.functional.pixel_shuffle(z, 2) + 0.5
-        got["sample.x"] = model.sample(io["x"].shape[0], noise={n: io["noise"][n] for n in io["noise_order_sample"]})
+        got["sample.x"] = model.sample(
+            io["x"].shape[0], noise={n: io["noise"][n] for n in io["noise_order_sample"]}
+        )
     return got
 
 
@@ -129,14 +135,16 @@ def _compare(got, io, expected, tolerance, skip=()):
             continue
         assert name in got, f"intermediate {name} not observed"
         err = (got[name].double() - want.double()).abs().max().item()
-        assert err <= tolerance[name], f"{name}: max abs error {err:.3g} > tolerance {tolerance[name]:.3g}"
+        assert err <= tolerance[name], (
+            f"{name}: max abs error {err:.3g} > tolerance {tolerance[name]:.3g}"
+        )
         checked.append(name)
     return checked
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("fixture", PARITY_DIRS, ids=[p.name for p in PARITY_DIRS])
+@pytest.mark.parametrize("fixture", FIXTURES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_parity_with_official_code(device, fixture, dtype, channels_last, monkeypatch):
     if device == "cuda":  # cuDNN's default TF32 convolutions carry 10-bit mantissas: not float32

@@ -1,4 +1,5 @@
-"""bf16 autocast of the conditioner networks and torch.compile of them: same flow, stated tolerances."""
+"""bf16 autocast of the conditioner networks and torch.compile of them: same flow, stated
+tolerances."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from denseflow import train as train_module
 from denseflow.config import load_config
 from denseflow.model import DenseFlow
 from denseflow.nets.coupling import CouplingNet
-from denseflow.nets.precision import NetPrecision
-from denseflow.train import prepare, train_step
+from denseflow.nets.runner import NetRunner
+from denseflow.runtime import prepare
+from denseflow.train import train_step
 from denseflow.transforms.base import Noise
 from denseflow.transforms.glow import AffineCoupling
 
@@ -82,7 +84,7 @@ def test_bf16_training_evaluates_and_samples_in_float32(tmp_path, monkeypatch):
 
     def spy(name, function):
         def wrapper(model, *args, **kwargs):
-            seen.append((name, {m.net_dtype for m in model.modules() if isinstance(m, NetPrecision)}))
+            seen.append((name, {m.net_dtype for m in model.modules() if isinstance(m, NetRunner)}))
             return function(model, *args, **kwargs)
 
         monkeypatch.setattr(train_module, name, wrapper)
@@ -121,19 +123,26 @@ def test_compiled_networks_compute_the_same_values_and_gradients(low_memory):
     limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
     with dynamo.patch({limit: 1}):
         x = _images()
-        eager, compiled = _model().train(), _model().train().compile_nets(backend="aot_eager", dynamic=False)
+        eager, compiled = (
+            _model().train(),
+            _model().train().compile_nets(backend="aot_eager", dynamic=False),
+        )
         compiled.data_init(x, generator=_generator())
         assert not counters["frames"], "data_init traced compiled nets"
         eager.data_init(x, generator=_generator())
         for model in (eager, compiled):
             model.set_low_memory(low_memory)
             model(x, generator=_generator()).sum().backward()
-        torch.testing.assert_close(compiled(x, generator=_generator()), eager(x, generator=_generator()))
+        torch.testing.assert_close(
+            compiled(x, generator=_generator()), eager(x, generator=_generator())
+        )
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, msg=lambda m, n=name: f"{n}: {m}")
     assert counters["stats"]["unique_graphs"] >= 5  # one per distinct net shape at least
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert not any("recompile limit" in key for key in counters["unimplemented"]), dict(counters["unimplemented"])
+    assert not any("recompile limit" in key for key in counters["unimplemented"]), dict(
+        counters["unimplemented"]
+    )
 
 
 def test_a_compiled_training_run_matches_an_eager_one(tmp_path):
@@ -144,10 +153,16 @@ def test_a_compiled_training_run_matches_an_eager_one(tmp_path):
     counters = torch._dynamo.utils.counters
     counters.clear()
     runs = {}
-    for name, extra in (("eager", []), ("compiled", ["train.compile=true", "train.compile_backend=aot_eager"])):
+    for name, extra in (
+        ("eager", []),
+        ("compiled", ["train.compile=true", "train.compile_backend=aot_eager"]),
+    ):
         config = load_config("tiny").override(["train.epochs=1", *extra])
         summary = train_module.train(config, tmp_path / name, progress=False)
-        runs[name] = (summary["test_bpd"], torch.load(tmp_path / name / "final.pt", weights_only=True)["model"])
+        runs[name] = (
+            summary["test_bpd"],
+            torch.load(tmp_path / name / "final.pt", weights_only=True)["model"],
+        )
         if name == "eager":
             assert not counters["frames"]
     assert counters["aot_autograd"]["ok"] >= 5

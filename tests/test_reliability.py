@@ -14,7 +14,15 @@ import torch
 
 from denseflow import checkpoint as ckpt
 
-ARGS = ["--preset", "tiny", "--set", "train.epochs=8", "--set", "train.checkpoint_every=2", "--quiet"]
+ARGS = [
+    "--preset",
+    "tiny",
+    "--set",
+    "train.epochs=8",
+    "--set",
+    "train.checkpoint_every=2",
+    "--quiet",
+]
 
 
 def _train(run, resume: bool) -> subprocess.Popen:
@@ -22,7 +30,10 @@ def _train(run, resume: bool) -> subprocess.Popen:
     if resume:
         argv += ["--resume", str(run)]
     return subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
 
 
@@ -51,7 +62,12 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_exact(tmp_path):
         deadline = time.time() + 120
         if target == done:  # during start-up, or before its first step is logged
             time.sleep(rng.uniform(0.0, 1.5))
-        while target > done and _logged_step(run) < target and process.poll() is None and time.time() < deadline:
+        while (
+            target > done
+            and _logged_step(run) < target
+            and process.poll() is None
+            and time.time() < deadline
+        ):
             time.sleep(0.01)
         time.sleep(rng.uniform(0, 0.05))
         assert process.poll() is None, "the run finished before its kill"

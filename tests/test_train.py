@@ -17,8 +17,12 @@ def test_official_schedule_closed_form():
     cfg = TrainConfig(lr=1e-3, warmup=100, gamma=0.9, epochs=3, finetune_epochs=1, finetune_lr=2e-5)
     assert learning_rate(cfg, 0, 0, True, 0) == 0.0  # torch >= 2: the first step runs at lr 0
     assert learning_rate(cfg, 50, 0, False, 0) == pytest.approx(5e-4)
-    assert learning_rate(cfg, 150, 1, False, 0) == pytest.approx(1e-3)  # constant: decay never accumulates
-    assert learning_rate(cfg, 150, 1, True, 0) == pytest.approx(0.9e-3)  # first step of an epoch: lr·gamma
+    assert learning_rate(cfg, 150, 1, False, 0) == pytest.approx(
+        1e-3
+    )  # constant: decay never accumulates
+    assert learning_rate(cfg, 150, 1, True, 0) == pytest.approx(
+        0.9e-3
+    )  # first step of an epoch: lr·gamma
     assert learning_rate(cfg, 60, 1, True, 0) == pytest.approx(0.9 * 0.6e-3)
     assert learning_rate(cfg, 900, 3, True, 0) == 2e-5  # fine-tune stage (train_more.py)
 
@@ -36,7 +40,9 @@ def _weights(path):
 
 
 def test_interrupt_and_resume_equals_uninterrupted(tmp_path):
-    config = load_config("tiny")  # 64 images, batch 16: 4 steps/epoch, 2 epochs, checkpoints every 3 steps
+    config = load_config(
+        "tiny"
+    )  # 64 images, batch 16: 4 steps/epoch, 2 epochs, checkpoints every 3 steps
     full = train(config, tmp_path / "full", progress=False)
     assert full["step"] == 8 and not full["stopped"]
     for stop in (3, 5):  # on a checkpoint boundary and between two
@@ -57,14 +63,25 @@ def test_run_directory_contents(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
     evals = [r for r in records if r["kind"] == "eval"]
-    assert len(evals) == 1 and math.isfinite(evals[0]["test_bpd"]) and evals[0]["test_bpd"] == summary["test_bpd"]
+    assert (
+        len(evals) == 1
+        and math.isfinite(evals[0]["test_bpd"])
+        and evals[0]["test_bpd"] == summary["test_bpd"]
+    )
     assert (tmp_path / "samples" / "step_0000004.png").exists()
     assert (tmp_path / "final.pt").exists() and (tmp_path / "best.pt").exists()
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000003.pt", "step_0000004.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step_0000003.pt",
+        "step_0000004.pt",
+    ]
     data = json.loads((tmp_path / "data.json").read_text())
     assert data["train"]["files"] and data["test"]["files"]
     payload = torch.load(tmp_path / "final.pt", weights_only=True)
-    assert payload["format"] == "denseflow" and payload["config"]["model"]["image_shape"] == [1, 28, 28]
+    assert payload["format"] == "denseflow" and payload["config"]["model"]["image_shape"] == [
+        1,
+        28,
+        28,
+    ]
     model, loaded = ckpt.load_model(tmp_path / "final.pt")
     assert loaded == config and not model.training
 
@@ -101,7 +118,9 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys):
     config = load_config("tiny")
     full = train(config, tmp_path / "full", progress=False)
     run = tmp_path / "run"
-    train(config, run, progress=False, stop_after=5)  # keeps the checkpoints of steps 4 (epoch end) and 5
+    train(
+        config, run, progress=False, stop_after=5
+    )  # keeps the checkpoints of steps 4 (epoch end) and 5
     newest = run / "checkpoints" / "step_0000005.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a crash mid-write
     capsys.readouterr()
@@ -126,7 +145,11 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt.DenseFlow, "forward", poisoned)
     summary = train(load_config("tiny"), tmp_path, progress=False)
     assert summary["step"] == 8 and math.isfinite(summary["test_bpd"])
-    skips = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"skip"' in line]
+    skips = [
+        json.loads(line)
+        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        if '"skip"' in line
+    ]
     assert [(r["step"], r["skipped_steps"]) for r in skips] == [(3, 1)]
     state = ckpt.load(tmp_path)
     assert state["skipped_steps"] == 1
@@ -146,13 +169,20 @@ def test_persistent_divergence_rolls_back_then_stops_cleanly(tmp_path, monkeypat
         return value * float("nan") if len(calls) >= 5 else value
 
     monkeypatch.setattr(ckpt.DenseFlow, "forward", diverging)
-    config = load_config("tiny").override(["train.max_bad_steps=2", "train.max_rollbacks=2", "train.epochs=4"])
+    config = load_config("tiny").override(
+        ["train.max_bad_steps=2", "train.max_rollbacks=2", "train.epochs=4"]
+    )
     with pytest.raises(TrainingDiverged, match="after 2 rollback"):
         train(config, tmp_path, progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["lr_scale"]) for r in records if r["kind"] == "rollback"] == [(4, 0.5), (4, 0.25)]
+    assert [(r["step"], r["lr_scale"]) for r in records if r["kind"] == "rollback"] == [
+        (4, 0.5),
+        (4, 0.25),
+    ]
     state = ckpt.load(tmp_path)
-    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert state["step"] == 4 and all(
+        torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()
+    )
 
 
 def test_per_layer_monitors_in_the_log(tmp_path):

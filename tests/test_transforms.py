@@ -15,7 +15,11 @@ from torch.autograd.functional import jacobian
 
 from denseflow.nets.coupling import CouplingNet, GlowCouplingNet
 from denseflow.transforms.base import FlowSequence, Noise, std_normal_log_prob
-from denseflow.transforms.cross_unit import CrossUnitCoupling, InvertibleDenseBlock, coupling_net_factory
+from denseflow.transforms.cross_unit import (
+    CrossUnitCoupling,
+    InvertibleDenseBlock,
+    coupling_net_factory,
+)
 from denseflow.transforms.dequantization import UniformDequantization, VariationalDequantization
 from denseflow.transforms.glow import (
     ActNorm,
@@ -33,7 +37,8 @@ DT = torch.float64
 
 
 def perturb(module: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
-    """Move every parameter off its initial value (zero-init outputs included), eval mode, float64."""
+    """Move every parameter off its initial value (zero-init outputs included), eval mode,
+    float64."""
     module = module.to(DT).eval()
     with torch.no_grad():
         for p in module.parameters():
@@ -52,7 +57,13 @@ def per_sample_logdet(f, x: torch.Tensor) -> torch.Tensor:
 
 def tiny_net(channels: int, attention: str = "official", heads: int = 1) -> CouplingNet:
     return CouplingNet(
-        (channels + 1) // 2, 2 * (channels // 2), width=4, depth=2, growth=3, attention=attention, heads=heads
+        (channels + 1) // 2,
+        2 * (channels // 2),
+        width=4,
+        depth=2,
+        growth=3,
+        attention=attention,
+        heads=heads,
     )
 
 
@@ -61,7 +72,9 @@ def check_bijection(transform, x, context=None):
     z, ldj = transform(x, context)
     assert ldj.shape == (x.shape[0],)
     torch.testing.assert_close(transform.inverse(z, context), x, rtol=0, atol=1e-10)
-    want = per_sample_logdet(lambda v, b: transform(v, None if context is None else context[b : b + 1])[0], x)
+    want = per_sample_logdet(
+        lambda v, b: transform(v, None if context is None else context[b : b + 1])[0], x
+    )
     torch.testing.assert_close(ldj, want, rtol=1e-9, atol=1e-9)
 
 
@@ -74,7 +87,9 @@ BIJECTIONS = {
     "coupling_no_attention": lambda c: AffineCoupling(
         CouplingNet((c + 1) // 2, 2 * (c // 2), width=4, depth=2, growth=3, attention=None)
     ),
-    "coupling_glow_net": lambda c: AffineCoupling(GlowCouplingNet((c + 1) // 2, 2 * (c // 2), width=6)),
+    "coupling_glow_net": lambda c: AffineCoupling(
+        GlowCouplingNet((c + 1) // 2, 2 * (c // 2), width=6)
+    ),
     "swap": lambda c: ChannelSwap(),
     "sigmoid": lambda c: Sigmoid(),
     "unsqueeze": lambda c: Unsqueeze(),
@@ -90,7 +105,9 @@ BIJECTIONS = {
 EVEN_ONLY = ("dense_block_one_unit", "unsqueeze")  # built on even widths / multiples of 4
 
 
-@pytest.mark.parametrize("name, channels", [(n, c) for n in BIJECTIONS for c in (4, 5) if c == 4 or n not in EVEN_ONLY])
+@pytest.mark.parametrize(
+    "name, channels", [(n, c) for n in BIJECTIONS for c in (4, 5) if c == 4 or n not in EVEN_ONLY]
+)
 def test_bijection_inverse_and_logdet(name, channels):
     transform = perturb(BIJECTIONS[name](channels))
     x = torch.randn(3, channels, 4, 4, dtype=DT)
@@ -129,7 +146,9 @@ def test_swap_inverse_differs_from_official_only_for_odd_channels():
 
 def test_cross_unit_coupling_is_a_bijection_in_noise():
     """Fixed context: η -> ẽ = μ + σ·η; delta = log|∂ẽ/∂η| − log N(η), left inverse drops ẽ."""
-    coupling = perturb(CrossUnitCoupling(context_channels=3, growth=2, name="blockX.unit1"), std=0.3)
+    coupling = perturb(
+        CrossUnitCoupling(context_channels=3, growth=2, name="blockX.unit1"), std=0.3
+    )
     y = torch.randn(2, 4, 4, 4, dtype=DT)
     context = torch.randn(2, 3, 4, 4, dtype=DT)
     eta = torch.randn(2, 2, 4, 4, dtype=DT)
@@ -169,7 +188,9 @@ def test_unconditional_cross_unit_noise_ignores_the_context():
 def test_dense_block_noise_conditioning_and_left_inverse():
     """Unit i's noise sees x_0, y_0 … y_{i-2}; the left inverse recovers the block input."""
     nets = coupling_net_factory(4, 2, 3, "official", 1, 4)
-    block = perturb(InvertibleDenseBlock(4, units=3, steps=1, growth=2, net_factory=nets, name="block1"))
+    block = perturb(
+        InvertibleDenseBlock(4, units=3, steps=1, growth=2, net_factory=nets, name="block1")
+    )
     assert [c.net.conv.in_channels for c in block.couplings] == [4, 4 + 4]
     x = torch.randn(2, 4, 4, 4, dtype=DT)
     noise = {
@@ -186,7 +207,8 @@ def test_transition_scores_the_dropped_half():
     x = torch.randn(2, 4, 4, 4, dtype=DT)
     kept, delta = transition(x)
     assert kept.shape == (2, 8, 2, 2)
-    _, dropped = transition.split(x)
+    kept_too, dropped, delta_too = transition.factor_out(x)
+    assert torch.equal(kept_too, kept) and torch.equal(delta_too, delta)
     want = (-0.5 * dropped.square() - 0.5 * math.log(2 * math.pi)).sum(dim=(1, 2, 3))
     torch.testing.assert_close(delta, want, rtol=0, atol=1e-12)
     assert torch.equal(transition.inverse(kept, noise=Noise({"transition1.eta": dropped})), x)
@@ -195,7 +217,11 @@ def test_transition_scores_the_dropped_half():
 
 def test_variational_dequantization_bound_terms():
     """η -> u is a bijection given x; delta = −D log 2^bits − log N(η) + log|∂u/∂η|."""
-    deq = perturb(VariationalDequantization(1, num_bits=5, width=4, steps=2, depth=2, growth=3, context_growth=2))
+    deq = perturb(
+        VariationalDequantization(
+            1, num_bits=5, width=4, steps=2, depth=2, growth=3, context_growth=2
+        )
+    )
     x = torch.randint(0, 32, (2, 1, 4, 4))
     eta = torch.randn(2, 4, 2, 2, dtype=DT)
     z, delta = deq(x, noise=Noise({"dequant.eta": eta}))

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .precision import at_least_float32
+from .runner import at_least_float32
 
 
 def segment_means(x: Tensor, groups: int) -> Tensor:
@@ -53,7 +53,12 @@ class NystromAttention(nn.Module):
     """``(B, M, H, W) -> (B, M, H, W)``; see the module docstring for the two kinds."""
 
     def __init__(
-        self, channels: int, kind: str = "official", heads: int = 1, landmarks: int = 4, pinv_iters: int = 6
+        self,
+        channels: int,
+        kind: str = "official",
+        heads: int = 1,
+        landmarks: int = 4,
+        pinv_iters: int = 6,
     ) -> None:
         super().__init__()
         if kind not in ("official", "multihead"):

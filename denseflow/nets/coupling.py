@@ -7,14 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..transforms.base import bounded_log_scale
 from .attention import NystromAttention
 from .dense import DenseBlock
-from .precision import at_least_float32
 from .recompute import Recomputable, is_recomputing
+from .runner import at_least_float32
 
 
 def zero_conv1x1(in_channels: int, out_channels: int) -> nn.Conv2d:
-    """1x1 conv with zero weight and bias: the output layer that makes a coupling start as identity."""
+    """1x1 conv with zero weight and bias: the output layer that makes a coupling start as
+    identity."""
     conv = nn.Conv2d(in_channels, out_channels, 1)
     nn.init.zeros_(conv.weight)
     nn.init.zeros_(conv.bias)
@@ -57,12 +59,19 @@ class CouplingNet(nn.Module):
         self.dense = DenseBlock(width, width, depth, growth)
         self.attention = NystromAttention(width, attention, heads, landmarks) if attention else None
         fused = 2 * width if attention else width
-        self.fusion = nn.Sequential(FusionBatchNorm(fused), nn.ReLU(), nn.Conv2d(fused, width, 1, bias=False))
+        self.fusion = nn.Sequential(
+            FusionBatchNorm(fused), nn.ReLU(), nn.Conv2d(fused, width, 1, bias=False)
+        )
         self.out_proj = zero_conv1x1(width, out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(B, c_in, H, W) -> (B, c_out, H, W)``."""
         h = self.in_proj(x)
-        f = self.dense(h) if self.attention is None else torch.cat([self.attention(h), self.dense(h)], dim=1)
+        f = (
+            self.dense(h)
+            if self.attention is None
+            else torch.cat([self.attention(h), self.dense(h)], dim=1)
+        )
         return self.out_proj(self.fusion(f))
 
 
@@ -77,7 +86,11 @@ class GlowCouplingNet(nn.Module):
         nn.init.zeros_(out.weight)
         nn.init.zeros_(out.bias)
         self.net = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 1), nn.ReLU(), out
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 1),
+            nn.ReLU(),
+            out,
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -96,9 +109,11 @@ class NoiseNet(Recomputable):
         self.conv = nn.Conv2d(in_channels, 4 * in_channels, 3, padding=1)
         self.out = zero_conv1x1(4 * in_channels, 2 * growth)
 
-    def _net(self, c: Tensor) -> tuple[Tensor, Tensor]:
-        mu, s = at_least_float32(self.out(torch.relu(self.conv(c)))).chunk(2, dim=1)  # the bound in >= fp32
-        return mu, 2 * torch.tanh(s / 2)
+    def _compute(self, c: Tensor) -> tuple[Tensor, Tensor]:
+        mu, s = at_least_float32(self.out(torch.relu(self.conv(c)))).chunk(
+            2, dim=1
+        )  # the bound in >= fp32
+        return mu, bounded_log_scale(s)
 
 
 class LearnedGaussianNoise(nn.Module):
@@ -113,31 +128,37 @@ class LearnedGaussianNoise(nn.Module):
 
     def forward(self, c: Tensor) -> tuple[Tensor, Tensor]:
         shape = (c.shape[0], self.loc.shape[1], *c.shape[2:])
-        return self.loc.expand(shape), (2 * torch.tanh(self.scale / 2)).expand(shape)
+        return self.loc.expand(shape), bounded_log_scale(self.scale).expand(shape)
 
 
 class ContextNet(Recomputable):
-    """The dequantizer's context ``h = c(x)`` (spec §4): ``(B, C, H, W)`` integers -> ``(B, width, H/2, W/2)``.
+    """The dequantizer's context ``h = c(x)`` (spec §4): ``(B, C, H, W)`` integers ->
+    ``(B, width, H/2, W/2)``.
 
     ``x' = 2x/(2^bits − 1) − 1``; DenseBlock at full resolution; 2x2 stride-2 conv; DenseBlock.
     """
 
-    def __init__(self, in_channels: int, width: int, depth: int, growth: int, num_bits: int) -> None:
+    def __init__(
+        self, in_channels: int, width: int, depth: int, growth: int, num_bits: int
+    ) -> None:
         super().__init__()
         self.max_value = 2**num_bits - 1
         self.dense_in = DenseBlock(in_channels, width, depth, growth)
         self.down = nn.Conv2d(width, width, 2, stride=2)
         self.dense_out = DenseBlock(width, width, depth, growth)
 
-    def _net(self, x: Tensor) -> Tensor:
+    def _compute(self, x: Tensor) -> Tensor:
         x = 2 * x.to(self.down.weight.dtype) / self.max_value - 1
         return self.dense_out(self.down(self.dense_in(x)))
 
 
 class DequantCouplingNet(nn.Module):
-    """The dequantizer's coupling net: 1x1 conv -> residual DenseBlock -> zero-init 1x1 conv (spec §4)."""
+    """The dequantizer's coupling net: 1x1 conv -> residual DenseBlock -> zero-init 1x1 conv
+    (spec §4)."""
 
-    def __init__(self, in_channels: int, out_channels: int, width: int, depth: int, growth: int) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, width: int, depth: int, growth: int
+    ) -> None:
         super().__init__()
         self.in_proj = nn.Conv2d(in_channels, width, 1)
         self.dense = DenseBlock(width, width, depth, growth, residual=True)

@@ -28,25 +28,47 @@ class _ConcatConv(torch.autograd.Function):
         weight, *pieces = ctx.saved_tensors
         x = torch.cat(pieces, dim=1)
         p = ctx.padding
-        mask = [any(ctx.needs_input_grad[3:]), ctx.needs_input_grad[0], ctx.has_bias and ctx.needs_input_grad[1]]
+        mask = [
+            any(ctx.needs_input_grad[3:]),
+            ctx.needs_input_grad[0],
+            ctx.has_bias and ctx.needs_input_grad[1],
+        ]
         bias_sizes = [weight.shape[0]] if ctx.has_bias else None
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad, x, weight, bias_sizes, [1, 1], [p, p], [1, 1], False, [0, 0], 1, mask
         )
-        grad_pieces = grad_x.split([t.shape[1] for t in pieces], dim=1) if grad_x is not None else [None] * len(pieces)
+        grad_pieces = (
+            grad_x.split([t.shape[1] for t in pieces], dim=1)
+            if grad_x is not None
+            else [None] * len(pieces)
+        )
         return grad_w, grad_b, None, *grad_pieces
 
 
 def concat_conv(pieces: list[Tensor], conv: nn.Conv2d) -> Tensor:
     """``conv(torch.cat(pieces, 1))``; without autograd the plain expression. Under autocast the
-    casts autocast would make happen outside the custom function (its backward sees one dtype)."""
+    casts autocast would make happen outside the custom function (its backward sees one dtype).
+    ``conv`` must have stride 1, dilation 1, one group and equal zero padding on both axes: the
+    custom backward assumes them."""
+    plain = (conv.stride, conv.dilation, conv.groups, conv.padding_mode) == (
+        (1, 1),
+        (1, 1),
+        1,
+        "zeros",
+    )
+    if not plain or not isinstance(conv.padding, tuple) or conv.padding[0] != conv.padding[1]:
+        raise ValueError(
+            f"concat_conv: needs stride 1, dilation 1, groups 1, equal padding: {conv}"
+        )
     if torch.is_grad_enabled() and any(t.requires_grad for t in (conv.weight, *pieces)):
         device = pieces[0].device.type
         if torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
             weight, bias = conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
             with torch.autocast(device, enabled=False):
-                return _ConcatConv.apply(weight, bias, conv.padding[0], *(t.to(dtype) for t in pieces))
+                return _ConcatConv.apply(
+                    weight, bias, conv.padding[0], *(t.to(dtype) for t in pieces)
+                )
         return _ConcatConv.apply(conv.weight, conv.bias, conv.padding[0], *pieces)
     return conv(torch.cat(pieces, dim=1))
 
@@ -86,15 +108,23 @@ class DenseBlock(nn.Module):
     added to the output (the dequantizer's coupling nets). ``(B, c_0, H, W) -> (B, c_out, H, W)``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, depth: int, growth: int, residual: bool = False) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, depth: int, growth: int, residual: bool = False
+    ) -> None:
         super().__init__()
         if residual and in_channels != out_channels:
-            raise ValueError(f"a residual DenseBlock needs in == out channels, got {in_channels} -> {out_channels}")
-        self.layers = nn.ModuleList(DenseLayer(in_channels + i * growth, growth) for i in range(depth))
+            raise ValueError(
+                f"a residual DenseBlock needs in == out channels, "
+                f"got {in_channels} -> {out_channels}"
+            )
+        self.layers = nn.ModuleList(
+            DenseLayer(in_channels + i * growth, growth) for i in range(depth)
+        )
         self.gate = GatedConv1x1(in_channels + depth * growth, out_channels)
         self.residual = residual
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(B, c_0, H, W) -> (B, c_out, H, W)``."""
         pieces = [x]
         for layer in self.layers:
             pieces.append(layer(pieces))

@@ -1,4 +1,5 @@
-"""Low-memory mode: activation checkpointing for the parts of the flow that hold most activations."""
+"""Low-memory mode: activation checkpointing for the parts of the flow that hold most
+activations."""
 
 from __future__ import annotations
 
@@ -34,17 +35,18 @@ class Recomputable(nn.Module):
     networks), the cross-unit noise nets and the dequantizer's context net.
 
     With ``low_memory`` set (``DenseFlow.set_low_memory``) and autograd on, only the inputs are
-    kept for the backward pass and :meth:`_net` runs again there (activation checkpointing): the
+    kept for the backward pass and :meth:`_compute` runs again there (activation checkpointing): the
     same values and gradients, a fraction of the activation memory.
     """
 
     low_memory = False
 
-    def _net(self, *args: Tensor | None):
+    def _compute(self, *args: Tensor | None):
+        """What ``forward`` computes (a coupling's pass with its network, or a network alone)."""
         raise NotImplementedError
 
     def forward(self, *args: Tensor | None):
         if self.low_memory and torch.is_grad_enabled():
             context = lambda: (contextlib.nullcontext(), _recomputing())  # noqa: E731
-            return checkpoint(self._net, *args, use_reentrant=False, context_fn=context)
-        return self._net(*args)
+            return checkpoint(self._compute, *args, use_reentrant=False, context_fn=context)
+        return self._compute(*args)

@@ -29,6 +29,15 @@ def sum_except_batch(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).sum(1)
 
 
+def bounded_log_scale(s: Tensor) -> Tensor:
+    """``2·tanh(s/2)``: a raw network output ``s`` as a log-scale in (-2, 2) (spec §6.3, §5).
+
+    The affine couplings and the cross-unit noise bound every log-scale this way, so a scale
+    lies in (e⁻², e²) whatever the network outputs; near 0 it is the identity (slope 1).
+    """
+    return 2 * torch.tanh(s / 2)
+
+
 def std_normal_log_prob(x: Tensor) -> Tensor:
     """log N(x; 0, I) per sample, (B, ...) -> (B,)."""
     return sum_except_batch(-0.5 * x.square() - HALF_LOG_2PI)
@@ -39,8 +48,9 @@ class Noise:
 
     A step asks for ``draw(name, shape, like)``; a tensor given under that name is used (cast to
     ``like``'s dtype and device, shape checked), otherwise a fresh one is drawn in float32 from
-    ``generator`` (or the global generator) and cast. Names are those of ``../shared/parity/A/FORMAT.md``:
-    ``dequant.eta``, ``block{s}.unit{i}.eta``, ``transition{t}.eta``, ``base.eta``.
+    ``generator`` (or the global generator) and cast. Names are those of
+    ``../shared/parity/A/FORMAT.md``: ``dequant.eta``, ``block{s}.unit{i}.eta``,
+    ``transition{t}.eta``, ``base.eta``.
     ``temperature`` scales the draws of sampling (base and transitions) only.
     """
 
@@ -55,12 +65,16 @@ class Noise:
         self.temperature = float(temperature)
 
     def draw(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """Standard-normal ``name`` of ``shape``, given or drawn, on ``like``'s device and dtype."""
         given = self.named.get(name)
         if given is not None:
             if tuple(given.shape) != tuple(shape):
-                raise ValueError(f"noise {name!r} has shape {tuple(given.shape)}, expected {tuple(shape)}")
+                raise ValueError(
+                    f"noise {name!r} has shape {tuple(given.shape)}, expected {tuple(shape)}"
+                )
             return given.to(device=like.device, dtype=like.dtype)
-        # drawn in float32 whatever the working dtype, so that a float64 evaluation sees the same noise
+        # drawn in float32 whatever the working dtype, so that a float64 evaluation sees the same
+        # noise
         device = like.device if self.generator is None else self.generator.device
         out = torch.randn(shape, generator=self.generator, device=device, dtype=torch.float32)
         return out.to(device=like.device, dtype=like.dtype)
@@ -69,10 +83,16 @@ class Noise:
 class Transform(nn.Module):
     """Base class of every step; see the module docstring for the contract."""
 
-    def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Data -> latent: ``(z, delta_logp)``, ``delta_logp`` of shape ``(B,)``."""
         raise NotImplementedError
 
-    def inverse(self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> Tensor:
+    def inverse(
+        self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> Tensor:
+        """Latent -> data (the left inverse for a stochastic step)."""
         raise NotImplementedError
 
 
@@ -94,14 +114,18 @@ class FlowSequence(Transform):
     def __len__(self) -> int:
         return len(self._modules)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> tuple[Tensor, Tensor]:
         total = x.new_zeros(x.shape[0])
         for step in self.children():
             x, delta = step(x, context, noise)
             total = total + delta
         return x, total
 
-    def inverse(self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> Tensor:
+    def inverse(
+        self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> Tensor:
         for step in reversed(list(self.children())):
             z = step.inverse(z, context, noise)
         return z

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..nets.coupling import ContextNet, DequantCouplingNet
-from ..nets.precision import NetPrecision
+from ..nets.runner import NetRunner
 from .base import DiagonalGaussian, FlowSequence, Noise, Transform
 from .glow import AffineCoupling, Conv1x1, Conv1x1LU, Sigmoid, Unsqueeze
 
@@ -29,26 +29,32 @@ class Dequantization(Transform):
         z = (x.to(u.dtype) + u) / levels
         return z, -(x[0].numel() * math.log(levels)) - log_q
 
-    def inverse(self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> Tensor:
+    def inverse(
+        self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> Tensor:
         levels = 2**self.num_bits
         return torch.floor(levels * z).clamp(0, levels - 1).long()
 
 
 class UniformDequantization(Dequantization):
-    """``u ~ U(0, 1)^D`` (``u = Φ(η)`` of the standard-normal draw ``dequant.eta``), ``log q = 0``."""
+    """``u ~ U(0, 1)^D`` (``u = Φ(η)`` of the standard-normal draw ``dequant.eta``),
+    ``log q = 0``."""
 
     def __init__(self, num_bits: int) -> None:
         super().__init__(num_bits)
         self.register_buffer("dtype_anchor", torch.zeros(()), persistent=False)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> tuple[Tensor, Tensor]:
         eta = (noise or Noise()).draw("dequant.eta", tuple(x.shape), like=self.dtype_anchor)
         u = torch.special.ndtr(eta)
         return self._bound_terms(x, u, u.new_zeros(x.shape[0]))
 
 
-class VariationalDequantization(NetPrecision, Dequantization):
-    """Flow++-style ``q(u|x)``: a conditional flow from Gaussian noise to ``u ∈ (0, 1)^D`` (spec §4).
+class VariationalDequantization(NetRunner, Dequantization):
+    """Flow++-style ``q(u|x)``: a conditional flow from Gaussian noise to ``u ∈ (0, 1)^D``
+    (spec §4).
 
     ``ε = μ_d + σ_d·η`` on ``(4C, H/2, W/2)``; ``steps`` × [1x1 conv, affine coupling conditioned
     on the context ``h = c(x)``], one more 1x1 conv, un-squeeze, sigmoid -> ``u``.
@@ -77,9 +83,13 @@ class VariationalDequantization(NetPrecision, Dequantization):
             flow += [conv(c), AffineCoupling(net)]
         self.flow = FlowSequence([*flow, conv(c), Unsqueeze(), Sigmoid()])
 
-    def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> tuple[Tensor, Tensor]:
         h = self.run_net(self.context_net, x)
-        eta = (noise or Noise()).draw("dequant.eta", (h.shape[0], self.base.loc.shape[1], *h.shape[2:]), like=h)
+        eta = (noise or Noise()).draw(
+            "dequant.eta", (h.shape[0], self.base.loc.shape[1], *h.shape[2:]), like=h
+        )
         eps = self.base.sample(eta)
         u, ldj = self.flow(eps, context=h)
         return self._bound_terms(x, u, self.base.log_prob(eps) - ldj)

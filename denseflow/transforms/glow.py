@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nets.precision import NetPrecision
 from ..nets.recompute import Recomputable
-from .base import FlowSequence, Noise, Transform, sum_except_batch
+from ..nets.runner import NetRunner
+from .base import FlowSequence, Noise, Transform, bounded_log_scale, sum_except_batch
 
 
 class ActNorm(Transform):
@@ -30,15 +30,20 @@ class ActNorm(Transform):
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
+        """Set the shift and log-scale from the batch ``x`` so that its output is standardised."""
         self.shift.copy_(x.mean(dim=(0, 2, 3), keepdim=True))
         self.log_scale.copy_(torch.log(x.std(dim=(0, 2, 3), keepdim=True) + 1e-6))
 
-    def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> tuple[Tensor, Tensor]:
         z = (x - self.shift) * torch.exp(-self.log_scale)
         ldj = -(x.shape[2] * x.shape[3]) * self.log_scale.sum()
         return z, ldj.expand(x.shape[0])
 
-    def inverse(self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> Tensor:
+    def inverse(
+        self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> Tensor:
         return z * torch.exp(self.log_scale) + self.shift
 
 
@@ -61,16 +66,21 @@ class Conv1x1(Transform):
         """(W, log|det W|)."""
         return self.weight, torch.linalg.slogdet(self.weight)[1]
 
-    def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> tuple[Tensor, Tensor]:
         w, logdet = self.matrix()
         z = F.conv2d(x, w[:, :, None, None])
         return z, (x.shape[2] * x.shape[3] * logdet).expand(x.shape[0])
 
-    def inverse(self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> Tensor:
+    def inverse(
+        self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> Tensor:
         return F.conv2d(z, self._inverse_matrix()[:, :, None, None])
 
     def _inverse_matrix(self) -> Tensor:
-        """``W⁻¹``; without autograd it is cached until the parameters change (sampling, decoding)."""
+        """``W⁻¹``; without autograd it is cached until the parameters change (sampling,
+        decoding)."""
         if torch.is_grad_enabled():
             return torch.linalg.inv(self.matrix()[0])
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
@@ -98,13 +108,14 @@ class Conv1x1LU(Conv1x1):
         self.log_s = nn.Parameter(diag.abs().log())
 
     def matrix(self) -> tuple[Tensor, Tensor]:
+        """(W = P·L·U, log|det W| = Σ log s)."""
         eye = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
         lower = self.lower * self.lower_mask + eye
         upper = self.upper * self.lower_mask.T + torch.diag(self.sign * torch.exp(self.log_s))
         return self.perm @ lower @ upper, self.log_s.sum()
 
 
-class AffineCoupling(NetPrecision, Recomputable, Transform):
+class AffineCoupling(NetRunner, Recomputable, Transform):
     """Affine coupling with a bounded scale (spec §6.3, §7.4).
 
     ``x_a`` = first ⌈C/2⌉ channels (kept), ``x_b`` = the rest. ``net(x_a)`` (or
@@ -120,16 +131,20 @@ class AffineCoupling(NetPrecision, Recomputable, Transform):
     def _log_a_and_shift(self, x_a: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         h = x_a if context is None else torch.cat([x_a, context], dim=1)
         s, t = self.run_net(self.net, h).unflatten(1, (-1, 2)).unbind(2)
-        return 2 * torch.tanh(s / 2), t
+        return bounded_log_scale(s), t
 
-    def _net(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
-        """The forward pass (``forward`` runs it, under activation checkpointing in low-memory mode)."""
+    def _compute(
+        self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The coupling's forward pass: ``(x_a, x_b) -> (x_a, y_b)`` and its log-det."""
         x_a, x_b = x.split((x.shape[1] + 1) // 2, dim=1)
         log_a, t = self._log_a_and_shift(x_a, context)
         y_b = t + torch.exp(log_a) * x_b
         return torch.cat([x_a, y_b], dim=1), sum_except_batch(log_a)
 
-    def inverse(self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> Tensor:
+    def inverse(
+        self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> Tensor:
         x_a, y_b = z.split((z.shape[1] + 1) // 2, dim=1)
         log_a, t = self._log_a_and_shift(x_a, context)
         return torch.cat([x_a, (y_b - t) * torch.exp(-log_a)], dim=1)
@@ -142,11 +157,15 @@ class ChannelSwap(Transform):
     ⌈C/2⌉ again; every width of the paper's models is even, where the two agree).
     """
 
-    def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> tuple[Tensor, Tensor]:
         p, q = x.split((x.shape[1] + 1) // 2, dim=1)
         return torch.cat([q, p], dim=1), x.new_zeros(x.shape[0])
 
-    def inverse(self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> Tensor:
+    def inverse(
+        self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> Tensor:
         q, p = z.split([z.shape[1] // 2, (z.shape[1] + 1) // 2], dim=1)
         return torch.cat([p, q], dim=1)
 
@@ -164,21 +183,30 @@ def unsqueeze(z: Tensor) -> Tensor:
 class Unsqueeze(Transform):
     """Depth-to-space 2x2 (the inverse of :func:`squeeze`) as a step; a permutation, log-det 0."""
 
-    def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> tuple[Tensor, Tensor]:
         return unsqueeze(x), x.new_zeros(x.shape[0])
 
-    def inverse(self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> Tensor:
+    def inverse(
+        self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> Tensor:
         return squeeze(z)
 
 
 class Sigmoid(Transform):
-    """Element-wise ``σ(y)``; log-det ``Σ -softplus(-y) - softplus(y)`` (no epsilon, as official)."""
+    """Element-wise ``σ(y)``; log-det ``Σ -softplus(-y) - softplus(y)`` (no epsilon, as
+    official)."""
 
-    def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> tuple[Tensor, Tensor]:
         ldj = sum_except_batch(-F.softplus(-x) - F.softplus(x))
         return torch.sigmoid(x), ldj
 
-    def inverse(self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> Tensor:
+    def inverse(
+        self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> Tensor:
         return torch.logit(z)
 
 

@@ -20,20 +20,25 @@ class Transition(Transform):
         super().__init__()
         self.name = name
 
-    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(kept, dropped) halves of the squeezed input."""
-        return squeeze(x).chunk(2, dim=1)
+    def factor_out(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(kept, dropped, log N(dropped; 0, I))``: :meth:`forward` with the dropped latent."""
+        kept, dropped = squeeze(x).chunk(2, dim=1)
+        return kept, dropped, std_normal_log_prob(dropped)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> tuple[Tensor, Tensor]:
-        kept, dropped = self.split(x)
-        return kept, std_normal_log_prob(dropped)
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> tuple[Tensor, Tensor]:
+        kept, _, delta = self.factor_out(x)
+        return kept, delta
 
-    def inverse(self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None) -> Tensor:
+    def inverse(
+        self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None
+    ) -> Tensor:
         noise = noise or Noise()
         dropped = noise.temperature * noise.draw(f"{self.name}.eta", tuple(z.shape), like=z)
         return self.join(z, dropped)
 
     @staticmethod
     def join(kept: Tensor, dropped: Tensor) -> Tensor:
-        """Inverse of :meth:`split`."""
+        """Inverse of :meth:`factor_out`: ``(kept, dropped) -> x``."""
         return unsqueeze(torch.cat([kept, dropped], dim=1))

@@ -1,0 +1,92 @@
+"""A plain folder of PNG/JPEG images, optionally with ``train/`` and ``test/`` subfolders.
+
+Each image is resized (PIL bilinear) so that it covers the model's ``(H, W)`` -- for a square
+size, the short side becomes the target side -- and center-cropped to it. Greyscale images give
+one channel when every image of the folder is greyscale, else three.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .base import DataError, Request, decode_into, missing_dir_error, to_tensor
+from .files import manifest_digest, open_image
+
+_WHERE_TO_GET = "a folder of PNG/JPEG images (optionally with train/ and test/ subfolders)"
+_GREY_MODES = ("1", "L", "LA")
+_COLOUR_MODES = ("P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+
+
+def _folder_for_split(root: Path, split: str) -> Path:
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder of images")
+    own, other = root / split, root / ("test" if split == "train" else "train")
+    if own.is_dir():
+        return own
+    if other.is_dir():
+        raise DataError(f"{own}: missing ({root} has {other.name}/ but no {split}/ subfolder)")
+    return root
+
+
+def _resize_cover_crop(img: Image.Image, height: int, width: int) -> Image.Image:
+    """Resize (PIL bilinear) so the image covers ``height x width`` -- for a square target, the
+    short side becomes the target side -- then center-crop to exactly that size."""
+    w, h = img.size
+    if (w, h) != (width, height):
+        scale = max(height / h, width / w)
+        new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        left, top = (new_w - width) // 2, (new_h - height) // 2
+        img = img.crop((left, top, left + width, top + height))
+    return img
+
+
+def read_folder(req: Request) -> tuple[torch.Tensor, dict]:
+    """The images of ``data_dir/<split>/``, or of ``data_dir`` itself when it has neither
+    subfolder, in name order; ``image_size`` is required."""
+    root, image_size = req.root, req.image_size
+    if root is None:
+        raise missing_dir_error("folder", _WHERE_TO_GET, None, [])
+    if image_size is None:
+        raise DataError(
+            f"{root}: image_size is required for a folder of images (the model's (H, W))"
+        )
+    folder = _folder_for_split(root, req.split)
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not paths:
+        raise DataError(f"{folder}: empty folder, no images")
+    paths = paths[: req.limit]
+    height, width = image_size
+
+    def decode(path: Path) -> tuple[np.ndarray, tuple[bool, str]]:
+        img, sha = open_image(path)
+        with img:
+            if img.format not in ("PNG", "JPEG"):
+                raise DataError(f"{path}: a {img.format} image, expected PNG or JPEG")
+            grey = img.mode in _GREY_MODES
+            if not grey and img.mode not in _COLOUR_MODES:
+                raise DataError(
+                    f"{path}: image mode {img.mode} is not supported "
+                    "(8-bit greyscale or colour only)"
+                )
+            img = _resize_cover_crop(img.convert("L" if grey else "RGB"), height, width)
+            array = np.asarray(img)
+        return (array[None] if grey else array.transpose(2, 0, 1)), (grey, sha)
+
+    images = np.empty((len(paths), 3, height, width), dtype=np.uint8)
+    metas = decode_into(images, paths, decode, desc=f"images in {folder.name}")
+    if all(grey for grey, _ in metas):
+        images = images[:, :1]
+    digest = manifest_digest([(p.name, sha) for p, (_, sha) in zip(paths, metas, strict=True)])
+    source = {
+        "path": str(folder.parent),
+        "release": "plain image folder",
+        "files": {folder.name + "/": digest},
+        "preprocessing": f"PIL bilinear resize of the short side, center crop to {height}x{width}",
+    }
+    return to_tensor(images), source

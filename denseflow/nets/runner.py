@@ -1,0 +1,51 @@
+"""How the steps run their conditioner networks: precision and compilation.
+
+Mixed precision (``train.precision="bfloat16"``): the coupling, cross-unit noise and dequantizer
+networks run under autocast; their outputs come back in float32, so the bounds
+(``2·tanh(s/2)``), exponentials, log-determinants, the 1x1 convolutions and their inverses, the
+base densities and the bits/dim stay float32.
+
+Compiled networks (``train.compile``): nets of one class share their compiled code, each
+distinct input shape being one recompilation of it, so while a compiled net runs (in the forward
+pass, or recomputed in the backward pass in low-memory mode) dynamo's recompile limit is raised
+to four per net (training, recomputation, evaluation and sampling graphs); the process-wide
+setting is restored after each call.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 if it is a 16-bit float (float32 and float64 pass unchanged)."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+class NetRunner:
+    """Mixin of the steps that run a network. ``net_dtype`` (None = float32) is set by
+    :meth:`denseflow.model.DenseFlow.set_net_precision`, ``recompile_limit`` (0 = not compiled)
+    by :meth:`denseflow.model.DenseFlow.compile_nets`."""
+
+    net_dtype: torch.dtype | None = None
+    recompile_limit: int = 0
+
+    def run_net(self, net: nn.Module, *args: torch.Tensor):
+        """``net(*args)`` in the step's precision, outputs in float32 or wider."""
+        with self._compile_limit():
+            if self.net_dtype is None:
+                return net(*args)
+            with torch.autocast(args[0].device.type, dtype=self.net_dtype):
+                out = net(*args)
+        return (
+            tuple(map(at_least_float32, out)) if isinstance(out, tuple) else at_least_float32(out)
+        )
+
+    def _compile_limit(self):
+        if not self.recompile_limit:
+            return nullcontext()
+        limit = max(torch._dynamo.config.recompile_limit, self.recompile_limit)
+        return torch._dynamo.config.patch(recompile_limit=limit)
