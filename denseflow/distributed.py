@@ -2,7 +2,7 @@
 
 A training step's global batch of ``B`` images is split into ``train.batch_chunks`` chunks
 (``torch.tensor_split``: sizes differ by at most one). Chunk ``j`` is a forward pass of its own —
-its own BatchNorm batch statistics and its own noise generator, seeded by ``(seed, step, j)`` —
+its own BatchNorm batch statistics and its own noise stream ``(seed, "noise", step, j)`` —
 and contributes ``Σ_chunk bpd / B`` to the loss, so the gradient is the global batch mean
 whatever the chunk sizes. Rank ``r`` of ``W`` runs chunks ``r·B_c/W … (r+1)·B_c/W − 1`` with
 gradient accumulation; DistributedDataParallel averages over the ranks. Hence a run on ``W``
@@ -10,7 +10,7 @@ ranks computes what one process computes with the same ``batch_chunks``, and che
 freely between the two.
 
 Evaluation splits the test set by batches (rank ``r`` takes batches ``r, r + W, …``; each batch
-draws its noise from a generator seeded by ``(seed, batch)``) and sums in float64 across ranks:
+draws its noise from the stream ``(seed, "eval", batch)``) and sums in float64 across ranks:
 exact totals, no padded duplicates, the single-process value.
 """
 
@@ -82,12 +82,6 @@ def no_sync(module: torch.nn.Module, last: bool):
         if isinstance(module, torch.nn.parallel.DistributedDataParallel) and not last
         else nullcontext()
     )
-
-
-def seeded_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of draw ``index`` (a step, an epoch, a chunk, an evaluation batch) of a run
-    seeded ``seed``."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
 
 
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .model import DenseFlow
+from .seeding import stream
 
 
 @torch.no_grad()
@@ -39,7 +40,7 @@ def evaluate_images(
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=not show, leave=False)
     for start in starts:
         x = images[start : start + batch_size].to(device).long()
-        generator = distributed.seeded_generator(seed, start // batch_size, device)
+        generator = stream(seed, "eval", start // batch_size, device=device)
         if k is None:
             log_p = model.elbo(x, generator=generator)
         else:

@@ -10,6 +10,7 @@ from PIL import Image
 
 from . import distributed
 from .model import DenseFlow
+from .seeding import stream
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -58,7 +59,7 @@ def _sample(
         chunk = seeds[start : start + batch_size]
         noise = {name: [] for name in shapes}
         for seed in chunk:
-            g = torch.Generator().manual_seed(seed)
+            g = stream(seed, "sample")
             for name, shape in shapes.items():
                 noise[name].append(torch.randn(1, *shape, generator=g))
         stacked = {name: torch.cat(parts).to(device) for name, parts in noise.items()}

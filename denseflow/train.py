@@ -10,10 +10,10 @@ Run directory::
     best.pt, final.pt    inference exports (weights + config): best test bpd, end of training
     bpd_curve.png        train and test bits/dim (needs matplotlib)
 
-Every random choice of step ``t`` (batch order of its epoch, augmentation, model noise) comes
-from generators seeded by ``(train.seed, epoch)`` or ``(train.seed, t)``, so a resumed run
-continues exactly as if it had never stopped: a checkpoint holds the weights, the Adamax state
-and the :class:`LoopState`, nothing else.
+Every random choice of step ``t`` (batch order of its epoch, augmentation, model noise per
+chunk) comes from a stream of its own, named by ``train.seed``, the purpose and the position
+(:mod:`denseflow.seeding`), so a resumed run continues exactly as if it had never stopped: a
+checkpoint holds the weights, the Adamax state and the :class:`LoopState`, nothing else.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from . import checkpoint as ckpt
 from . import distributed, runtime
 from .config import RunConfig, TrainConfig
 from .data import ImageSet, augment, load_images
-from .distributed import seeded_generator
 from .evaluate import evaluate_images
 from .model import DenseFlow
 from .runlog import LayerMonitor, RunOutputs, all_stop, stop_requests
 from .sample import sample_seeds, save_grid
 from .schedule import Plan, learning_rate
+from .seeding import stream
 
 
 class TrainingDiverged(ValueError):
@@ -108,8 +108,8 @@ def train_step(
 
 
 class Batches:
-    """The training batch of a position: epoch ``e``'s order from the generator ``(seed, e)``,
-    step ``t``'s augmentation from ``(seed, t)``; uint8 images on the CPU."""
+    """The training batch of a position: epoch ``e``'s order from the stream ``(seed, "order",
+    e)``, step ``t``'s augmentation from ``(seed, "augment", t)``; uint8 images on the CPU."""
 
     def __init__(self, images: torch.Tensor, cfg: TrainConfig, augmentation: str) -> None:
         self.images, self.cfg, self.augmentation = images, cfg, augmentation
@@ -118,23 +118,23 @@ class Batches:
     def __call__(self, state: LoopState) -> torch.Tensor:
         cfg = self.cfg
         if self._order is None or self._order[0] != state.epoch:
-            generator = seeded_generator(cfg.seed, state.epoch)
+            generator = stream(cfg.seed, "order", state.epoch)
             self._order = state.epoch, torch.randperm(len(self.images), generator=generator)
         indices = self._order[1][state.batch * cfg.batch_size : (state.batch + 1) * cfg.batch_size]
         return augment(
-            self.images[indices], self.augmentation, seeded_generator(cfg.seed, state.step)
+            self.images[indices], self.augmentation, stream(cfg.seed, "augment", state.step)
         )
 
     def chunks(
         self, x: torch.Tensor, step: int, device: torch.device
     ) -> list[tuple[torch.Tensor, torch.Generator]]:
         """This rank's chunks of the global batch ``x`` on ``device``, each with the noise
-        generator of ``(seed, step, chunk)``."""
+        stream ``(seed, "noise", step, chunk)``."""
         seed, parts = self.cfg.seed, distributed.my_chunks(x, self.cfg.batch_chunks)
         return [
             (
                 part.to(device, non_blocking=True).long(),
-                seeded_generator(seed, step + (j << 40), device),
+                stream(seed, "noise", step, j, device=device),
             )
             for j, part in parts
         ]
@@ -261,7 +261,7 @@ def train(
         while state.step < plan.total_steps:
             x = batches(state)
             if state.step == 0:  # on the global batch, the same on every rank
-                init_noise = seeded_generator(cfg.seed + 1, 0, device)
+                init_noise = stream(cfg.seed, "init", device=device)
                 model.data_init(x.to(device).long(), generator=init_noise)
             if world > 1 and ddp is None:
                 ddp = runtime.wrap_ddp(model, device)
