@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .model import DenseFlow, eager
 from .runtime import prepare
 from .train import train_step
@@ -219,7 +219,7 @@ def bench(
     call of each measurement runs under torch.profiler and its table is written to that file."""
     unknown = sorted(set(what) - set(MEASUREMENTS))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"bench: unknown measurement(s) {unknown}; expected some of {list(MEASUREMENTS)}"
         )
     device = torch.device(device)

@@ -19,15 +19,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .config import ConfigError, RunConfig
+from .errors import DenseFlowError
 from .model import DenseFlow
 
 FORMAT = "denseflow"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DenseFlowError):
     """A file that is not a denseflow checkpoint, or one that does not fit; names the file."""
 
 
@@ -76,9 +77,28 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     """Read a denseflow checkpoint (``weights_only=True``, checksum verified); anything else is a
     CheckpointError. For a run directory: its newest checkpoint that loads and verifies — a damaged
     newer one (truncated, altered) is skipped, saying which."""
+    return load_newest(path)[1]
+
+
+def load_on_every_rank(path: str | os.PathLike) -> dict[str, Any]:
+    """:func:`load` in a process group: rank 0 chooses the checkpoint (the newest good one of a
+    run directory) and every other rank loads the very file it chose, so all ranks restore the
+    same step even if the folder changes meanwhile or a file is damaged."""
+    chosen: dict[str, Any] = {}
+
+    def choose() -> Path:
+        found, chosen["payload"] = load_newest(path)
+        return found
+
+    found = distributed.decide(choose)
+    return chosen["payload"] if "payload" in chosen else _load_file(found)
+
+
+def load_newest(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """``(file, payload)``: the file itself, or a run directory's newest good checkpoint."""
     path = Path(path)
     if not path.is_dir():
-        return _load_file(path)
+        return path, _load_file(path)
     found = sorted(
         (path / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1])
     )
@@ -92,7 +112,7 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
             continue
         if candidate != found[-1]:
             tqdm.write(f"resuming from {candidate.name} instead of the damaged {found[-1].name}")
-        return payload
+        return candidate, payload
     raise CheckpointError(f"{path}: every checkpoint in checkpoints/ is damaged")
 
 

@@ -8,14 +8,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import torch
 import yaml
 
+from . import __version__, distributed
 from . import checkpoint as ckpt
-from . import distributed
 from .config import ConfigError, RunConfig, load_config, preset_names
+from .errors import DenseFlowError
 
 EXAMPLES = {
     "train": """examples:
@@ -23,7 +25,8 @@ EXAMPLES = {
   denseflow train --preset cifar10 --data-dir ~/data --out runs/cifar10
   denseflow train --preset tiny --set train.epochs=3 --set model.growth_rate=4 --dry-run
   denseflow train --resume runs/cifar10                       # continue where it stopped
-  denseflow train --resume runs/cifar10 --set train.finetune_epochs=40""",
+  denseflow train --resume runs/cifar10 --set train.finetune_epochs=40
+  torchrun --nproc_per_node=4 --max-restarts=3 -m denseflow train --preset cifar10 --resume auto""",
     "evaluate": """examples:
   denseflow evaluate --checkpoint runs/demo/final.pt                    # test ELBO bits/dim
   denseflow evaluate --checkpoint runs/cifar10/final.pt --data-dir ~/data --k 1000 --kbs 50
@@ -90,7 +93,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override, e.g. train.lr=2e-4",
     )
-    p.add_argument("--resume", help="run directory or checkpoint to continue from")
+    p.add_argument(
+        "--resume",
+        help="run directory or checkpoint to continue from; 'auto': continue --out if it holds "
+        "a checkpoint, else start it from --preset (for torchrun --max-restarts)",
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="print the resolved configuration and exit"
     )
@@ -206,11 +213,19 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_train(a: argparse.Namespace) -> int:
     from .train import train
 
-    state = None
-    if a.resume:
-        state = ckpt.load(a.resume)  # read once: its config here, its weights in train()
-        config = ckpt.run_config(state, a.resume)
-        run_dir = Path(a.out) if a.out else _run_dir_of(Path(a.resume))
+    state, resume = None, a.resume
+    if resume == "auto":  # what a restarted torchrun group runs: continue if there is something
+        if not (a.out or a.preset):
+            raise ConfigError("train: --resume auto needs --out RUN_DIR (or --preset NAME)")
+        run_dir = Path(a.out or Path("runs") / Path(a.preset).stem)
+        found = distributed.decide(lambda: any((run_dir / "checkpoints").glob("step_*.pt")))
+        resume = run_dir if found else None
+        if not found and not a.preset:
+            raise ConfigError(f"train: {run_dir} holds no checkpoint; give --preset to start it")
+    if resume:
+        state = ckpt.load_on_every_rank(resume)  # read once: its config here, weights in train()
+        config = ckpt.run_config(state, resume)
+        run_dir = Path(a.out) if a.out else _run_dir_of(Path(resume))
     elif a.preset:
         config = load_config(a.preset)
         run_dir = Path(a.out or Path("runs") / Path(a.preset).stem)
@@ -249,7 +264,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
     for name in ("k", "kbs", "batch_size", "limit"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"evaluate: --{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}"
             )
     model, config = ckpt.load_model(a.checkpoint, resolve_device(a.device))
@@ -400,12 +415,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("denseflow: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, OSError) as err:
+    except Exception as err:
         if args.debug:
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f"denseflow {args.command}: error: {' '.join(str(message).split())}", file=sys.stderr)
-        return 2
+        # bad input (a DenseFlowError) or a file the system refuses (an OSError naming it)
+        if isinstance(err, DenseFlowError) or isinstance(err, OSError) and err.filename:
+            print(f"denseflow {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(
+            f"denseflow {args.command}: internal error, a bug in denseflow {__version__} and not "
+            "in your input: please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         if joined:
             torch.distributed.destroy_process_group()

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .data.augment import AUGMENTATIONS
+from .errors import DenseFlowError
 
 ATTENTION_KINDS = ("official", "multihead")
 DEQUANTIZATIONS = ("variational", "uniform")
@@ -26,7 +27,7 @@ COUPLING_NETS = ("fused", "dense", "glow")
 CROSS_UNIT_KINDS = ("conditional", "unconditional")
 
 
-class ConfigError(ValueError):
+class ConfigError(DenseFlowError):
     """A configuration value that cannot work; the message names the field."""
 
 

@@ -17,7 +17,9 @@ exact totals, no padded duplicates, the single-process value.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,7 +54,17 @@ def init_from_env() -> bool:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend)
+        return True
+    # torchrun's agent keeps one store for every restart of the group, so a restarted rank could
+    # read the addresses the killed attempt published and connect to a dead port (3 of 6 gloo
+    # restarts failed that way here): the ranks of each attempt meet under a prefix of their own
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"denseflow/attempt{attempt}", agent)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     return True
 
 
@@ -89,6 +101,24 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and world_size() > 1:
         dist.all_reduce(tensor)
     return tensor
+
+
+def decide(choose: Callable[[], Any]) -> Any:
+    """``choose()`` run on rank 0 only; every rank gets its result, or raises its exception
+    (the same decision everywhere, e.g. which checkpoint to restore)."""
+    if world_size() == 1:
+        return choose()
+    box: list[Any] = [None]
+    if is_main():
+        try:
+            box[0] = (True, choose())
+        except Exception as err:  # every rank raises it, none waits forever
+            box[0] = (False, err)
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def say(message: str) -> None:

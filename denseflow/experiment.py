@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .config import DataConfig, EvalConfig, ModelConfig, RunConfig, load_config
+from .config import ConfigError, DataConfig, EvalConfig, ModelConfig, RunConfig, load_config
 from .data import load_images
 from .evaluate import evaluate_images
 from .model import DenseFlow
@@ -187,9 +187,9 @@ def run_ablation(
     names = list(variants or VARIANTS)
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; expected some of {list(VARIANTS)}")
+        raise ConfigError(f"unknown variant(s) {unknown}; expected some of {list(VARIANTS)}")
     if settings["seeds"] < 1:
-        raise ValueError(f"seeds must be >= 1, got {settings['seeds']}")
+        raise ConfigError(f"seeds must be >= 1, got {settings['seeds']}")
     limits = {"train_limit": settings.get("train_limit"), "test_limit": settings.get("test_limit")}
     testset = load_images("fashion_mnist", "test", data_dir, limit=limits["test_limit"])
     trainset_source = load_images(
@@ -197,7 +197,7 @@ def run_ablation(
     ).source
     n_train = trainset_source["num_images"]
     if steps is not None and budget_minutes is not None:
-        raise ValueError("give --steps or --budget-minutes, not both")
+        raise ConfigError("give --steps or --budget-minutes, not both")
     if budget_minutes is not None:
         cost = _calibrate(
             names,
@@ -210,7 +210,7 @@ def run_ablation(
         per_seed_eval = sum(evaluation for _, evaluation in cost.values())
         steps = int((60 * budget_minutes / settings["seeds"] - per_seed_eval) / per_seed_steps)
         if steps < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"--budget-minutes {budget_minutes}: too short for one step of every variant here"
             )
         log(
@@ -219,7 +219,7 @@ def run_ablation(
         )
     settings["steps"] = settings["steps"] if steps is None else steps
     if settings["steps"] < 1:
-        raise ValueError(f"steps must be >= 1, got {settings['steps']}")
+        raise ConfigError(f"steps must be >= 1, got {settings['steps']}")
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -281,7 +281,7 @@ def _run_one(
         ):  # fields added since then take their defaults
             log(f"{name} seed {config.train.seed}: done before, kept")
             return result
-        raise ValueError(f"{run_dir} holds a run of another configuration: choose another --out")
+        raise ConfigError(f"{run_dir} holds a run of another configuration: choose another --out")
     log(
         f"{name} seed {config.train.seed}: training {config.train.max_steps} steps of "
         f"{config.train.batch_size}"

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .checkpoint import CheckpointError
 from .config import ModelConfig
 from .model import DenseFlow
 
@@ -60,21 +61,21 @@ def load_official_args(args: Mapping[str, Any] | str | os.PathLike) -> dict[str,
     if path.suffix == ".json":
         values = json.loads(data)
         if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a JSON object of official flags")
+            raise CheckpointError(f"{path}: expected a JSON object of official flags")
         return values
     try:
         namespace = _NamespaceUnpickler(io.BytesIO(data)).load()
     except Exception as err:  # any failure of an untrusted file is reported the same way
-        raise ValueError(f"{path}: not a readable official args.pickle ({err})") from None
+        raise CheckpointError(f"{path}: not a readable official args.pickle ({err})") from None
     if not isinstance(namespace, argparse.Namespace):
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: expected a pickled argparse.Namespace, got {type(namespace).__name__}"
         )
     values = vars(namespace)
     for key, value in values.items():
         items = value if isinstance(value, (list, tuple)) else [value]
         if not all(isinstance(v, _PLAIN) for v in items):
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: flag {key!r} holds a {type(value).__name__}, not a plain value"
             )
     return values
@@ -89,10 +90,10 @@ def config_from_official_args(flags: Mapping[str, Any]) -> ModelConfig:
         if k not in flags
     ]
     if missing:
-        raise ValueError(f"official flags: missing {missing}")
+        raise CheckpointError(f"official flags: missing {missing}")
     dataset = flags["dataset"]
     if dataset not in OFFICIAL_DATASETS:
-        raise ValueError(
+        raise CheckpointError(
             f"official flags: dataset {dataset!r} is not one of {sorted(OFFICIAL_DATASETS)}"
         )
     return ModelConfig(
@@ -127,7 +128,7 @@ _COUPLING_NET = {
 def official_key(key: str) -> str | None:
     """Our state-dict key for an official one; ``None`` for the constant buffers we do not keep.
 
-    Raises ``KeyError`` for a key that has no place in a DenseFlow model.
+    Raises a ``CheckpointError`` for a key that has no place in a DenseFlow model.
     """
     if key in ("transforms.1._shift", "transforms.1._scale", "transforms.0.ldj_per_dim"):
         return None
@@ -178,7 +179,7 @@ def official_key(key: str) -> str | None:
             for theirs, ours in _COUPLING_NET.items():
                 if rest.startswith(theirs):
                     return f"{prefix}.coupling.net.{ours}{rest.removeprefix(theirs)}"
-    raise KeyError(f"official key {key!r} has no counterpart in a DenseFlow model")
+    raise CheckpointError(f"official key {key!r} has no counterpart in a DenseFlow model")
 
 
 def _check_constant(key: str, value: Tensor, num_bits: int) -> None:
@@ -192,7 +193,7 @@ def _check_constant(key: str, value: Tensor, num_bits: int) -> None:
     if expected is not None and not torch.allclose(
         value.double(), torch.tensor(expected, dtype=torch.float64)
     ):
-        raise ValueError(
+        raise CheckpointError(
             f"official buffer {key} = {value.tolist()}, expected {expected}: "
             "not a DenseFlow checkpoint"
         )
@@ -232,25 +233,25 @@ def convert_official(
             path = path / "check" / "checkpoint.pt"
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if args is None:
-        raise ValueError(
+        raise CheckpointError(
             "convert_official: the official flags (args) are needed to rebuild the architecture"
         )
     config = config_from_official_args(load_official_args(args))
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping):
-        raise ValueError("convert_official: the checkpoint holds no model state dict")
+        raise CheckpointError("convert_official: the checkpoint holds no model state dict")
     model = DenseFlow(config)
     translated = convert_state_dict(state, config)
     own = model.state_dict()
     missing = sorted(set(own) - set(translated))
     if missing:
-        raise ValueError(
+        raise CheckpointError(
             f"official checkpoint lacks {len(missing)} weights for this config, e.g. {missing[0]}"
         )
     for key, value in translated.items():
         if key not in own or own[key].shape != value.shape:
             shape = tuple(own[key].shape) if key in own else "absent"
-            raise ValueError(
+            raise CheckpointError(
                 f"official weight for {key} has shape {tuple(value.shape)}, "
                 f"the config needs {shape}"
             )

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .config import RunConfig
+from .errors import DenseFlowError
 from .model import DenseFlow
 from .transforms.glow import bounded_log_scale
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from .train import LoopState
 
 
-class LogError(ValueError):
+class LogError(DenseFlowError):
     """A metrics log that cannot be continued; the message names the file and line."""
 
 
@@ -67,7 +68,9 @@ class RunLog:
         kept = []
         if self.path.exists():
             kept = [r for r in read_records(self.path, True) if r["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp = self.path.with_name(f".{self.path.name}.tmp")  # replaced whole, never half-written
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from . import distributed
+from .config import ConfigError
 from .model import DenseFlow
 from .seeding import stream
 
@@ -21,9 +22,9 @@ def parse_seeds(text: str) -> list[int]:
         try:
             seeds += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
         except ValueError:
-            raise ValueError(f"seeds {text!r}: expected e.g. 0-63 or 1,5,9") from None
+            raise ConfigError(f"seeds {text!r}: expected e.g. 0-63 or 1,5,9") from None
     if not seeds or min(seeds) < 0:
-        raise ValueError(f"seeds {text!r}: expected non-negative integers")
+        raise ConfigError(f"seeds {text!r}: expected non-negative integers")
     return seeds
 
 

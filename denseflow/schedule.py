@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +22,7 @@ class Plan:
         """The plan for ``num_images`` training images; every batch must hold a chunk per rank."""
         smallest = num_images % cfg.batch_size or min(num_images, cfg.batch_size)
         if smallest < cfg.batch_chunks:
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_chunks={cfg.batch_chunks}: a batch of {smallest} images "
                 f"cannot be split into {cfg.batch_chunks} chunks"
             )

@@ -28,8 +28,9 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed, runtime
-from .config import RunConfig, TrainConfig
+from .config import ConfigError, RunConfig, TrainConfig
 from .data import ImageSet, augment, load_images
+from .errors import DenseFlowError
 from .evaluate import evaluate_images
 from .model import DenseFlow
 from .runlog import LayerMonitor, RunOutputs, all_stop, stop_requests
@@ -38,7 +39,7 @@ from .schedule import Plan, learning_rate
 from .seeding import stream
 
 
-class TrainingDiverged(ValueError):
+class TrainingDiverged(DenseFlowError):
     """Too many non-finite steps in a row after the allowed rollbacks."""
 
 
@@ -154,12 +155,13 @@ def start(
     a checkpoint file, or a loaded checkpoint). A new run refuses a folder with checkpoints."""
     if resume is None:
         if any((run_dir / "checkpoints").glob("step_*.pt")):
-            raise ValueError(
+            raise ConfigError(
                 f"{run_dir} already holds a run's checkpoints: "
                 f"--resume {run_dir}, or choose another --out"
             )
         return LoopState()
-    state = restore(model, opt, resume if isinstance(resume, dict) else ckpt.load(resume))
+    payload = resume if isinstance(resume, dict) else ckpt.load_on_every_rank(resume)
+    state = restore(model, opt, payload)
     if state.batch == plan.steps_per_epoch:  # saved by denseflow 0.1 when stopped at an epoch's end
         state.epoch, state.batch = state.epoch + 1, 0
     return state
@@ -177,8 +179,8 @@ def rollback(
             f"{state.step} after {state.rollbacks} rollback(s) (lr scale {state.lr_scale:g}); "
             f"checkpoints kept in {run_dir}"
         )
-    try:
-        restored = restore(model, opt, ckpt.load(run_dir))
+    try:  # rank 0 chooses the checkpoint, every rank restores that one
+        restored = restore(model, opt, ckpt.load_on_every_rank(run_dir))
     except ckpt.CheckpointError:
         raise TrainingDiverged(
             f"training diverged at step {state.step}, before any good checkpoint: lower train.lr"
@@ -210,7 +212,7 @@ def load_datasets(config: RunConfig, data_dir: str | Path | None) -> tuple[Image
     trainset = load_images(data.dataset, "train", data_dir, limit=data.train_limit, **size)
     testset = load_images(data.dataset, "test", data_dir, limit=data.test_limit, **size)
     if tuple(trainset.images.shape[1:]) != shape:
-        raise ValueError(
+        raise ConfigError(
             f"{data.dataset} images are {tuple(trainset.images.shape[1:])}, "
             f"the model expects model.image_shape={shape}"
         )

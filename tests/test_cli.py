@@ -308,3 +308,31 @@ def test_bench_conv_census_and_kernel_ceiling(tmp_path):
     )  # each runs once per step
     assert report["calls"] == convs and report["shapes"] >= 2 and report["isolated_s"] > 0
     assert report["train_over_isolated"] > 0
+
+
+@pytest.mark.parametrize("bug", [ValueError("boom"), KeyError("boom"), OSError("boom")])
+def test_an_internal_error_shows_its_traceback_and_asks_for_a_report(bug, monkeypatch, capsys):
+    """Only DenseFlowError (and an OSError naming a file) is bad input; any other exception out
+    of a command is our bug: traceback, a line asking for a report, exit code 1."""
+    import denseflow.train
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(denseflow.train, "train", broken)
+    assert main(["train", "--preset", "tiny", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "in broken" in err
+    assert err.strip().splitlines()[-1].startswith("denseflow train: internal error, a bug in")
+
+
+def test_user_facing_errors_share_one_base_class():
+    from denseflow.checkpoint import CheckpointError
+    from denseflow.config import ConfigError
+    from denseflow.data import DataError
+    from denseflow.errors import DenseFlowError
+    from denseflow.runlog import LogError
+    from denseflow.train import TrainingDiverged
+
+    for error in (CheckpointError, ConfigError, DataError, LogError, TrainingDiverged):
+        assert issubclass(error, DenseFlowError) and issubclass(error, ValueError)

@@ -203,3 +203,50 @@ def test_distributed_evaluation_of_an_odd_sized_set_equals_one_process(tmp_path)
 def test_batch_chunks_must_split_every_batch():
     with pytest.raises(ValueError, match="more chunks than train.batch_size"):
         CONFIG.override(["train.batch_chunks=17"])
+
+
+def _rollback_worker(rank: int, init: Path, config: dict, run_dir: Path, out: Path) -> None:
+    """Training steps 6 and 7 are non-finite on every rank; rank 1 may not read the run folder
+    itself (its load_newest fails), so the rollback must restore what rank 0 chose."""
+    _join(rank, init)
+    original = DenseFlow.forward
+    calls = []
+
+    def poisoned(model, x, noise=None, generator=None):
+        calls.append(1)
+        value = original(model, x, noise, generator)
+        return value * float("nan") if len(calls) in (6, 7) else value
+
+    def no_reading(path):
+        raise AssertionError(f"rank {rank} read {path} itself")
+
+    original_step, final = train_module.train_step, {}
+
+    def train_step(model, *args, **kwargs):
+        loss = original_step(model, *args, **kwargs)
+        final.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        return loss
+
+    DenseFlow.forward, train_module.train_step = poisoned, train_step
+    if rank == 1:
+        ckpt.load_newest = no_reading
+    try:
+        summary = train_module.train(RunConfig.from_dict(config), run_dir, progress=False)
+        torch.save({"summary": summary, "final": final}, out / f"rollback{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rollback_under_ddp_restores_the_checkpoint_rank_0_chose_on_every_rank(tmp_path):
+    config = CONFIG.override(["train.epochs=2", "train.max_bad_steps=2", "train.max_rollbacks=1"])
+    run = tmp_path / "run"
+    _spawn(_rollback_worker, tmp_path, config.to_dict(), run, tmp_path)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["lr_scale"]) for r in records if r["kind"] == "rollback"] == [(6, 0.5)]
+    results = [torch.load(tmp_path / f"rollback{r}.pt") for r in range(WORLD)]
+    assert results[0]["summary"]["step"] == results[1]["summary"]["step"] == 8
+    assert results[0]["summary"]["test_bpd"] == results[1]["summary"]["test_bpd"]
+    for name, value in results[0]["final"].items():  # both ranks restored the same step
+        assert torch.equal(value, results[1]["final"][name]), name
+    state = ckpt.load(run)
+    assert state["rollbacks"] == 1 and state["skipped_steps"] == 1  # as saved at step 6

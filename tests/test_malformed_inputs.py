@@ -217,6 +217,10 @@ CASES = {
         lambda t: ["bench", "--preset", "tiny", "--device", "tpu"],
         "device 'tpu': not a torch device",
     ),
+    "malformed line inside a run's log": (
+        lambda t: ["train", "--quiet", "--resume", str(_run_with_a_malformed_log_line(t))],
+        "logged/metrics.jsonl, line 3: malformed record (Expecting value",
+    ),
 }
 
 
@@ -250,6 +254,15 @@ def _alter(path):
 def _fake_run(tmp):
     run = tmp / "run"
     ckpt.save(run / "checkpoints" / "step_0000001.pt", {"step": 1})
+    return run
+
+
+def _run_with_a_malformed_log_line(tmp):
+    run = tmp / "logged"
+    assert main([*TINY, "--out", str(run), "--set", "train.epochs=1"]) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[2] = '{"kind": "train", "step": 3, "bpd": nan oops}\n'
+    (run / "metrics.jsonl").write_text("".join(lines))
     return run
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from denseflow import DenseFlow, ModelConfig, convert_official, model_config
+from denseflow.checkpoint import CheckpointError
 from denseflow.official import config_from_official_args, load_official_args, official_key
 
 from .conftest import LAYOUT_JSON, PARITY_DIRS, needs_fixtures
@@ -78,7 +79,7 @@ def test_converter_maps_the_full_official_layout_one_to_one():
             "transforms.0.ldj_per_dim",
         ]
     )
-    with pytest.raises(KeyError, match="no counterpart"):
+    with pytest.raises(CheckpointError, match="no counterpart"):
         official_key(
             "transforms.3.blocks.0.transforms.0.transforms.2.coupling_net.0.dn.transform.9.weight"
         )

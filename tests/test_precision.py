@@ -119,9 +119,7 @@ def test_compiled_networks_compute_the_same_values_and_gradients(low_memory):
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    dynamo = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-    with dynamo.patch({limit: 1}):
+    with torch._dynamo.config.patch(recompile_limit=1):
         x = _images()
         eager, compiled = (
             _model().train(),

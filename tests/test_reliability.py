@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -49,8 +50,9 @@ def _logged_step(run) -> int:
 def test_sigkill_at_random_points_then_resume_is_bitwise_exact(tmp_path):
     """Six lives of the run are killed, each at a random moment shortly after a randomly chosen
     later step was logged, or while it starts up (kills aimed by progress, not by wall-clock, so
-    they land whatever the machine's speed); the seventh finishes. The final parameters equal an
-    uninterrupted run's bitwise."""
+    they land whatever the machine's speed); after half of the kills the log ends in a torn
+    line, as when the kill lands in a log write; the seventh life finishes. The final parameters
+    equal an uninterrupted run's bitwise, and the log is whole."""
     reference = _train(tmp_path / "reference", resume=False)
     assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()
     run, rng, kills = tmp_path / "killed", random.Random(0), 0
@@ -74,12 +76,18 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_exact(tmp_path):
         process.send_signal(signal.SIGKILL)
         process.wait()
         kills += 1
+        log = run / "metrics.jsonl"
+        if log.exists() and rng.random() < 0.5:  # the kill tore the log line being written
+            data = log.read_bytes()
+            log.write_bytes(data + data[data.rfind(b"\n", 0, len(data) - 1) + 1 :][:-7])
     last = _train(run, resume=True)
     assert last.wait(timeout=300) == 0, last.stderr.read().decode()
     a = ckpt.load(tmp_path / "reference" / "final.pt")["model"]
     b = ckpt.load(run / "final.pt")["model"]
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after {kills} kills"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 32
 
 
 def test_sigterm_stops_cleanly_with_a_checkpoint(tmp_path):
@@ -128,3 +136,39 @@ def test_death_during_a_checkpoint_write_leaves_the_previous_one(tmp_path, monke
     train(config, run, resume=run, progress=False)
     a, b = ckpt.load(tmp_path / "full" / "final.pt")["model"], ckpt.load(run / "final.pt")["model"]
     assert full["step"] == 8 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _torchrun(run) -> subprocess.Popen:
+    """2 gloo ranks under torchrun with one restart allowed, resuming ``run`` by itself."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    argv += ["--max-restarts=1", "-m", "denseflow", "train", *ARGS, "--out", str(run)]
+    argv += ["--resume", "auto", "--set", "train.batch_chunks=2", "--set", "train.epochs=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def _workers(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return sorted(int(p) for p in children.read_text().split()) if children.exists() else []
+
+
+def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_bitwise_the_same(tmp_path):
+    """SIGKILL one of two ranks in the middle of a run: torchrun restarts the group, which
+    resumes from the newest good checkpoint by itself (--resume auto), and the final weights
+    and statistics equal an uninterrupted 2-rank run's bitwise."""
+    reference = _torchrun(tmp_path / "reference")
+    assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()[-3000:]
+    run = tmp_path / "killed"
+    process = _torchrun(run)
+    deadline = time.time() + 120
+    while _logged_step(run) < 7 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    ranks = _workers(process.pid)
+    assert process.poll() is None and len(ranks) == 2 and _logged_step(run) < 16
+    os.kill(ranks[-1], signal.SIGKILL)
+    assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-3000:]
+    assert not Path(f"/proc/{ranks[-1]}").exists()
+    a = ckpt.load(tmp_path / "reference" / "final.pt")["model"]
+    b = ckpt.load(run / "final.pt")["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after a rank was killed"

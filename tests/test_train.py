@@ -197,3 +197,21 @@ def test_per_layer_monitors_in_the_log(tmp_path):
             assert math.isfinite(r[f"{block}.max_abs_logdet_per_dim"])
     # zero-initialised couplings: exactly 0 until the first update at lr > 0 (step 1 runs at lr 0)
     assert monitors[0]["block1.max_abs_log_scale"] == 0 < monitors[1]["block1.max_abs_log_scale"]
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, capsys):
+    """A kill during a log write leaves a partial last line: resuming says so, names the file,
+    drops the line and continues; the log is whole again."""
+    from denseflow.cli import main
+
+    run = tmp_path / "R"
+    tiny = ["train", "--preset", "tiny", "--quiet", "--out", str(run)]
+    assert main([*tiny, "--set", "train.epochs=1"]) == 0
+    with open(run / "metrics.jsonl", "a") as log:
+        log.write('{"kind": "train", "step": 9')
+    capsys.readouterr()
+    assert main([*tiny, "--resume", str(run), "--set", "train.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert f"{run / 'metrics.jsonl'}: dropped a torn last line" in out
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 8 and steps.count(9) == 0

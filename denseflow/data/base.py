@@ -18,11 +18,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..errors import DenseFlowError
+
 _PROGRESS_MIN = 1000  # show a progress bar from this many files on
 _MAX_THREADS = 8
 
 
-class DataError(ValueError):
+class DataError(DenseFlowError):
     """A dataset that cannot be read; the one-line message names the file or folder and what is
     wrong."""
 
