@@ -225,7 +225,10 @@ class TrainConfig:
     dequantizer networks under bf16 autocast (everything else in float32); ``compile`` compiles
     those networks with ``torch.compile`` (``compile_backend``: any registered dynamo backend,
     e.g. ``cudagraphs`` to capture each net's kernels without code generation; ``compile_mode``:
-    inductor's mode, e.g. ``reduce-overhead``).
+    inductor's mode, e.g. ``reduce-overhead``). ``bn_recalibrate`` > 0: every evaluation, sample
+    grid and export of the run uses BatchNorm statistics recomputed over that many training
+    batches (:mod:`denseflow.recalibrate`); the training state keeps its running averages, so
+    resuming is unchanged. 0 (the paper presets): the running averages, as the official code.
     """
 
     epochs: int = 400
@@ -259,6 +262,7 @@ class TrainConfig:
     monitor_every: int = 0
     num_samples: int = 64
     sample_temperature: float = 1.0
+    bn_recalibrate: int = 0
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
@@ -276,7 +280,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r}: must be >= 1")
-        for name in ("finetune_epochs", "warmup", "num_samples", "monitor_every"):
+        for name in ("finetune_epochs", "warmup", "num_samples", "monitor_every", "bn_recalibrate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r}: must be >= 0")
         for name in ("lr", "finetune_lr", "eps"):

@@ -15,6 +15,7 @@ Purposes:
 ``init``                       the noise of the ActNorm data-dependent initialisation
 ``eval`` (batch)               the noise of an evaluation batch (ELBO or IWBO)
 ``sample``                     the latent draws of one sampled image (seeded by its own seed)
+``recalibrate`` (batch)        the images and noise of BatchNorm recalibration
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import hashlib
 
 import torch
 
-PURPOSES = ("order", "augment", "noise", "init", "eval", "sample")
+PURPOSES = ("order", "augment", "noise", "init", "eval", "sample", "recalibrate")
 
 
 def stream_seed(seed: int, purpose: str, *index: int) -> int:

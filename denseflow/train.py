@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from .data import ImageSet, augment, load_images
 from .errors import DenseFlowError
 from .evaluate import evaluate_images
 from .model import DenseFlow
+from .recalibrate import recalibrated
 from .runlog import LayerMonitor, RunOutputs, all_stop, stop_requests
 from .sample import sample_seeds, save_grid
 from .schedule import Plan, learning_rate
@@ -189,19 +191,31 @@ def rollback(
     return dataclasses.replace(restored, lr_scale=scale, rollbacks=state.rollbacks + 1)
 
 
+@contextmanager
+def evaluation(model: DenseFlow, config: RunConfig, train_images: torch.Tensor):
+    """The model as a run evaluates and exports it, inside the block: eval mode, float32
+    networks (bf16 trains only), BatchNorm statistics recalibrated over ``train.bn_recalibrate``
+    training batches; on exit the training state is exactly as before."""
+    cfg = config.train
+    model.set_net_precision(None)
+    try:
+        with recalibrated(model, train_images, cfg.bn_recalibrate, cfg.batch_size, cfg.seed):
+            model.eval()
+            yield
+    finally:
+        model.train().set_net_precision(runtime.net_dtype(cfg))
+
+
 def evaluate_and_sample(
     model: DenseFlow, images: torch.Tensor, config: RunConfig, grid: Path | None
 ) -> float:
-    """Test ELBO bits/dim of the model in eval mode with float32 networks (bf16 trains only),
-    and a sample grid into ``grid``; the model returns to training mode."""
+    """Test ELBO bits/dim of the model as it is, and a sample grid into ``grid``."""
     cfg = config.train
-    model.eval().set_net_precision(None)
     result = evaluate_images(model, images, config.eval.batch_size, seed=cfg.seed, progress=False)
     if cfg.num_samples:
         samples = sample_seeds(model, list(range(cfg.num_samples)), cfg.sample_temperature)
         if grid is not None:
             save_grid(samples, grid, num_bits=config.model.num_bits)
-    model.train().set_net_precision(runtime.net_dtype(cfg))
     return result["bpd"]
 
 
@@ -295,8 +309,12 @@ def train(
                 state.epoch, state.batch = state.epoch + 1, 0
             if state.batch == 0 and state.epoch % cfg.eval_every == 0 or last:
                 began = time.perf_counter()
-                test_bpd = evaluate_and_sample(model, testset.images, config, out.grid(state.step))
-                out.evaluated(state, test_bpd, model)
+                with evaluation(model, config, trainset.images):
+                    grid = out.grid(state.step)
+                    test_bpd = evaluate_and_sample(model, testset.images, config, grid)
+                    out.evaluated(state, test_bpd, model)
+                    if last:
+                        out.export("final.pt", model)
                 out.save(model, optimizer, state)
                 eval_seconds += time.perf_counter() - began
             if state.step % cfg.checkpoint_every == 0:
@@ -310,8 +328,6 @@ def train(
     stopped = state.step < plan.total_steps
     if stopped:
         distributed.say(f"stopped at step {state.step}; resume with --resume {run_dir}")
-    else:
-        out.export("final.pt", model)
     summary = {
         "run_dir": str(run_dir),
         "step": state.step,
