@@ -6,11 +6,13 @@ import json
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from denseflow import checkpoint as ckpt
@@ -172,3 +174,30 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_bitwise_the_sam
     b = ckpt.load(run / "final.pt")["model"]
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after a rank was killed"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows cannot fsync a folder")
+def test_checkpoint_save_fsyncs_the_folder_after_the_rename(tmp_path, monkeypatch):
+    """File fsync, rename, then fsync of the folder: without the last, a crash can lose the
+    rename (the new checkpoint's name) although its contents reached the disk."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        events.append(("fsync", "folder" if stat.S_ISDIR(info.st_mode) else "file", info.st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("rename", os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    folder = tmp_path / "checkpoints"
+    path = ckpt.save(folder / "step_0000001.pt", {"step": 1})
+    assert events == [
+        ("fsync", "file", path.stat().st_ino),
+        ("rename", "step_0000001.pt"),
+        ("fsync", "folder", folder.stat().st_ino),
+    ]

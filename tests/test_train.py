@@ -114,6 +114,89 @@ def test_checkpoints_carry_a_verified_checksum(tmp_path):
         ckpt.load(tmp_path / "cut.pt")
 
 
+def _contents() -> dict:
+    return {
+        "model": {
+            "w": torch.arange(6.0).reshape(2, 3),
+            "h": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+        },
+        "state": {0: {"step": 7}},
+        "params": [1, 23],
+        "betas": (0.9, 0.999),
+        "name": "1",
+        "flag": True,
+    }
+
+
+def _set(key: str, value):
+    return lambda c: c.update({key: value})
+
+
+ALTERATIONS = {
+    "tensor bytes": lambda c: c["model"]["w"].view(-1)[4].add_(1),
+    "bfloat16 bytes": lambda c: c["model"]["h"].view(torch.int16)[0].add_(1),
+    "dtype, same bytes": lambda c: c["model"].update(w=c["model"]["w"].view(torch.int32)),
+    "shape, same bytes": lambda c: c["model"].update(w=c["model"]["w"].reshape(3, 2)),
+    "renamed key": lambda c: c["model"].update(v=c["model"].pop("w")),
+    "int key as a string": lambda c: c.update(state={"0": c["state"][0]}),
+    "plain value": lambda c: c["state"][0].update(step=8),
+    "list regrouped": _set("params", [12, 3]),
+    "tuple as a list": _set("betas", [0.9, 0.999]),
+    "string as a number": _set("name", 1),
+    "bool as a number": _set("flag", 1),
+}
+
+
+@pytest.mark.parametrize("alteration", ALTERATIONS)
+def test_checksum_detects_every_change_of_contents(tmp_path, alteration):
+    """Each alteration leaves a valid torch file that carries the original checksum: load refuses
+    it. Format 1's checksum missed three of them (it fed [1, 23] and [12, 3], {0: x} and
+    {"0": x}, a tuple and a list alike)."""
+    path = ckpt.save(tmp_path / "c.pt", _contents())
+    payload = torch.load(path, weights_only=True)
+    ALTERATIONS[alteration](payload)
+    torch.save(payload, tmp_path / "altered.pt")
+    with pytest.raises(ckpt.CheckpointError, match="damaged"):
+        ckpt.load(tmp_path / "altered.pt")
+
+
+# What the format-1 code (denseflow before format 2) computed over _v1_contents(), pinned.
+V1_CHECKSUM = "a4c5a2267418ffa1e840dd2053aec9f5987740d590929c024c8729bdcbc0c059"
+
+
+def _v1_contents() -> dict:
+    return {
+        "format": "denseflow",
+        "version": 1,
+        "denseflow_version": "0.1.0",
+        "kind": "weights",
+        "model": {
+            "w": torch.arange(6.0).reshape(2, 3),
+            "h": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+        },
+        "step": 3,
+        "betas": (0.9, 0.999),
+        "name": "é",
+        "state": {0: {"n": None, "ok": True}},
+    }
+
+
+def test_version_1_checkpoints_still_load_and_verify(tmp_path):
+    """A file written by the format-1 code loads and verifies; altered, it is refused."""
+    torch.save(_v1_contents() | {"checksum": V1_CHECKSUM}, tmp_path / "v1.pt")
+    payload, expected = ckpt.load(tmp_path / "v1.pt"), _v1_contents()
+    assert payload["version"] == 1 and torch.equal(payload["model"]["h"], expected["model"]["h"])
+    altered = _v1_contents() | {"checksum": V1_CHECKSUM}
+    altered["model"]["w"][1, 1] += 1
+    torch.save(altered, tmp_path / "altered.pt")
+    with pytest.raises(ckpt.CheckpointError, match="damaged"):
+        ckpt.load(tmp_path / "altered.pt")
+    newer = _v1_contents() | {"version": 3, "checksum": V1_CHECKSUM}
+    torch.save(newer, tmp_path / "newer.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"newer denseflow \(format 3 > 2\)"):
+        ckpt.load(tmp_path / "newer.pt")
+
+
 def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys):
     config = load_config("tiny")
     full = train(config, tmp_path / "full", progress=False)
