@@ -224,27 +224,47 @@ def run_config(payload: dict[str, Any], where: str = "checkpoint") -> RunConfig:
         ) from None
 
 
+#: what a checkpoint's BatchNorm statistics are when it does not say (training checkpoints)
+RUNNING_STATISTICS = "running averages of training (momentum 0.1)"
+
+
 def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[DenseFlow, RunConfig]:
     """The model of a training checkpoint or an inference export, in eval mode."""
-    payload = load(path)
-    config = run_config(payload, str(path))
+    return model_from(load(path), path, device)
+
+
+def model_from(
+    payload: dict[str, Any], where: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[DenseFlow, RunConfig]:
+    """The model of a loaded checkpoint (``where`` names it in errors), in eval mode."""
+    config = run_config(payload, str(where))
     model = DenseFlow(config.model)
     try:
         model.load_state_dict(payload["model"])
     except (KeyError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not fit its configuration ({first})") from None
+        raise CheckpointError(f"{where}: weights do not fit its configuration ({first})") from None
     return model.to(device).eval(), config
 
 
+def batchnorm_statistics(payload: dict[str, Any]) -> str:
+    """Which BatchNorm running statistics a checkpoint carries, in words."""
+    return payload.get("batchnorm", RUNNING_STATISTICS)
+
+
 def export(
-    path: str | os.PathLike, model: DenseFlow, config: RunConfig, safetensors: bool = False
+    path: str | os.PathLike,
+    model: DenseFlow,
+    config: RunConfig,
+    safetensors: bool = False,
+    batchnorm: str = RUNNING_STATISTICS,
 ) -> Path:
-    """Inference-only weights + config (no optimizer); ``safetensors=True`` writes that format
-    too."""
-    out = save(path, {"kind": "weights", "config": config.to_dict(), "model": model.state_dict()})
+    """Inference-only weights + config (no optimizer); ``batchnorm`` says which BatchNorm
+    statistics the weights carry; ``safetensors=True`` writes that format too."""
+    payload = {"kind": "weights", "config": config.to_dict(), "model": model.state_dict()}
+    out = save(path, payload | {"batchnorm": batchnorm})
     if safetensors:
         try:
             from safetensors.torch import save_file

@@ -54,6 +54,13 @@ EXAMPLES = {
         "               # the pipeline on a tiny subset\n"
         "  denseflow experiment ablation --budget-minutes 30 --seeds 1 --variants denseflow,glow"
     ),
+    "recalibrate": (
+        "examples:\n"
+        "  denseflow recalibrate --checkpoint runs/demo/checkpoints/step_0001200.pt"
+        " --out recalibrated.pt\n"
+        "  denseflow recalibrate --checkpoint published_cifar10.pt --data-dir ~/data --batches 200"
+        " --out cifar10_recal.pt"
+    ),
     "import-official": (
         "examples:\n"
         "  denseflow import-official ~/official/cifar10_run --out published.pt"
@@ -207,6 +214,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--args", help="the official flags: args.pickle (read safely) or args.json")
     p.add_argument("--out", required=True, help="denseflow checkpoint to write")
+
+    p = command(
+        "recalibrate",
+        "Recompute a checkpoint's BatchNorm statistics on training images (exact population "
+        "statistics for its weights as they are); write them as a new inference checkpoint.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a denseflow checkpoint or export")
+    p.add_argument("--data-dir", help="folder holding the dataset (default: as in the run)")
+    p.add_argument("--batches", type=int, default=100, help="training batches to pool")
+    p.add_argument("--batch-size", type=int, help="images per batch (default: train.batch_size)")
+    p.add_argument("--seed", type=int, default=0, help="which images and noises")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="the checkpoint to write")
     return parser
 
 
@@ -267,7 +287,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
             raise ConfigError(
                 f"evaluate: --{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}"
             )
-    model, config = ckpt.load_model(a.checkpoint, resolve_device(a.device))
+    payload = ckpt.load(a.checkpoint)
+    model, config = ckpt.model_from(payload, a.checkpoint, resolve_device(a.device))
     model = model.double() if a.double else model.to(memory_format=torch.channels_last)
     images = load_images(
         config.data.dataset,
@@ -292,6 +313,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         "dataset": config.data.dataset,
         "checkpoint": str(a.checkpoint),
         "double": a.double,
+        "batchnorm": ckpt.batchnorm_statistics(payload),
     }
     name = "elbo" if a.k is None else f"iwbo{a.k}"
     out = (
@@ -302,7 +324,38 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     if not distributed.is_main():
         return 0
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{a.split} {name} bits/dim: {result['bpd']:.4f} ({result['images']} images) -> {out}")
+    print(
+        f"{a.split} {name} bits/dim: {result['bpd']:.4f} ({result['images']} images; "
+        f"BatchNorm statistics: {result['batchnorm']}) -> {out}"
+    )
+    return 0
+
+
+def _cmd_recalibrate(a: argparse.Namespace) -> int:
+    from .data import load_images
+    from .recalibrate import describe, recalibrate_batchnorm
+    from .runtime import resolve_device
+
+    for name in ("batches", "batch_size"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise ConfigError(f"recalibrate: --{name.replace('_', '-')} must be >= 1")
+    payload = ckpt.load(a.checkpoint)
+    model, config = ckpt.model_from(payload, a.checkpoint, resolve_device(a.device))
+    model = model.to(memory_format=torch.channels_last)  # as training, evaluate and sample run
+    images = load_images(
+        config.data.dataset,
+        "train",
+        a.data_dir,
+        image_size=config.model.image_shape[1:],
+        celeba_crop=config.data.celeba_crop,
+        limit=config.data.train_limit,
+    ).images
+    batch_size = a.batch_size or config.train.batch_size
+    used = recalibrate_batchnorm(model, images, a.batches, batch_size, seed=a.seed)
+    statistics = describe(used, batch_size, a.seed)
+    if distributed.is_main():
+        ckpt.export(a.out, model, config, batchnorm=statistics)
+        print(f"BatchNorm statistics {statistics} -> {a.out}")
     return 0
 
 
@@ -400,6 +453,7 @@ COMMANDS = {
     "evaluate": _cmd_evaluate,
     "sample": _cmd_sample,
     "import-official": _cmd_import_official,
+    "recalibrate": _cmd_recalibrate,
     "bench": _cmd_bench,
     "experiment": _cmd_experiment,
 }

@@ -30,6 +30,14 @@ from .model import DenseFlow, eager
 from .seeding import stream
 
 
+def describe(batches: int, batch_size: int, seed: int = 0) -> str:
+    """The statistics of a recalibration, in words (stored with exported weights)."""
+    return (
+        f"recalibrated: population statistics of {batches} training batches of {batch_size} "
+        f"(seed {seed})"
+    )
+
+
 def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """Every BatchNorm layer of ``model``, in module order."""
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

@@ -27,6 +27,7 @@ from . import distributed
 from .config import RunConfig
 from .errors import DenseFlowError
 from .model import DenseFlow
+from .recalibrate import describe
 from .transforms.glow import bounded_log_scale
 
 if TYPE_CHECKING:
@@ -211,9 +212,14 @@ class RunOutputs:
         self.saved_step = state.step
 
     def export(self, name: str, model: DenseFlow) -> None:
-        """Inference weights and config as ``name`` (``best.pt``, ``final.pt``)."""
+        """Inference weights and config as ``name`` (``best.pt``, ``final.pt``), with the
+        BatchNorm statistics the run evaluates with."""
+        cfg = self.config.train
+        statistics = ckpt.RUNNING_STATISTICS
+        if cfg.bn_recalibrate:
+            statistics = describe(cfg.bn_recalibrate, cfg.batch_size, cfg.seed)
         if self.main:
-            ckpt.export(self.run_dir / name, model, self.config)
+            ckpt.export(self.run_dir / name, model, self.config, batchnorm=statistics)
 
 
 class LayerMonitor:

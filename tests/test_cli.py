@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from denseflow import checkpoint as ckpt
 from denseflow.cli import main
 
 from .conftest import PARITY_DIRS, needs_fixtures
@@ -336,3 +337,34 @@ def test_user_facing_errors_share_one_base_class():
 
     for error in (CheckpointError, ConfigError, DataError, LogError, TrainingDiverged):
         assert issubclass(error, DenseFlowError) and issubclass(error, ValueError)
+
+
+def test_recalibrate_a_training_checkpoint_and_evaluate_says_which_statistics(tmp_path, capsys):
+    """`denseflow recalibrate` on the last training checkpoint gives the statistics the run's own
+    final export carries (same batches, seed and weights); evaluate names them."""
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--quiet", "--out", str(run)]) == 0
+    out = tmp_path / "recal.pt"
+    last = run / "checkpoints" / "step_0000008.pt"
+    assert (
+        main(["recalibrate", "--checkpoint", str(last), "--batches", "2", "--out", str(out)]) == 0
+    )
+    final, recal = ckpt.load(run / "final.pt"), ckpt.load(out)
+    assert all(torch.equal(final["model"][k], recal["model"][k]) for k in final["model"])
+    assert recal["batchnorm"] == final["batchnorm"]
+    assert recal["batchnorm"].startswith(
+        "recalibrated: population statistics of 2 training batches"
+    )
+    capsys.readouterr()
+    assert (
+        main(["evaluate", "--checkpoint", str(last), "--quiet", "--json", str(tmp_path / "a.json")])
+        == 0
+    )
+    assert "BatchNorm statistics: running averages of training" in capsys.readouterr().out
+    assert (
+        main(["evaluate", "--checkpoint", str(out), "--quiet", "--json", str(tmp_path / "b.json")])
+        == 0
+    )
+    assert "BatchNorm statistics: recalibrated" in capsys.readouterr().out
+    stale, fresh = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert fresh["batchnorm"].startswith("recalibrated") and fresh["bpd"] != stale["bpd"]
