@@ -178,17 +178,17 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command(
         "experiment",
-        "Reproducible experiments; 'ablation': what the paper's ideas buy at equal budget.",
+        "Reproducible experiments. 'ablation': what the paper's ideas buy at equal budget; "
+        "'peers': DenseFlow against normflows' Glow at equal budget (pip install "
+        "'denseflow[peers]').",
     )
-    p.add_argument("name", choices=["ablation"])
+    p.add_argument("name", choices=["ablation", "peers"])
     p.add_argument(
         "--data-dir",
         help="Fashion-MNIST folder (default: the Debian package's, else the bundled subset)",
     )
     p.add_argument(
-        "--out",
-        default="runs/ablation",
-        help="output folder (rerun to continue an interrupted one)",
+        "--out", help="output folder (default runs/NAME; rerun to continue an interrupted one)"
     )
     p.add_argument("--seeds", type=int, help="seeds per variant (default 2)")
     p.add_argument("--steps", type=int, help="training steps of 64 images per run (default 800)")
@@ -432,9 +432,20 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 def _cmd_experiment(a: argparse.Namespace) -> int:
     from .experiment import run_ablation
 
+    out = Path(a.out or Path("runs") / a.name)
+    if a.name == "peers":
+        from .peers import run_peers
+
+        given = [n for n in ("seeds", "steps", "budget_minutes", "variants") if getattr(a, n)]
+        if given:
+            raise ConfigError(f"experiment peers: --{given[0].replace('_', '-')} is for ablation")
+        run_peers(out, a.data_dir, a.quick, progress=not a.quiet)
+        print((out / "results.md").read_text(), end="")
+        print(f"results: {out / 'results.json'}")
+        return 0
     variants = [v.strip() for v in a.variants.split(",") if v.strip()] if a.variants else None
     results = run_ablation(
-        a.out,
+        out,
         a.data_dir,
         a.seeds,
         a.steps,
@@ -443,8 +454,8 @@ def _cmd_experiment(a: argparse.Namespace) -> int:
         variants,
         progress=not a.quiet,
     )
-    print(Path(a.out, "results.md").read_text(), end="")
-    print(f"results: {Path(a.out) / 'results.json'} ({len(results['runs'])} runs)")
+    print((out / "results.md").read_text(), end="")
+    print(f"results: {out / 'results.json'} ({len(results['runs'])} runs)")
     return 0
 
 

@@ -232,15 +232,17 @@ class DenseFlow(nn.Module):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
         noise: NoiseArg = None,
+        quantize: bool = True,
     ) -> Tensor:
-        """``n`` integer images ``(n, C, H, W)`` (spec §12).
+        """``n`` integer images ``(n, C, H, W)`` (spec §12); with ``quantize=False`` the
+        continuous ``z`` the integers are read from (``floor(z·2**num_bits)``, clamped).
 
         ``z_L = μ + σ·T·η``, each factored-out half ``T·η``; the dequantizer and the noise nets
         are not used. The official code samples at ``T = 1``.
         """
         noise_ = self._noise(noise, generator, temperature)
         eta = noise_.draw("base.eta", (n, *self.latent_shapes["base"]), like=self.base.loc)
-        return self._invert(self.base.sample(noise_.temperature * eta), noise_, quantize=True)
+        return self._invert(self.base.sample(noise_.temperature * eta), noise_, quantize)
 
     def set_low_memory(self, enabled: bool = True) -> DenseFlow:
         """Recompute every affine coupling (with its network), noise net and the dequantizer's
