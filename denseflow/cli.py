@@ -251,13 +251,20 @@ def _cmd_train(a: argparse.Namespace) -> int:
         run_dir = Path(a.out or Path("runs") / Path(a.preset).stem)
     else:
         raise ConfigError("train: give --preset NAME (or a YAML file) or --resume RUN_DIR")
-    config = config.override(a.set)
-    if a.dry_run:
-        print(f"# run directory: {run_dir}\n# data: {a.data_dir or '(default location)'}")
+    config = config.override(a.set).with_data_dir(a.data_dir)
+    if a.dry_run:  # refuse what the run would refuse, then show what it would do
+        from .runtime import resolve_device
+        from .train import check_start, load_datasets
+
+        resolve_device(config.train.device)
+        check_start(run_dir, config, None if state is None else ckpt.run_config(state))
+        load_datasets(config, first_only=True)
+        where = config.data.data_dir or "(the dataset's default location)"
+        print(f"# run directory: {run_dir}\n# data: {where}")
         print(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None), end="")
         return 0
     _cap_heap_growth(config)
-    summary = train(config, run_dir, a.data_dir, resume=state, progress=not a.quiet)
+    summary = train(config, run_dir, resume=state, progress=not a.quiet)
     if distributed.is_main():
         print(json.dumps(summary))
     return 0

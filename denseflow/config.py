@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from .data import DATASETS
 from .data.augment import AUGMENTATIONS
 from .errors import DenseFlowError
 
@@ -189,15 +190,21 @@ PRECISIONS = ("float32", "bfloat16")
 @dataclass(frozen=True)
 class DataConfig:
     """Which images to train and evaluate on (``denseflow.data``); ``augmentation`` as spec
-    §13.4."""
+    §13.4. ``data_dir``: the absolute folder a run read its data from (``--data-dir``); later
+    evaluations, recalibrations and resumes read it again unless told otherwise. ``None``: the
+    dataset's default place (Fashion-MNIST: the Debian package's folder, else the bundled
+    subset)."""
 
     dataset: str = "cifar10"
     augmentation: str = "eta"
     celeba_crop: bool = False
     train_limit: int | None = None
     test_limit: int | None = None
+    data_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"data.dataset={self.dataset!r}: expected one of {DATASETS}")
         if self.augmentation not in AUGMENTATIONS:
             raise ConfigError(
                 f"data.augmentation={self.augmentation!r}: expected one of {AUGMENTATIONS}"
@@ -377,6 +384,14 @@ class RunConfig:
                 base = model_config(given.pop("preset")).to_dict()
             sections[name] = _build(kind, {**base, **given}, name)
         return cls(**sections)
+
+    def with_data_dir(self, data_dir: str | Path | None) -> RunConfig:
+        """This configuration reading its data from ``data_dir`` (made absolute); unchanged
+        for ``None``."""
+        if data_dir is None:
+            return self
+        folder = str(Path(data_dir).expanduser().resolve())
+        return dataclasses.replace(self, data=dataclasses.replace(self.data, data_dir=folder))
 
     def override(self, assignments: list[str]) -> RunConfig:
         """Apply ``section.key=value`` assignments (values parsed as YAML, then type-checked)."""

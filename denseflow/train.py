@@ -150,19 +150,46 @@ def restore(model: DenseFlow, opt: torch.optim.Optimizer, payload: dict[str, Any
     return LoopState.from_checkpoint(payload)
 
 
-def start(
-    model: DenseFlow, opt: torch.optim.Optimizer, resume: Any, run_dir: Path, plan: Plan
-) -> LoopState:
-    """The loop state to start from: a new run's, or the resumed checkpoint's (a run directory,
-    a checkpoint file, or a loaded checkpoint). A new run refuses a folder with checkpoints."""
-    if resume is None:
+def check_start(run_dir: Path, config: RunConfig, resumed: RunConfig | None) -> None:
+    """Refuse a new run in a folder that holds a run's checkpoints, and a resume that changes
+    the architecture or the data (``resumed``: the configuration the checkpoint was saved with)."""
+    if resumed is None:
         if any((run_dir / "checkpoints").glob("step_*.pt")):
             raise ConfigError(
                 f"{run_dir} already holds a run's checkpoints: "
                 f"--resume {run_dir}, or choose another --out"
             )
+        return
+    fixed = [("model", f.name) for f in dataclasses.fields(config.model)]
+    fixed += [("data", "dataset"), ("data", "celeba_crop")]
+    for section, name in fixed:
+        saved, now = (
+            getattr(getattr(resumed, section), name),
+            getattr(getattr(config, section), name),
+        )
+        if saved != now:
+            raise ConfigError(
+                f"--resume: {section}.{name} was {saved!r} in the checkpoint, now {now!r}; a run "
+                "keeps its architecture and dataset: start a new run (another --out)"
+            )
+
+
+def start(
+    model: DenseFlow,
+    opt: torch.optim.Optimizer,
+    resume: Any,
+    run_dir: Path,
+    plan: Plan,
+    config: RunConfig,
+) -> LoopState:
+    """The loop state to start from: a new run's, or the resumed checkpoint's (a run directory,
+    a checkpoint file, or a loaded checkpoint), after :func:`check_start`."""
+    payload = None
+    if resume is not None:
+        payload = resume if isinstance(resume, dict) else ckpt.load_on_every_rank(resume)
+    check_start(run_dir, config, None if payload is None else ckpt.run_config(payload))
+    if payload is None:
         return LoopState()
-    payload = resume if isinstance(resume, dict) else ckpt.load_on_every_rank(resume)
     state = restore(model, opt, payload)
     if state.batch == plan.steps_per_epoch:  # saved by denseflow 0.1 when stopped at an epoch's end
         state.epoch, state.batch = state.epoch + 1, 0
@@ -219,12 +246,14 @@ def evaluate_and_sample(
     return result["bpd"]
 
 
-def load_datasets(config: RunConfig, data_dir: str | Path | None) -> tuple[ImageSet, ImageSet]:
-    """The run's training and test images, checked against the model's image shape."""
+def load_datasets(config: RunConfig, first_only: bool = False) -> tuple[ImageSet, ImageSet]:
+    """The run's training and test images from ``data.data_dir``, checked against the model's
+    image shape (``first_only``: one image of each, to check that they can be read)."""
     data, shape = config.data, config.model.image_shape
     size = dict(image_size=shape[1:], celeba_crop=data.celeba_crop)
-    trainset = load_images(data.dataset, "train", data_dir, limit=data.train_limit, **size)
-    testset = load_images(data.dataset, "test", data_dir, limit=data.test_limit, **size)
+    limits = (1, 1) if first_only else (data.train_limit, data.test_limit)
+    trainset = load_images(data.dataset, "train", data.data_dir, limit=limits[0], **size)
+    testset = load_images(data.dataset, "test", data.data_dir, limit=limits[1], **size)
     if tuple(trainset.images.shape[1:]) != shape:
         raise ConfigError(
             f"{data.dataset} images are {tuple(trainset.images.shape[1:])}, "
@@ -243,8 +272,10 @@ def train(
 ) -> dict[str, Any]:
     """Train ``config`` into ``run_dir``; return a summary (steps, last test bpd, paths).
 
-    ``resume``: a run directory or checkpoint to continue from (model, optimizer, position), or
-    the checkpoint already loaded with :func:`denseflow.checkpoint.load`.
+    ``data_dir``: where the data is (recorded in the run's configuration as ``data.data_dir``;
+    default: the configuration's). ``resume``: a run directory or checkpoint to continue from
+    (model, optimizer, position), or the checkpoint already loaded with
+    :func:`denseflow.checkpoint.load`; its architecture and dataset cannot change.
     ``stop_after``: stop (with a checkpoint) once that many steps are done — an interruption.
 
     Inside an initialised process group (``torchrun``) every rank calls this: DDP over the ranks
@@ -252,20 +283,21 @@ def train(
     shows progress (the run directory must be visible to every rank for resume and rollback).
     """
     run_dir, world = Path(run_dir), distributed.world_size()
+    config = config.with_data_dir(data_dir)
     chunks = distributed.effective_chunks(config.train.batch_chunks, world)
     if chunks != config.train.batch_chunks:
         config = config.override([f"train.batch_chunks={chunks}"])
         distributed.say(f"train.batch_chunks raised to {chunks}, a multiple of the {world} ranks")
     cfg = config.train
     device = runtime.resolve_device(cfg.device)
-    trainset, testset = load_datasets(config, data_dir)
+    trainset, testset = load_datasets(config)
     plan = Plan.of(cfg, len(trainset.images))
 
     with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed alone
         torch.manual_seed(cfg.seed)
         model = runtime.prepare(DenseFlow(config.model), cfg, device)
     optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    state = start(model, optimizer, resume, run_dir, plan)
+    state = start(model, optimizer, resume, run_dir, plan, config)
     sources = {"train": trainset.source, "test": testset.source}
     out = RunOutputs(run_dir, config, sources, state, plan.total_steps, progress)
     monitor = LayerMonitor(model) if cfg.monitor_every else None
