@@ -7,6 +7,7 @@ decoded image), and every failure mode against a one-line DataError that names t
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -95,6 +96,7 @@ def test_cifar10_pixel_exact_channel_major(tmp_path: Path, given: str) -> None:
     test = load_images("cifar10", "test", data_dir)
     assert np.array_equal(test.images.numpy().reshape(3, -1), batches["test_batch"][b"data"])
     assert test.split == "test" and test.name == "cifar10"
+    assert train.names is None and test.names is None  # images with only an index
     # limit across a batch boundary reads only the files it needs
     part = load_images("cifar10", data_dir=data_dir, limit=4)
     assert torch.equal(part.images, train.images[:4]) and sorted(part.source["files"]) == [
@@ -456,6 +458,7 @@ def test_idx_gzip_and_raw(tmp_path: Path, gz: bool, given: str) -> None:
     name = "t10k-images-idx3-ubyte" + (".gz" if gz else "")
     assert s.source["files"][name] == sha256(tmp_path / "mnist" / name)
     assert len(s.source["files"]) == 2  # images and labels
+    assert s.names is None
 
 
 def test_idx_gzip_detected_by_magic_not_name(tmp_path: Path) -> None:
@@ -507,6 +510,26 @@ def test_idx_errors(tmp_path: Path) -> None:
         load_images("mnist", data_dir=tmp_path)
 
 
+FOLDER_HINT = "; the folder holds images: use data.dataset=folder (--set data.dataset=folder)"
+
+
+@pytest.mark.parametrize("where", ["", "train"])
+@pytest.mark.parametrize("name", ["fashion_mnist", "mnist"])
+def test_idx_hints_at_the_folder_dataset_for_a_folder_of_images(
+    tmp_path: Path, name: str, where: str
+) -> None:
+    (tmp_path / "notes.txt").write_text("no dataset here")
+    with pytest.raises(DataError, match=rf"{name}: no dataset files found in") as err:
+        load_images(name, "test", tmp_path)
+    assert FOLDER_HINT not in str(err.value)
+    (tmp_path / where).mkdir(exist_ok=True)
+    Image.new("L", (28, 28)).save(tmp_path / where / "shirt.JPG", format="JPEG")
+    with pytest.raises(DataError, match=rf"{name}: no dataset files found in") as err:
+        load_images(name, "test", tmp_path)
+    assert str(err.value).endswith(FOLDER_HINT)
+    assert "\n" not in str(err.value)
+
+
 # --------------------------------------------------------------------------------------------
 # a plain folder of images
 
@@ -529,9 +552,10 @@ def test_folder_rgb_resize_and_center_crop(tmp_path: Path) -> None:
             tmp_path / f"b{i}.png"
         )
     Image.fromarray(RNG.integers(0, 256, (20, 20), dtype=np.uint8)).save(tmp_path / "a_grey.jpg")
-    s = load_images("folder", "train", tmp_path, image_size=(16, 16))
+    s = load_images("folder", "all", tmp_path, image_size=(16, 16))
     check_set(s, (4, 3, 16, 16))
     names = ["a_grey.jpg", "b0.png", "b1.png", "b2.png"]  # sorted by name
+    assert s.names == tuple(names) and s.split == "all"
     for k, name in enumerate(names):
         mode = "L" if name.endswith(".jpg") else "RGB"
         ref = reference_cover_crop(tmp_path / name, 16, 16, mode)
@@ -540,9 +564,8 @@ def test_folder_rgb_resize_and_center_crop(tmp_path: Path) -> None:
     assert np.array_equal(
         s.images[3].numpy(), np.asarray(Image.open(tmp_path / "b2.png")).transpose(2, 0, 1)
     )
-    assert torch.equal(
-        load_images("folder", "test", tmp_path, image_size=(16, 16)).images, s.images
-    )  # no subfolders
+    assert s.source["path"] == str(tmp_path.parent)
+    assert list(s.source["files"]) == [tmp_path.name + "/"]
 
 
 def test_folder_greyscale_and_splits(tmp_path: Path) -> None:
@@ -555,30 +578,92 @@ def test_folder_greyscale_and_splits(tmp_path: Path) -> None:
     s = load_images("folder", "test", tmp_path, image_size=(8, 8))
     check_set(s, (2, 1, 8, 8))
     assert s.source["path"] == str(tmp_path) and list(s.source["files"]) == ["test/"]
+    assert s.names == ("0.png", "1.png")  # relative to the split's folder
     assert np.array_equal(
         s.images[1, 0].numpy(), reference_cover_crop(tmp_path / "test" / "1.png", 8, 8, "L")
     )
-    assert load_images("folder", "train", tmp_path, image_size=(8, 8), limit=2).images.shape == (
-        2,
-        1,
-        8,
-        8,
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.names = ()  # type: ignore[misc]
+    part = load_images("folder", "train", tmp_path, image_size=(8, 8), limit=2)
+    assert part.images.shape == (2, 1, 8, 8) and part.names == ("0.png", "1.png")
+    with pytest.raises(DataError, match=r"empty folder, no images"):  # "all": subfolders ignored
+        load_images("folder", "all", tmp_path, image_size=(8, 8))
+    Image.new("L", (8, 8)).save(tmp_path / "top.png")
+    top = load_images("folder", "all", tmp_path, image_size=(8, 8))
+    assert top.names == ("top.png",) and top.images.shape == (1, 1, 8, 8)
+
+
+def test_folder_without_train_and_test_subfolders_is_refused(tmp_path: Path) -> None:
+    for i in range(2):
+        Image.new("RGB", (8, 8), (i, i, i)).save(tmp_path / f"{i}.png")
+    expected = (
+        f"{tmp_path}: a folder without train/ and test/ subfolders has no held-out test images; "
+        f"put the images in {tmp_path / 'train'} and {tmp_path / 'test'}, or read the folder as "
+        "it is with split 'all'"
     )
+    for split in ("train", "test"):
+        with pytest.raises(DataError) as err:
+            load_images("folder", split, tmp_path, image_size=(8, 8))
+        assert str(err.value) == expected
+    assert load_images("folder", "all", tmp_path, image_size=(8, 8)).names == ("0.png", "1.png")
+
+
+def test_split_all_is_for_folder_only(tmp_path: Path) -> None:
+    for name in DATASETS:
+        if name == "folder":
+            continue
+        with pytest.raises(DataError) as err:
+            load_images(name, "all", tmp_path)
+        assert str(err.value) == (
+            f"{name}: no split 'all' (it is for a plain folder of images, dataset 'folder'); "
+            f"{name} has the splits 'train' and 'test'"
+        )
+    with pytest.raises(DataError) as err:
+        load_images("cifar10", "valid", tmp_path)
+    assert str(err.value) == "cifar10: unknown split 'valid'; choose 'train' or 'test'"
+    with pytest.raises(DataError) as err:
+        load_images("folder", "valid", tmp_path, image_size=(8, 8))
+    assert str(err.value) == "folder: unknown split 'valid'; choose 'train', 'test' or 'all'"
+
+
+def test_folder_counts_and_reports_resized_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    for name, (w, h) in {
+        "a.png": (8, 8),
+        "b.png": (12, 10),
+        "c.png": (10, 8),
+        "d.png": (8, 8),
+    }.items():
+        Image.new("RGB", (w, h)).save(tmp_path / "train" / name)
+    Image.new("RGB", (8, 8)).save(tmp_path / "test" / "e.png")
+    train = load_images("folder", "train", tmp_path, image_size=(8, 8))
+    assert train.source["resized"] == 2  # b resized and cropped, c cropped only
+    assert "center crop to 8x8" in train.source["preprocessing"]
+    assert capsys.readouterr().out == (
+        f"{tmp_path / 'train'}: 2 of 4 images resized to 8x8 "
+        "(PIL bilinear on the short side, center crop)\n"
+    )
+    test = load_images("folder", "test", tmp_path, image_size=(8, 8))
+    assert test.source["resized"] == 0 and capsys.readouterr().out == ""  # said only when any
+    assert load_images("folder", "train", tmp_path, (8, 8), limit=1).source["resized"] == 0
 
 
 def test_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="image_size is required"):
         load_images("folder", data_dir=tmp_path)
     with pytest.raises(DataError, match="empty folder"):
-        load_images("folder", data_dir=tmp_path, image_size=(8, 8))
+        load_images("folder", "all", tmp_path, image_size=(8, 8))
     Image.new("RGB", (9, 9)).save(tmp_path / "a.png")
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(DataError, match=r"notes.txt: not a readable image"):
-        load_images("folder", data_dir=tmp_path, image_size=(8, 8))
+        load_images("folder", "all", tmp_path, image_size=(8, 8))
     (tmp_path / "notes.txt").unlink()
     Image.new("RGB", (9, 9)).save(tmp_path / "b.bmp")
     with pytest.raises(DataError, match=r"b.bmp: a BMP image, expected PNG or JPEG"):
-        load_images("folder", data_dir=tmp_path, image_size=(8, 8))
+        load_images("folder", "all", tmp_path, image_size=(8, 8))
     (tmp_path / "b.bmp").unlink()
     (tmp_path / "train").mkdir()
     with pytest.raises(DataError, match=r"test: missing .* has train/ but no test/"):

@@ -124,7 +124,13 @@ CASES = {
         "magic",
     ),
     "empty image folder": (
-        lambda t: [*TINY, "--set", "data.dataset=folder", "--data-dir", str(_mkdir(t / "empty"))],
+        lambda t: [
+            *TINY,
+            "--set",
+            "data.dataset=folder",
+            "--data-dir",
+            str(_mkdir(t / "empty" / "train").parent),
+        ],
         "empty",
     ),
     "non-image file in an image folder": (
@@ -133,7 +139,7 @@ CASES = {
             "--set",
             "data.dataset=folder",
             "--data-dir",
-            str(_write(_mkdir(t / "f") / "a.png", "x").parent),
+            str(_write(_mkdir(t / "f" / "train") / "a.png", "x").parent.parent),
         ],
         "a.png",
     ),
@@ -220,6 +226,16 @@ CASES = {
     "malformed line inside a run's log": (
         lambda t: ["train", "--quiet", "--resume", str(_run_with_a_malformed_log_line(t))],
         "logged/metrics.jsonl, line 3: malformed record (Expecting value",
+    ),
+    "image folder without train/ and test/": (
+        lambda t: [
+            *TINY,
+            "--set",
+            "data.dataset=folder",
+            "--data-dir",
+            str(_write(_mkdir(t / "flat") / "a.png", "x").parent),
+        ],
+        "a folder without train/ and test/ subfolders has no held-out test images",
     ),
 }
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .augment import AUGMENTATIONS, augment
-from .base import DataError, ImageSet, Reader, Request, fmt
+from .base import DataError, ImageSet, Read, Reader, Request, fmt
 from .celeba import read_celeba
 from .cifar import read_cifar10
 from .folder import read_folder
@@ -61,10 +61,19 @@ READERS: dict[str, Reader] = {
     "celeba": Reader(read_celeba),
     "mnist": Reader(read_mnist, native_size=(28, 28)),
     "fashion_mnist": Reader(read_fashion_mnist, native_size=(28, 28)),
-    "folder": Reader(read_folder),
+    "folder": Reader(read_folder, splits=("train", "test", "all")),
 }
 DATASETS = tuple(READERS)
-SPLITS = ("train", "test")
+#: every split some reader has; ``"all"`` (a folder's own images) only ``folder`` has
+SPLITS = ("train", "test", "all")
+
+
+def _choices(values: tuple[str, ...], conjunction: str = "or") -> str:
+    """``('a', 'b', 'c')`` as ``"'a', 'b' or 'c'"`` (or another ``conjunction``)."""
+    quoted = [repr(v) for v in values]
+    if len(quoted) == 1:
+        return quoted[0]
+    return f"{', '.join(quoted[:-1])} {conjunction} {quoted[-1]}"
 
 
 def load_images(
@@ -81,7 +90,10 @@ def load_images(
         name: one of :data:`DATASETS`.
         split: ``"train"`` or ``"test"`` (the evaluation split: CIFAR-10 ``test_batch``, ImageNet
             ``val_data`` (the 50k validation set), CelebA partition 2, (Fashion-)MNIST ``t10k``;
-            a ``folder``'s ``test/`` subfolder, or the folder itself when it has no subfolders).
+            a ``folder``'s ``test/`` subfolder). A ``folder`` without ``train/`` and ``test/``
+            subfolders has neither (an error); ``"all"``, for ``folder`` only, reads the image
+            files of the folder itself, ignoring any subfolders, ``train/`` and ``test/``
+            included (scoring a folder as it is).
         data_dir: the folder holding the dataset's usual top folder (``cifar-10-batches-py/``,
             ``celeba/``, ``fashion-mnist/``, ...) or that folder itself. Only ``fashion_mnist`` may
             omit it (Debian's ``/usr/share/datasets/fashion-mnist``, else the bundled subset).
@@ -95,16 +107,24 @@ def load_images(
 
     Returns:
         An :class:`ImageSet`; ``images`` is uint8 ``(N, C, H, W)``, ``C`` 3 (1 for MNIST-like data
-        and for a folder of greyscale images).
+        and for a folder of greyscale images); ``names`` the images' file names for a
+        ``folder``, else ``None``.
 
     Raises:
-        DataError: unknown name or split, missing folder or file, truncated or malformed file,
-            image of the wrong size or mode, refused pickle content.
+        DataError: unknown name or split (or a split the dataset does not have), missing folder
+            or file, truncated or malformed file, image of the wrong size or mode, refused pickle
+            content.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    if split not in SPLITS:
-        raise DataError(f"{name}: unknown split {split!r}; choose 'train' or 'test'")
+    reader = READERS[name]
+    if split in SPLITS and split not in reader.splits:
+        raise DataError(
+            f"{name}: no split {split!r} (it is for a plain folder of images, dataset 'folder'); "
+            f"{name} has the splits {_choices(reader.splits, 'and')}"
+        )
+    if split not in reader.splits:
+        raise DataError(f"{name}: unknown split {split!r}; choose {_choices(reader.splits)}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"{name}: limit must be a positive integer or None, got {limit!r}")
     if image_size is not None:
@@ -122,10 +142,11 @@ def load_images(
     if root is not None and not root.is_dir():
         raise DataError(f"{root}: data_dir does not exist or is not a folder ({name})")
 
-    reader = READERS[name]
     native = reader.native_size
     if native is not None and image_size is not None and image_size != native:
         raise DataError(f"{name} images are {fmt(native)}, the model wants {fmt(image_size)}")
-    images, source = reader.read(Request(name, root, split, image_size, celeba_crop, limit))
+    images, source, names = Read(
+        *reader.read(Request(name, root, split, image_size, celeba_crop, limit))
+    )
     source["num_images"] = int(images.shape[0])
-    return ImageSet(images=images.contiguous(), name=name, split=split, source=source)
+    return ImageSet(images=images.contiguous(), name=name, split=split, source=source, names=names)

@@ -2,7 +2,8 @@
 
 A reader is a function of a :class:`Request` that returns the images as a uint8 ``(N, C, H, W)``
 tensor and the provenance record of :class:`ImageSet`'s ``source`` (without ``num_images``,
-which :func:`denseflow.data.load_images` adds); :class:`Reader` is its entry in the registry.
+which :func:`denseflow.data.load_images` adds), as a plain pair or, for a reader that knows each
+image's file name, as a :class:`Read`; :class:`Reader` is its entry in the registry.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -39,18 +40,32 @@ class ImageSet:
     Attributes:
         images: uint8 tensor ``(N, C, H, W)``, contiguous, values 0..255.
         name: the dataset name passed to :func:`load_images`.
-        split: ``"train"`` or ``"test"``.
+        split: ``"train"``, ``"test"`` or (``folder`` only) ``"all"``.
         source: provenance, JSON-serialisable: ``path`` (folder the data was found in),
             ``release``, ``files`` (file or folder name relative to ``path`` -> sha256 hex digest
             of what was read; for a folder of images, the digest of the ``sha256sum``-format
             manifest of the images read, sorted by name), ``num_images``, and reader-specific
-            notes such as ``preprocessing``.
+            notes such as ``preprocessing`` and (``folder``) ``resized``.
+        names: for a ``folder`` dataset, the file name of every image in the order of ``images``,
+            relative to the folder of the split (``"cat.png"``); ``None`` for the other readers,
+            whose images have only an index.
     """
 
     images: torch.Tensor
     name: str
     split: str
     source: dict
+    names: tuple[str, ...] | None = None
+
+
+class Read(NamedTuple):
+    """What a reader returns: the images, the provenance record and, where the reader knows them,
+    the file names of the images (see :class:`ImageSet`). A plain ``(images, source)`` pair
+    stands for ``Read(images, source, None)``."""
+
+    images: torch.Tensor
+    source: dict
+    names: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,12 +85,14 @@ class Request:
 
 @dataclass(frozen=True)
 class Reader:
-    """A registry entry: ``read`` turns a :class:`Request` into ``(images, source)``;
-    ``native_size`` is the ``(H, W)`` of a dataset whose images have a fixed size (the only
-    ``image_size`` it accepts), ``None`` for a dataset that resizes."""
+    """A registry entry: ``read`` turns a :class:`Request` into ``(images, source)`` or a
+    :class:`Read`; ``native_size`` is the ``(H, W)`` of a dataset whose images have a fixed size
+    (the only ``image_size`` it accepts), ``None`` for a dataset that resizes; ``splits`` are the
+    splits it has."""
 
-    read: Callable[[Request], tuple[torch.Tensor, dict]]
+    read: Callable[[Request], tuple[torch.Tensor, dict] | Read]
     native_size: tuple[int, int] | None = None
+    splits: tuple[str, ...] = ("train", "test")
 
 
 def fmt(size: tuple[int, int]) -> str:
@@ -93,14 +110,15 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def missing_dir_error(
-    name: str, expected: str, data_dir: Path | None, searched: Sequence[Path]
+    name: str, expected: str, data_dir: Path | None, searched: Sequence[Path], hint: str = ""
 ) -> DataError:
     """The error for a dataset not found: no ``data_dir`` given, or nothing found in the folders
-    ``searched``; ``expected`` says what the folder should hold and where to get it."""
+    ``searched``; ``expected`` says what the folder should hold and where to get it; ``hint``
+    (``"; ..."``) ends the second message."""
     where = ", ".join(str(p) for p in dict.fromkeys(searched))
     if data_dir is None:
         return DataError(f"{name}: no data_dir given; expected a folder with {expected}")
-    return DataError(f"{name}: no dataset files found in {where}; expected {expected}")
+    return DataError(f"{name}: no dataset files found in {where}; expected {expected}{hint}")
 
 
 def find_dir(candidates: Sequence[Path], names: Sequence[str]) -> Path | None:

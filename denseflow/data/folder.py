@@ -1,8 +1,10 @@
-"""A plain folder of PNG/JPEG images, optionally with ``train/`` and ``test/`` subfolders.
+"""A folder of PNG/JPEG images: its ``train/`` and ``test/`` subfolders, or (split ``"all"``)
+the image files of the folder itself.
 
 Each image is resized (PIL bilinear) so that it covers the model's ``(H, W)`` -- for a square
-size, the short side becomes the target side -- and center-cropped to it. Greyscale images give
-one channel when every image of the folder is greyscale, else three.
+size, the short side becomes the target side -- and center-cropped to it; how many were is
+printed (rank 0) and recorded in ``source["resized"]``. Greyscale images give one channel when
+every image of the folder is greyscale, else three.
 """
 
 from __future__ import annotations
@@ -10,26 +12,36 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from .base import DataError, Request, decode_into, missing_dir_error, to_tensor
+from ..distributed import say
+from .base import DataError, Read, Request, decode_into, missing_dir_error, to_tensor
 from .files import manifest_digest, open_image
 
-_WHERE_TO_GET = "a folder of PNG/JPEG images (optionally with train/ and test/ subfolders)"
+_WHERE_TO_GET = (
+    "train/ and test/ subfolders of PNG/JPEG images (for split 'all': the images themselves)"
+)
 _GREY_MODES = ("1", "L", "LA")
 _COLOUR_MODES = ("P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 
 
 def _folder_for_split(root: Path, split: str) -> Path:
+    """``root`` itself for ``"all"``, else its ``train/`` or ``test/`` subfolder, which must
+    exist: a folder without them has no held-out test images."""
     if not root.is_dir():
         raise DataError(f"{root}: not a folder of images")
+    if split == "all":
+        return root
     own, other = root / split, root / ("test" if split == "train" else "train")
     if own.is_dir():
         return own
     if other.is_dir():
         raise DataError(f"{own}: missing ({root} has {other.name}/ but no {split}/ subfolder)")
-    return root
+    raise DataError(
+        f"{root}: a folder without train/ and test/ subfolders has no held-out test images; put "
+        f"the images in {root / 'train'} and {root / 'test'}, or read the folder as "
+        "it is with split 'all'"
+    )
 
 
 def _resize_cover_crop(img: Image.Image, height: int, width: int) -> Image.Image:
@@ -46,9 +58,9 @@ def _resize_cover_crop(img: Image.Image, height: int, width: int) -> Image.Image
     return img
 
 
-def read_folder(req: Request) -> tuple[torch.Tensor, dict]:
-    """The images of ``data_dir/<split>/``, or of ``data_dir`` itself when it has neither
-    subfolder, in name order; ``image_size`` is required."""
+def read_folder(req: Request) -> Read:
+    """The images of ``data_dir/<split>/``, or of ``data_dir`` itself for split ``"all"``
+    (subfolders ignored), in name order, with their file names; ``image_size`` is required."""
     root, image_size = req.root, req.image_size
     if root is None:
         raise missing_dir_error("folder", _WHERE_TO_GET, None, [])
@@ -63,7 +75,7 @@ def read_folder(req: Request) -> tuple[torch.Tensor, dict]:
     paths = paths[: req.limit]
     height, width = image_size
 
-    def decode(path: Path) -> tuple[np.ndarray, tuple[bool, str]]:
+    def decode(path: Path) -> tuple[np.ndarray, tuple[bool, str, bool]]:
         img, sha = open_image(path)
         with img:
             if img.format not in ("PNG", "JPEG"):
@@ -74,19 +86,27 @@ def read_folder(req: Request) -> tuple[torch.Tensor, dict]:
                     f"{path}: image mode {img.mode} is not supported "
                     "(8-bit greyscale or colour only)"
                 )
+            resized = img.size != (width, height)
             img = _resize_cover_crop(img.convert("L" if grey else "RGB"), height, width)
             array = np.asarray(img)
-        return (array[None] if grey else array.transpose(2, 0, 1)), (grey, sha)
+        return (array[None] if grey else array.transpose(2, 0, 1)), (grey, sha, resized)
 
     images = np.empty((len(paths), 3, height, width), dtype=np.uint8)
     metas = decode_into(images, paths, decode, desc=f"images in {folder.name}")
-    if all(grey for grey, _ in metas):
+    if all(grey for grey, _, _ in metas):
         images = images[:, :1]
-    digest = manifest_digest([(p.name, sha) for p, (_, sha) in zip(paths, metas, strict=True)])
+    digest = manifest_digest([(p.name, sha) for p, (_, sha, _) in zip(paths, metas, strict=True)])
+    resized = sum(r for _, _, r in metas)
+    if resized:
+        say(
+            f"{folder}: {resized} of {len(paths)} images resized to {height}x{width} "
+            "(PIL bilinear on the short side, center crop)"
+        )
     source = {
         "path": str(folder.parent),
         "release": "plain image folder",
         "files": {folder.name + "/": digest},
         "preprocessing": f"PIL bilinear resize of the short side, center crop to {height}x{width}",
+        "resized": resized,
     }
-    return to_tensor(images), source
+    return Read(to_tensor(images), source, tuple(p.name for p in paths))

@@ -4,7 +4,8 @@ gzip or raw.
 Without a ``data_dir``, Fashion-MNIST falls back to the Debian package's folder
 (:data:`DEBIAN_FASHION_MNIST_DIR`) and then to a subset bundled with the package
 (:func:`embedded_fashion_mnist_dir`). The labels are not returned, but a label file that does not
-match its images is reported.
+match its images is reported. A ``data_dir`` without IDX files but with PNG/JPEG images gets a
+hint to use the ``folder`` dataset.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ _SUBFOLDERS = {
         "fashion-mnist/raw",
     ],
 }
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_FOLDER_HINT = "; the folder holds images: use data.dataset=folder (--set data.dataset=folder)"
 
 
 def embedded_fashion_mnist_dir() -> Path:
@@ -109,6 +112,20 @@ def _read_idx(path: Path, magic: int) -> tuple[np.ndarray, str]:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims), sha
 
 
+def _holds_images(root: Path) -> bool:
+    """Whether ``root`` or its ``train/`` subfolder holds a PNG/JPEG file (by its name; an
+    unreadable folder holds none)."""
+    for folder in (root, root / "train"):
+        try:
+            if folder.is_dir() and any(
+                p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file() for p in folder.iterdir()
+            ):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def _find_idx(folder: Path, stem: str) -> Path | None:
     for candidate in (folder / stem, folder / f"{stem}.gz"):
         if candidate.is_file():
@@ -127,7 +144,8 @@ def _read_idx_dataset(
     names = [stem, f"{stem}.gz", f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels-idx1-ubyte.gz"]
     folder = find_dir(candidates, names)
     if folder is None:
-        raise missing_dir_error(name, _WHERE_TO_GET[name], root, candidates)
+        hint = _FOLDER_HINT if _holds_images(root) else ""
+        raise missing_dir_error(name, _WHERE_TO_GET[name], root, candidates, hint)
     image_path = _find_idx(folder, stem)
     if image_path is None:
         raise DataError(f"{folder / stem}[.gz]: missing ({name} {split} images)")
