@@ -210,6 +210,15 @@ def _load_file(path: Path) -> dict[str, Any]:
     return payload
 
 
+def is_denseflow_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file of ours (judged by its format field, not verified)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # any unreadable or foreign file
+        return False
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
 def _looks_official(payload: Any) -> bool:
     return isinstance(payload, dict) and "model" in payload and "current_epoch" in payload
 
@@ -258,22 +267,10 @@ def export(
     path: str | os.PathLike,
     model: DenseFlow,
     config: RunConfig,
-    safetensors: bool = False,
     batchnorm: str = RUNNING_STATISTICS,
 ) -> Path:
     """Inference-only weights + config (no optimizer); ``batchnorm`` says which BatchNorm
-    statistics the weights carry; ``safetensors=True`` writes that format too."""
+    statistics the weights carry. (:func:`denseflow.pretrained.save_pretrained` writes the
+    safetensors layout.)"""
     payload = {"kind": "weights", "config": config.to_dict(), "model": model.state_dict()}
-    out = save(path, payload | {"batchnorm": batchnorm})
-    if safetensors:
-        try:
-            from safetensors.torch import save_file
-        except ImportError:
-            raise CheckpointError("safetensors is not installed: pip install safetensors") from None
-        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-        save_file(
-            tensors,
-            str(Path(path).with_suffix(".safetensors")),
-            metadata={"config": json.dumps(config.to_dict())},
-        )
-    return out
+    return save(path, payload | {"batchnorm": batchnorm})

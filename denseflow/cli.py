@@ -19,6 +19,13 @@ from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig, load_config, preset_names
 from .errors import DenseFlowError
 
+CHECKPOINT_HELP = (
+    "a checkpoint (.pt), a run folder, a save_pretrained folder, a published model's name "
+    "(fashion-mnist) or, with huggingface_hub, a Hub repository id"
+)
+DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
+SCALE_HELP = "show each pixel as SCALE x SCALE (default: a 28 px image at 84 px or more)"
+
 EXAMPLES = {
     "train": """examples:
   denseflow train --preset demo --out runs/demo
@@ -54,6 +61,12 @@ EXAMPLES = {
         "               # the pipeline on a tiny subset\n"
         "  denseflow experiment ablation --budget-minutes 30 --seeds 1 --variants denseflow,glow"
     ),
+    "interpolate": (
+        "examples:\n"
+        "  denseflow interpolate --checkpoint runs/demo/final.pt --a 0 --b 7 --steps 10\n"
+        "  denseflow interpolate --checkpoint fashion-mnist --a shoe.png --b bag.png"
+        " --out strip.png"
+    ),
     "recalibrate": (
         "examples:\n"
         "  denseflow recalibrate --checkpoint runs/demo/checkpoints/step_0001200.pt"
@@ -70,24 +83,36 @@ EXAMPLES = {
 }
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written; every option's default shown (unless it has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS, []) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="denseflow",
         description="DenseFlow: train, evaluate (bits/dim), sample, load published weights.",
     )
+    debug = "show tracebacks instead of one-line errors"
+    parser.add_argument("--debug", action="store_true", help=debug)
     parser.add_argument(
-        "--debug", action="store_true", help="show tracebacks instead of one-line errors"
+        "--version",
+        action="version",
+        version=f"denseflow {__version__} (torch {torch.__version__})",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_: str) -> argparse.ArgumentParser:
-        return sub.add_parser(
-            name,
-            help=help_,
-            description=help_,
-            epilog=EXAMPLES[name],
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+        p = sub.add_parser(
+            name, help=help_, description=help_, epilog=EXAMPLES[name], formatter_class=_Help
         )
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
+        return p
 
     p = command("train", "Train DenseFlow with a preset recipe or a YAML config.")
     p.add_argument("--preset", help=f"preset name ({', '.join(preset_names())}) or a YAML file")
@@ -110,10 +135,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = command("evaluate", "Test-set bits/dim of a checkpoint: ELBO, or IWBO-k with --k.")
-    p.add_argument("--checkpoint", required=True, help="a denseflow checkpoint or export (.pt)")
+    p = command(
+        "evaluate",
+        "Bits/dim of a model on the run's test set or a folder of images: ELBO, or IWBO-k "
+        "with --k; the mean, and per image with --per-image.",
+    )
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--data-dir", help="folder holding the dataset (default: as in the run)")
     p.add_argument("--split", default="test", choices=["test", "train"])
+    p.add_argument("--images", help="score this folder of PNG/JPEG images instead of a dataset")
+    p.add_argument(
+        "--per-image", metavar="CSV", help="also write every image's bits/dim to this CSV"
+    )
     p.add_argument("--k", type=int, help="importance samples per image (IWBO-k); default: ELBO")
     p.add_argument(
         "--kbs", type=int, help="importance samples per pass (default: the config's eval.kbs)"
@@ -124,12 +157,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate the first N images only")
     p.add_argument("--double", action="store_true", help="evaluate in float64")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", help="where to write the result (default: beside the checkpoint)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument(
+        "--json",
+        help="where to write the result (default: beside the checkpoint, named by "
+        "split, bound, k, limit and precision)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = command("sample", "Sample images to a PNG grid and/or one PNG per seed.")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument(
         "--num", type=int, default=64, help="number of images (seeds 0..num-1) unless --seeds"
     )
@@ -139,8 +176,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="grid PNG path (default: samples.png beside the checkpoint)")
     p.add_argument("--each-dir", help="also write one PNG per seed into this folder")
-    p.add_argument("--nrow", type=int, default=8)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--nrow", type=int, default=8, help="images per row of the grid")
+    p.add_argument("--scale", type=int, help=SCALE_HELP)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = command(
+        "interpolate",
+        "Encode two images exactly, interpolate their latents (spherically), decode: a strip.",
+    )
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--a", required=True, help="first image: a PNG/JPEG file or a test-set index")
+    p.add_argument("--b", required=True, help="last image: a PNG/JPEG file or a test-set index")
+    p.add_argument("--steps", type=int, default=8, help="images in the strip, ends included")
+    p.add_argument("--out", default="interpolation.png", help="the strip's PNG")
+    p.add_argument("--data-dir", help="folder holding the dataset (default: as in the run)")
+    p.add_argument("--seed", type=int, default=0, help="the encoding's noise draw")
+    p.add_argument("--scale", type=int, help=SCALE_HELP)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     p = command(
         "bench",
@@ -168,7 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kbs", type=int, default=8, help="importance samples per pass for the iwbo measurement"
     )
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--json", help="write the report here as JSON")
     p.add_argument(
@@ -220,13 +273,14 @@ def _parser() -> argparse.ArgumentParser:
         "Recompute a checkpoint's BatchNorm statistics on training images (exact population "
         "statistics for its weights as they are); write them as a new inference checkpoint.",
     )
-    p.add_argument("--checkpoint", required=True, help="a denseflow checkpoint or export")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--data-dir", help="folder holding the dataset (default: as in the run)")
     p.add_argument("--batches", type=int, default=100, help="training batches to pool")
     p.add_argument("--batch-size", type=int, help="images per batch (default: train.batch_size)")
     p.add_argument("--seed", type=int, default=0, help="which images and noises")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--out", required=True, help="the checkpoint to write")
+    p.add_argument("--quiet", action="store_true", help="no messages but the result")
     return parser
 
 
@@ -284,75 +338,107 @@ def _run_dir_of(path: Path) -> Path:
     return path if path.is_dir() else path.parent.parent
 
 
+def _positive(command: str, a: argparse.Namespace, *names: str) -> None:
+    """One line for the first of ``names`` given as a number below 1."""
+    for name in names:
+        value = getattr(a, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{command}: --{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _output(path: str | Path) -> Path:
+    """An output file, its folder made before any work (so the work is never lost to it)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, expected a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _beside(checkpoint: str, name: str) -> Path:
+    """Where a default output goes: beside a checkpoint file, else in the current folder."""
+    source = Path(checkpoint)
+    return source.with_name(f"{source.stem}.{name}") if source.is_file() else Path(name)
+
+
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from .data import load_images
-    from .evaluate import evaluate_images
+    from .evaluate import score_images, to_bits_per_dim, write_scores
+    from .pretrained import open_model
     from .runtime import resolve_device
 
-    for name in ("k", "kbs", "batch_size", "limit"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
-            raise ConfigError(
-                f"evaluate: --{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}"
-            )
-    payload = ckpt.load(a.checkpoint)
-    model, config = ckpt.model_from(payload, a.checkpoint, resolve_device(a.device))
+    _positive("evaluate", a, "k", "kbs", "batch_size", "limit")
+    model, config, batchnorm = open_model(a.checkpoint, resolve_device(a.device))
     model = model.double() if a.double else model.to(memory_format=torch.channels_last)
-    images = load_images(
-        config.data.dataset,
-        a.split,
-        a.data_dir,
-        image_size=config.model.image_shape[1:],
-        celeba_crop=config.data.celeba_crop,
-        limit=a.limit or (config.data.test_limit if a.split == "test" else config.data.train_limit),
+    data = config.data
+    if a.images:
+        what = "images"
+        images = load_images("folder", "all", a.images, config.model.image_shape[1:], limit=a.limit)
+    else:
+        what, limit = a.split, data.test_limit if a.split == "test" else data.train_limit
+        size = dict(image_size=config.model.image_shape[1:], celeba_crop=data.celeba_crop)
+        data_dir = a.data_dir or data.data_dir
+        images = load_images(data.dataset, a.split, data_dir, limit=a.limit or limit, **size)
+    if images.images.shape[1:] != model.config.image_shape:
+        raise ConfigError(
+            f"{a.images or data.dataset}: images of shape {tuple(images.images.shape[1:])}, "
+            f"the model takes {model.config.image_shape}"
+        )
+    bound = "elbo" if a.k is None else f"iwbo{a.k}"
+    name = ".".join(
+        [what, bound, *([f"first{a.limit}"] if a.limit else []), *(["float64"] * a.double)]
     )
-    kbs = a.kbs or min(a.k or 1, config.eval.kbs)
-    result = evaluate_images(
-        model,
-        images.images,
+    out = _output(a.json or _beside(a.checkpoint, f"{name}.json"))
+    per_image = _output(a.per_image) if a.per_image else None
+    batch_size, kbs = (
         a.batch_size or config.eval.batch_size,
-        a.k,
-        kbs,
-        a.seed,
-        progress=not a.quiet,
+        a.kbs or min(a.k or 1, config.eval.kbs),
     )
-    result |= {
-        "split": a.split,
-        "dataset": config.data.dataset,
+    progress = not a.quiet
+    nats = {"elbo": score_images(model, images.images, batch_size, None, None, a.seed, progress)}
+    if a.k is not None:
+        nats[bound] = score_images(model, images.images, batch_size, a.k, kbs, a.seed, progress)
+    mean = nats[bound].mean().item()
+    result = {
+        "bpd": to_bits_per_dim(model, nats[bound].mean()).item(),
+        "nats": mean,
+        "images": len(images.images),
+        "k": a.k or 1,
+        "split": what,
+        "dataset": "folder" if a.images else data.dataset,
+        "source": images.source.get("path"),
         "checkpoint": str(a.checkpoint),
         "double": a.double,
-        "batchnorm": ckpt.batchnorm_statistics(payload),
+        "batchnorm": batchnorm,
     }
-    name = "elbo" if a.k is None else f"iwbo{a.k}"
-    out = (
-        Path(a.json)
-        if a.json
-        else Path(a.checkpoint).with_name(f"{Path(a.checkpoint).stem}.{a.split}.{name}.json")
-    )
     if not distributed.is_main():
         return 0
-    out.write_text(json.dumps(result, indent=1) + "\n")
     print(
-        f"{a.split} {name} bits/dim: {result['bpd']:.4f} ({result['images']} images; "
-        f"BatchNorm statistics: {result['batchnorm']}) -> {out}"
+        f"{what} {bound} bits/dim: {result['bpd']:.4f} ({result['images']} images; "
+        f"BatchNorm statistics: {batchnorm}) -> {out}"
     )
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    if per_image is not None:
+        bpd = {key: to_bits_per_dim(model, value) for key, value in nats.items()}
+        write_scores(per_image, bpd, images.names)
+        print(f"per-image bits/dim -> {per_image}")
     return 0
 
 
 def _cmd_recalibrate(a: argparse.Namespace) -> int:
     from .data import load_images
+    from .pretrained import open_model
     from .recalibrate import describe, recalibrate_batchnorm
     from .runtime import resolve_device
 
-    for name in ("batches", "batch_size"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
-            raise ConfigError(f"recalibrate: --{name.replace('_', '-')} must be >= 1")
-    payload = ckpt.load(a.checkpoint)
-    model, config = ckpt.model_from(payload, a.checkpoint, resolve_device(a.device))
+    _positive("recalibrate", a, "batches", "batch_size")
+    out = _output(a.out)
+    model, config, _ = open_model(a.checkpoint, resolve_device(a.device))
     model = model.to(memory_format=torch.channels_last)  # as training, evaluate and sample run
     images = load_images(
         config.data.dataset,
         "train",
-        a.data_dir,
+        a.data_dir or config.data.data_dir,
         image_size=config.model.image_shape[1:],
         celeba_crop=config.data.celeba_crop,
         limit=config.data.train_limit,
@@ -361,31 +447,77 @@ def _cmd_recalibrate(a: argparse.Namespace) -> int:
     used = recalibrate_batchnorm(model, images, a.batches, batch_size, seed=a.seed)
     statistics = describe(used, batch_size, a.seed)
     if distributed.is_main():
-        ckpt.export(a.out, model, config, batchnorm=statistics)
-        print(f"BatchNorm statistics {statistics} -> {a.out}")
+        ckpt.export(out, model, config, batchnorm=statistics)
+        print(f"BatchNorm statistics {statistics} -> {out}")
     return 0
 
 
 def _cmd_sample(a: argparse.Namespace) -> int:
+    from .pretrained import open_model
     from .runtime import resolve_device
     from .sample import parse_seeds, sample_seeds, save_grid, to_pil
 
-    model, config = ckpt.load_model(a.checkpoint, resolve_device(a.device))
+    _positive("sample", a, "num", "nrow", "scale")
+    if not a.temperature >= 0:
+        raise ConfigError(f"sample: --temperature must be >= 0, got {a.temperature}")
+    seeds = parse_seeds(a.seeds) if a.seeds is not None else list(range(a.num))
+    out = _output(a.out or _beside(a.checkpoint, "samples.png"))
+    model, config, _ = open_model(a.checkpoint, resolve_device(a.device))
     model = model.to(memory_format=torch.channels_last)
-    seeds = parse_seeds(a.seeds) if a.seeds else list(range(a.num))
-    images = sample_seeds(model, seeds, a.temperature)
-    out = Path(a.out) if a.out else Path(a.checkpoint).with_name("samples.png")
+    images = sample_seeds(model, seeds, a.temperature, progress=not a.quiet)
     if not distributed.is_main():
         return 0
-    save_grid(images, out, nrow=a.nrow, num_bits=config.model.num_bits)
+    info = {"temperature": a.temperature, "checkpoint": a.checkpoint, "seeds": a.seeds or a.num}
+    save_grid(images, out, a.nrow, num_bits=config.model.num_bits, scale=a.scale, metadata=info)
     if a.each_dir:
         Path(a.each_dir).mkdir(parents=True, exist_ok=True)
         for seed, image in zip(seeds, images, strict=True):
             to_pil(image, config.model.num_bits).save(Path(a.each_dir) / f"seed{seed:06d}.png")
-    print(
-        f"{len(seeds)} samples (temperature {a.temperature}) -> {out}"
-        + (f", {a.each_dir}/" if a.each_dir else "")
+    each = f", {a.each_dir}/" if a.each_dir else ""
+    print(f"{len(seeds)} samples (temperature {a.temperature}) -> {out}{each}")
+    return 0
+
+
+def _cmd_interpolate(a: argparse.Namespace) -> int:
+    from .data import load_images
+    from .pretrained import open_model
+    from .runtime import resolve_device
+    from .sample import interpolate, save_grid
+
+    if a.steps < 2:
+        raise ConfigError(f"interpolate: --steps must be >= 2, got {a.steps}")
+    _positive("interpolate", a, "scale")
+    out = _output(a.out)
+    model, config, _ = open_model(a.checkpoint, resolve_device(a.device))
+    shape, testset = config.model.image_shape, None
+    ends = []
+    for flag, given in (("--a", a.a), ("--b", a.b)):
+        if given.isdigit():
+            if testset is None:
+                data = config.data
+                testset = load_images(
+                    data.dataset, "test", a.data_dir or data.data_dir, shape[1:], data.celeba_crop
+                ).images
+            if int(given) >= len(testset):
+                raise ConfigError(f"interpolate: {flag} {given}: the test set has {len(testset)}")
+            ends.append(testset[int(given)])
+        else:
+            image = Path(given)
+            if not image.is_file():
+                raise ConfigError(f"interpolate: {flag} {given}: no such image file")
+            folder = load_images("folder", "all", image.parent, shape[1:], limit=None)
+            ends.append(folder.images[folder.names.index(image.name)])
+        if ends[-1].shape != shape:
+            raise ConfigError(
+                f"interpolate: {flag} {given}: a {tuple(ends[-1].shape)} image, "
+                f"the model takes {shape}"
+            )
+    strip = interpolate(model, ends[0], ends[1], a.steps, a.seed)
+    info = {"checkpoint": a.checkpoint, "a": a.a, "b": a.b, "seed": a.seed}
+    save_grid(
+        strip, out, nrow=a.steps, num_bits=config.model.num_bits, scale=a.scale, metadata=info
     )
+    print(f"{a.steps} images from {a.a} to {a.b} -> {out}")
     return 0
 
 
@@ -394,10 +526,18 @@ def _cmd_import_official(a: argparse.Namespace) -> int:
     from .official import convert_official, load_official_args
 
     source = Path(a.source)
+    if not source.exists():
+        raise ConfigError(f"import-official: {source}: no such file or folder")
+    if source.is_file() and ckpt.is_denseflow_checkpoint(source):
+        raise ConfigError(
+            f"import-official: {source} is already a denseflow checkpoint: use it as it is "
+            "(--checkpoint)"
+        )
     args_path = a.args or (source / "args.pickle" if source.is_dir() else None)
     if args_path is None:
         raise ConfigError(
-            "import-official: give --args args.pickle|args.json for a bare checkpoint.pt"
+            f"import-official: {source} needs the official flags it was trained with: "
+            "--args args.pickle|args.json"
         )
     flags = load_official_args(args_path)
     model = convert_official(source, flags)
@@ -472,6 +612,7 @@ COMMANDS = {
     "sample": _cmd_sample,
     "import-official": _cmd_import_official,
     "recalibrate": _cmd_recalibrate,
+    "interpolate": _cmd_interpolate,
     "bench": _cmd_bench,
     "experiment": _cmd_experiment,
 }

@@ -1,9 +1,13 @@
-"""Test-set bits/dim: the single-sample ELBO (spec §10) or the importance-weighted bound IWBO-k
-(§11)."""
+"""Bits/dim of images: the single-sample ELBO (spec §10) or the importance-weighted bound IWBO-k
+(§11), per image (:func:`score_images`, e.g. for out-of-distribution scores) or as the mean over
+a test set (:func:`evaluate_images`)."""
 
 from __future__ import annotations
 
+import csv
 import math
+import os
+from collections.abc import Mapping, Sequence
 
 import torch
 from tqdm import tqdm
@@ -14,7 +18,7 @@ from .seeding import stream
 
 
 @torch.no_grad()
-def evaluate_images(
+def score_images(
     model: DenseFlow,
     images: torch.Tensor,
     batch_size: int = 64,
@@ -23,18 +27,18 @@ def evaluate_images(
     seed: int = 0,
     progress: bool = True,
     desc: str = "evaluate",
-) -> dict[str, float]:
-    """Mean bits/dim of ``images`` (uint8 ``(N, C, H, W)``) under ``model`` in its current mode.
+) -> torch.Tensor:
+    """Per-image ``log p̂(x)`` in nats, float64 ``(N,)``, of ``images`` (uint8 ``(N, C, H, W)``)
+    under ``model`` in its current mode.
 
     ``k=None``: one noise draw per image (ELBO). Otherwise IWBO-k with ``kbs`` copies of each
-    batch per pass. The noises of batch ``i`` come from a generator seeded with ``(seed, i)``, so
-    the figure is reproducible and independent of how batches are shared out. Sums are
-    accumulated in float64. In a process group every rank calls this with the same arguments:
-    rank ``r`` evaluates batches ``r, r + W, …``, the totals are summed (exactly the
-    single-process value, no image counted twice).
+    batch per pass. The noises of batch ``i`` come from the stream ``(seed, "eval", i)``, so the
+    values are reproducible and independent of how batches are shared out. In a process group
+    every rank calls this with the same arguments: rank ``r`` scores batches ``r, r + W, …`` and
+    every rank gets every image's value, in dataset order (exactly the single-process values).
     """
     device = model.base.loc.device
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    values = torch.zeros(len(images), dtype=torch.float64, device=device)
     starts = list(range(0, len(images), batch_size))[distributed.rank() :: distributed.world_size()]
     show = progress and distributed.is_main()
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=not show, leave=False)
@@ -45,13 +49,43 @@ def evaluate_images(
             log_p = model.elbo(x, generator=generator)
         else:
             log_p = model.iwbo(x, k, chunk=kbs, generator=generator)
-        total += log_p.double().sum()
+        values[start : start + len(x)] = log_p.double()
         bar.update(len(x) * distributed.world_size())
     bar.close()
-    nats = (distributed.all_sum(total) / len(images)).item()
-    return {
-        "bpd": -nats / (model.config.num_dims * math.log(2)),
-        "nats": nats,
-        "images": len(images),
-        "k": k or 1,
-    }
+    return distributed.all_sum(values)  # each image is non-zero on exactly one rank
+
+
+def to_bits_per_dim(model: DenseFlow, nats: torch.Tensor) -> torch.Tensor:
+    """``−log p̂ / (D·ln 2)``: nats per image to bits per data dimension."""
+    return -nats / (model.config.num_dims * math.log(2))
+
+
+def evaluate_images(
+    model: DenseFlow,
+    images: torch.Tensor,
+    batch_size: int = 64,
+    k: int | None = None,
+    kbs: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "evaluate",
+) -> dict[str, float]:
+    """Mean bits/dim of ``images`` (:func:`score_images`, summed in float64): ``{"bpd", "nats",
+    "images", "k"}``."""
+    nats = score_images(model, images, batch_size, k, kbs, seed, progress, desc).sum().item()
+    nats /= len(images)
+    bpd = to_bits_per_dim(model, torch.tensor(nats, dtype=torch.float64)).item()
+    return {"bpd": bpd, "nats": nats, "images": len(images), "k": k or 1}
+
+
+def write_scores(
+    path: str | os.PathLike, bpd: Mapping[str, torch.Tensor], names: Sequence[str] | None = None
+) -> None:
+    """A CSV with one row per image in dataset order: ``index``, ``file`` (where the images have
+    file names), then one bits/dim column per bound (``elbo_bpd``, ``iwbo16_bpd``, ...)."""
+    columns = {f"{bound}_bpd": values.tolist() for bound, values in bpd.items()}
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["index", *(["file"] if names else []), *columns])
+        for i, row in enumerate(zip(*columns.values(), strict=True)):
+            writer.writerow([i, *([names[i]] if names else []), *(f"{v:.6f}" for v in row)])

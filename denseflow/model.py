@@ -18,13 +18,15 @@ which runs in training mode and restores the previous mode.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from .config import ModelConfig, RunConfig
 from .nets.recompute import Recomputable
 from .nets.runner import NetRunner
 from .transforms.base import DiagonalGaussian, Noise
@@ -240,9 +242,37 @@ class DenseFlow(nn.Module):
         ``z_L = μ + σ·T·η``, each factored-out half ``T·η``; the dequantizer and the noise nets
         are not used. The official code samples at ``T = 1``.
         """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"sample: n must be a positive integer, got {n!r}")
+        if not temperature >= 0:
+            raise ValueError(f"sample: temperature must be >= 0, got {temperature!r}")
         noise_ = self._noise(noise, generator, temperature)
         eta = noise_.draw("base.eta", (n, *self.latent_shapes["base"]), like=self.base.loc)
         return self._invert(self.base.sample(noise_.temperature * eta), noise_, quantize)
+
+    def save_pretrained(
+        self,
+        folder: str | os.PathLike,
+        config: RunConfig | None = None,
+        batchnorm: str | None = None,
+    ) -> Path:
+        """``folder/config.json`` + ``folder/model.safetensors`` (the Hugging Face layout), with
+        ``config`` (the run configuration; default: this model's with the default recipe)."""
+        from .checkpoint import RUNNING_STATISTICS
+        from .pretrained import save_pretrained
+
+        return save_pretrained(folder, self, config, batchnorm or RUNNING_STATISTICS)
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str | os.PathLike, device: str | torch.device = "cpu"
+    ) -> DenseFlow:
+        """A model in eval mode from a published name (``"fashion-mnist"``), a
+        :meth:`save_pretrained` folder, a run folder, a checkpoint file, or a Hugging Face Hub
+        repository id (with ``huggingface_hub`` installed); see :mod:`denseflow.pretrained`."""
+        from .pretrained import open_model
+
+        return open_model(source, device)[0]
 
     def set_low_memory(self, enabled: bool = True) -> DenseFlow:
         """Recompute every affine coupling (with its network), noise net and the dequantizer's

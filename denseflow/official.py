@@ -59,7 +59,10 @@ def load_official_args(args: Mapping[str, Any] | str | os.PathLike) -> dict[str,
     path = Path(args)
     data = path.read_bytes()
     if path.suffix == ".json":
-        values = json.loads(data)
+        try:
+            values = json.loads(data)
+        except ValueError as err:
+            raise CheckpointError(f"{path}: not readable JSON ({err})") from None
         if not isinstance(values, dict):
             raise CheckpointError(f"{path}: expected a JSON object of official flags")
         return values
@@ -231,14 +234,22 @@ def convert_official(
         if path.is_dir():
             args = path / "args.pickle" if args is None else args
             path = path / "check" / "checkpoint.pt"
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no such official checkpoint") from None
+        except Exception as err:  # unpickling errors of foreign or damaged files
+            raise CheckpointError(
+                f"{path}: not a readable official checkpoint ({type(err).__name__})"
+            ) from None
     if args is None:
         raise CheckpointError(
             "convert_official: the official flags (args) are needed to rebuild the architecture"
         )
     config = config_from_official_args(load_official_args(args))
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
-    if not isinstance(state, Mapping):
+    tensors = isinstance(state, Mapping) and all(isinstance(v, Tensor) for v in state.values())
+    if not tensors or not state:
         raise CheckpointError("convert_official: the checkpoint holds no model state dict")
     model = DenseFlow(config)
     translated = convert_state_dict(state, config)

@@ -242,7 +242,8 @@ def evaluate_and_sample(
     if cfg.num_samples:
         samples = sample_seeds(model, list(range(cfg.num_samples)), cfg.sample_temperature)
         if grid is not None:
-            save_grid(samples, grid, num_bits=config.model.num_bits)
+            info = {"temperature": cfg.sample_temperature, "seeds": f"0-{cfg.num_samples - 1}"}
+            save_grid(samples, grid, num_bits=config.model.num_bits, metadata=info)
     return result["bpd"]
 
 

@@ -13,6 +13,8 @@ from PIL import Image
 
 from denseflow import checkpoint as ckpt
 from denseflow.cli import main
+from denseflow.config import ConfigError, load_config
+from denseflow.model import DenseFlow
 
 from .conftest import PARITY_DIRS, needs_fixtures
 
@@ -108,8 +110,16 @@ def test_sample_seeds_are_reproducible_and_independent(tiny_run, tmp_path):
         np.asarray(Image.open(tmp_path / "a" / "seed000000.png")),
         np.asarray(Image.open(tmp_path / "a" / "seed000001.png")),
     )
-    grid = Image.open(tmp_path / "a.png")
-    assert grid.size == (4 * 30 + 2, 30 + 2)
+    grid = Image.open(tmp_path / "a.png")  # each 28x28 image shown at 84x84 by default
+    assert grid.size == (4 * 86 + 2, 86 + 2) and grid.text["temperature"] == "1.0"
+    cells = np.asarray(grid)[2:86, 2:86]  # the first image, each pixel a 3x3 block
+    assert np.array_equal(
+        cells[::3, ::3], np.asarray(Image.open(tmp_path / "a" / "seed000000.png"))
+    )
+    argv += ["--out", str(tmp_path / "c.png"), "--scale", "1", "--temperature", "0.5", "--quiet"]
+    assert main(argv) == 0
+    small = Image.open(tmp_path / "c.png")
+    assert small.size == (2 * 30 + 2, 30 + 2) and small.text["temperature"] == "0.5"
 
 
 def write_cifar(root, n_train=8, n_test=6):
@@ -368,3 +378,41 @@ def test_recalibrate_a_training_checkpoint_and_evaluate_says_which_statistics(tm
     assert "BatchNorm statistics: recalibrated" in capsys.readouterr().out
     stale, fresh = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
     assert fresh["batchnorm"].startswith("recalibrated") and fresh["bpd"] != stale["bpd"]
+
+
+def test_version_debug_after_the_command_and_defaults_in_help(capsys):
+    from denseflow import __version__
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and f"denseflow {__version__}" in capsys.readouterr().out
+    with pytest.raises(ConfigError):  # --debug after the command: the traceback, not one line
+        main(["sample", "--checkpoint", "x.pt", "--num", "0", "--debug"])
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 64)" in text and "(default: 1.0)" in text and "(default: auto)" in text
+
+
+def test_library_sampling_refuses_impossible_requests():
+    model = DenseFlow(load_config("tiny").model).eval()
+    with pytest.raises(ValueError, match="n must be a positive integer, got -1"):
+        model.sample(-1)
+    with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
+        model.sample(1, temperature=-1)
+
+
+def test_convert_official_on_files_that_are_not_official_checkpoints(tmp_path):
+    from denseflow import convert_official
+
+    flags = {"dataset": "cifar10", "block_conf": [1, 1], "layers_conf": [1, 1]}
+    flags |= {"layer_mid_chnls": [4, 4], "growth_rate": 2}
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(ckpt.CheckpointError, match="not a readable official checkpoint"):
+        convert_official(tmp_path / "text.pt", flags)
+    torch.save({"epoch": 3}, tmp_path / "dict.pt")
+    with pytest.raises(ckpt.CheckpointError, match="holds no model state dict"):
+        convert_official(tmp_path / "dict.pt", flags)
+    torch.save({"model": {"blocks.0.weight": torch.zeros(1)}}, tmp_path / "ours.pt")
+    with pytest.raises(ckpt.CheckpointError, match="has no counterpart"):
+        convert_official(tmp_path / "ours.pt", flags)

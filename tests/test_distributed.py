@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from denseflow import checkpoint as ckpt
 from denseflow import train as train_module
 from denseflow.config import RunConfig, load_config
-from denseflow.evaluate import evaluate_images
+from denseflow.evaluate import evaluate_images, score_images
 from denseflow.model import DenseFlow
 from denseflow.sample import sample_seeds
 
@@ -175,6 +175,7 @@ def _eval_worker(rank: int, init: Path, out: Path) -> None:
                 model, images, batch_size=8, k=3, kbs=2, seed=3, progress=False
             )["bpd"],
             "samples": sample_seeds(model, list(range(5))),
+            "scores": score_images(model, images, batch_size=8, k=3, kbs=2, seed=3, progress=False),
         }
         torch.save(result, out / f"eval{rank}.pt")
     finally:
@@ -189,11 +190,14 @@ def test_distributed_evaluation_of_an_odd_sized_set_equals_one_process(tmp_path)
         iwbo = evaluate_images(model, images, batch_size=8, k=3, kbs=2, seed=3, progress=False)
     assert elbo["images"] == iwbo["images"] == 37
     samples = sample_seeds(model, list(range(5)))
+    with _one_thread():
+        scores = score_images(model, images, batch_size=8, k=3, kbs=2, seed=3, progress=False)
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"eval{rank}.pt")
         assert result["elbo"] == pytest.approx(elbo["bpd"], rel=1e-12)
         assert result["iwbo"] == pytest.approx(iwbo["bpd"], rel=1e-12)
         assert torch.equal(result["samples"], samples)  # seeds split over ranks, gathered in order
+        assert torch.equal(result["scores"], scores)  # every image once, in dataset order
     # one process evaluating in different batches gives a different draw: the check above can fail
     assert (
         evaluate_images(model, images, batch_size=5, seed=3, progress=False)["bpd"] != elbo["bpd"]

@@ -197,7 +197,7 @@ CASES = {
     "args.json that is not an object": (
         lambda t: [
             "import-official",
-            str(t / "c.pt"),
+            str(_write(t / "c.pt", "not read before the flags")),
             "--args",
             str(_write(t / "a.json", "[1]")),
             "--out",
@@ -237,6 +237,52 @@ CASES = {
         ],
         "a folder without train/ and test/ subfolders has no held-out test images",
     ),
+    "sample no images": (
+        lambda t: ["sample", "--checkpoint", str(_checkpoint(t)), "--num", "0"],
+        "sample: --num must be >= 1, got 0",
+    ),
+    "sample a negative number": (
+        lambda t: ["sample", "--checkpoint", str(_checkpoint(t)), "--num", "-5"],
+        "sample: --num must be >= 1, got -5",
+    ),
+    "sample grid rows 0": (
+        lambda t: ["sample", "--checkpoint", str(_checkpoint(t)), "--nrow", "0"],
+        "sample: --nrow must be >= 1, got 0",
+    ),
+    "negative temperature": (
+        lambda t: ["sample", "--checkpoint", str(_checkpoint(t)), "--temperature", "-1"],
+        "sample: --temperature must be >= 0, got -1.0",
+    ),
+    "empty seed list": (
+        lambda t: ["sample", "--checkpoint", str(_checkpoint(t)), "--seeds", ""],
+        "--seeds '': expected e.g. 0-63 or 1,5,9",
+    ),
+    "reversed seed range": (
+        lambda t: ["sample", "--checkpoint", str(_checkpoint(t)), "--seeds", "5-2"],
+        "--seeds '5-2': the range 5-2 is reversed",
+    ),
+    "architecture change on resume": (
+        lambda t: ["train", "--resume", str(_tiny_run(t)), "--set", "model.growth_rate=4"],
+        "--resume: model.growth_rate was 2 in the checkpoint, now 4; a run keeps its "
+        "architecture and dataset: start a new run (another --out)",
+    ),
+    "unknown dataset in a dry run": (
+        lambda t: [*TINY, "--set", "data.dataset=nope", "--dry-run"],
+        "data.dataset='nope': expected one of ('cifar10', 'imagenet32', 'imagenet64', 'celeba', "
+        "'mnist', 'fashion_mnist', 'folder')",
+    ),
+    "import a missing path": (
+        lambda t: ["import-official", str(t / "nothing.pt"), "--out", str(t / "o.pt")],
+        "nothing.pt: no such file or folder",
+    ),
+    "import one of our own checkpoints": (
+        lambda t: ["import-official", str(_checkpoint(t)), "--out", str(t / "o.pt")],
+        "ours.pt is already a denseflow checkpoint: use it as it is (--checkpoint)",
+    ),
+    "checkpoint that does not exist": (
+        lambda t: ["evaluate", "--checkpoint", str(t / "nowhere")],
+        "nowhere: no such checkpoint, model folder, run folder or published model",
+    ),
 }
 
 
@@ -273,6 +319,12 @@ def _fake_run(tmp):
     return run
 
 
+def _tiny_run(tmp):
+    run = tmp / "tiny"
+    assert main([*TINY, "--out", str(run), "--set", "train.epochs=1"]) == 0
+    return run
+
+
 def _run_with_a_malformed_log_line(tmp):
     run = tmp / "logged"
     assert main([*TINY, "--out", str(run), "--set", "train.epochs=1"]) == 0
@@ -296,11 +348,13 @@ def test_malformed_input(case, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     build, expected = CASES[case]
     argv = build(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert expected in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "ran").exists()  # no payload ever runs
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
 
 
 def test_cuda_without_a_gpu_is_one_line_and_creates_no_run(tmp_path, capsys, monkeypatch):

@@ -86,20 +86,6 @@ def test_run_directory_contents(tmp_path):
     assert loaded == config and not model.training
 
 
-def test_inference_export_with_safetensors(tmp_path):
-    safetensors = pytest.importorskip("safetensors.torch")
-    config = load_config("tiny")
-    model = ckpt.DenseFlow(config.model)
-    ckpt.export(tmp_path / "w.pt", model, config, safetensors=True)
-    tensors = safetensors.load_file(str(tmp_path / "w.safetensors"))
-    state = model.state_dict()
-    assert tensors.keys() == state.keys() and all(torch.equal(tensors[k], state[k]) for k in state)
-    loaded, loaded_config = ckpt.load_model(tmp_path / "w.pt")
-    assert loaded_config == config
-    payload = torch.load(tmp_path / "w.pt", weights_only=True)
-    assert payload["kind"] == "weights" and "optimizer" not in payload
-
-
 def test_checkpoints_carry_a_verified_checksum(tmp_path):
     path = ckpt.save(tmp_path / "c.pt", {"model": {"w": torch.arange(6.0)}, "step": 3})
     assert ckpt.load(path)["step"] == 3

@@ -39,8 +39,8 @@ def _folder_for_split(root: Path, split: str) -> Path:
         raise DataError(f"{own}: missing ({root} has {other.name}/ but no {split}/ subfolder)")
     raise DataError(
         f"{root}: a folder without train/ and test/ subfolders has no held-out test images; put "
-        f"the images in {root / 'train'} and {root / 'test'}, or read the folder as "
-        "it is with split 'all'"
+        f"the images in {root / 'train'} and {root / 'test'}, or score the folder as it is "
+        f"(split 'all': denseflow evaluate --images {root})"
     )
 
 

@@ -1,0 +1,135 @@
+"""Weights as the ecosystem keeps them: a folder with ``config.json`` and ``model.safetensors``
+(the Hugging Face layout), and one loader for every place weights can come from.
+
+:func:`load` accepts, in this order: the name of a model published with the package
+(:func:`published`, e.g. ``"fashion-mnist"``), a folder in the layout above, a run folder (its
+``final.pt``, else its newest training checkpoint), a denseflow checkpoint file, or — with
+``huggingface_hub`` installed — a Hub repository id ``owner/name``, downloaded into the Hub's
+cache and read as a folder. ``config.json`` holds the run configuration (model, data, train,
+eval), which BatchNorm statistics the weights carry, and the SHA-256 of ``model.safetensors``,
+verified on load like a checkpoint's checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from . import checkpoint as ckpt
+from .config import RunConfig
+from .model import DenseFlow
+
+#: models published with the package, one folder each (``config.json``, ``model.safetensors``)
+PUBLISHED_DIR = Path(__file__).resolve().parent / "published"
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def published() -> list[str]:
+    """Names of the models published with the package."""
+    return sorted(p.name for p in PUBLISHED_DIR.glob("*") if (p / CONFIG).is_file())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_pretrained(
+    folder: str | os.PathLike,
+    model: DenseFlow,
+    config: RunConfig | None = None,
+    batchnorm: str = ckpt.RUNNING_STATISTICS,
+) -> Path:
+    """Write ``model`` as ``folder/model.safetensors`` + ``folder/config.json`` (``config``: the
+    run configuration to keep with it, default: the model's own with default data and recipe)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = config or RunConfig(model=model.config)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = folder / f".{WEIGHTS}.tmp"
+    save_file(state, str(tmp), metadata={"format": ckpt.FORMAT})
+    os.replace(tmp, folder / WEIGHTS)
+    meta = {"format": ckpt.FORMAT, "denseflow_version": __version__, "batchnorm": batchnorm}
+    meta |= {"weights_sha256": _sha256(folder / WEIGHTS), **config.to_dict()}
+    (folder / f".{CONFIG}.tmp").write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(folder / f".{CONFIG}.tmp", folder / CONFIG)
+    return folder
+
+
+def _read_folder(folder: Path) -> dict[str, Any]:
+    """A checkpoint-like payload (``config``, ``model``, ``batchnorm``) of a pretrained folder."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError) as err:
+        raise ckpt.CheckpointError(f"{folder / CONFIG}: not a readable config ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != ckpt.FORMAT:
+        raise ckpt.CheckpointError(f"{folder / CONFIG}: not a denseflow model's config.json")
+    if meta.get("weights_sha256") != _sha256(folder / WEIGHTS):
+        raise ckpt.CheckpointError(
+            f"{folder / WEIGHTS}: damaged (its bytes do not match the SHA-256 in {CONFIG})"
+        )
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError) as err:
+        raise ckpt.CheckpointError(f"{folder / WEIGHTS}: not readable ({err})") from None
+    sections = {k: v for k, v in meta.items() if k in ("model", "data", "train", "eval")}
+    return {"config": sections, "model": state, "batchnorm": meta.get("batchnorm")}
+
+
+def load(source: str | os.PathLike) -> dict[str, Any]:
+    """The payload (``config``, ``model`` state dict, ``batchnorm``) of weights from any source
+    the module docstring lists; a CheckpointError naming the source otherwise."""
+    text, path = str(source), Path(source)
+    if text in published():
+        path = PUBLISHED_DIR / text
+    if path.is_dir() and (path / CONFIG).is_file():
+        return _read_folder(path)
+    if path.is_dir():
+        return ckpt.load(path / "final.pt" if (path / "final.pt").is_file() else path)
+    if path.exists():
+        return ckpt.load(path)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        return _read_folder(_download(text))
+    raise ckpt.CheckpointError(
+        f"{text}: no such checkpoint, model folder, run folder or published model "
+        f"({', '.join(published()) or 'none installed'})"
+    )
+
+
+def _download(repo_id: str) -> Path:
+    """A Hub repository's files (config.json, model.safetensors) in the local Hub cache."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ckpt.CheckpointError(
+            f"{repo_id}: no such file or folder; to read it as a Hugging Face Hub repository "
+            "pip install huggingface_hub"
+        ) from None
+    try:
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=[CONFIG, WEIGHTS]))
+    except Exception as err:  # offline, unknown repository, ...: the Hub's own message
+        message = f"{repo_id}: cannot download ({type(err).__name__}: {err})"
+        raise ckpt.CheckpointError(message) from None
+
+
+def open_model(
+    source: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[DenseFlow, RunConfig, str]:
+    """``(model in eval mode, run configuration, BatchNorm statistics)`` of any source."""
+    payload = load(source)
+    model, config = ckpt.model_from(payload, source, device)
+    return model, config, payload.get("batchnorm") or ckpt.RUNNING_STATISTICS

@@ -1,0 +1,84 @@
+"""Weights in the Hugging Face layout, and the one loader behind every --checkpoint."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from denseflow import DenseFlow
+from denseflow import checkpoint as ckpt
+from denseflow.cli import main
+from denseflow.config import load_config
+from denseflow.pretrained import load, open_model
+from denseflow.train import train
+
+CONFIG = load_config("tiny")
+
+
+def _same(a: DenseFlow, b: DenseFlow) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model = DenseFlow(CONFIG.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    folder = model.save_pretrained(tmp_path / "m", CONFIG, batchnorm="recalibrated: test")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    meta = json.loads((folder / "config.json").read_text())
+    assert meta["model"] == CONFIG.model.to_dict() and meta["batchnorm"] == "recalibrated: test"
+    loaded, config, batchnorm = open_model(folder)
+    assert _same(loaded, model) and config == CONFIG and batchnorm == "recalibrated: test"
+    assert not loaded.training and _same(DenseFlow.from_pretrained(str(folder)), model)
+
+
+def test_damaged_weights_are_refused(tmp_path):
+    folder = DenseFlow(CONFIG.model).save_pretrained(tmp_path / "m", CONFIG)
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-3] ^= 1
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="damaged"):
+        DenseFlow.from_pretrained(folder)
+
+
+def test_a_run_folder_and_a_checkpoint_file_load_too(tmp_path):
+    train(CONFIG.override(["train.epochs=1"]), tmp_path / "run", progress=False)
+    final = ckpt.load_model(tmp_path / "run" / "final.pt")[0]
+    assert _same(DenseFlow.from_pretrained(tmp_path / "run"), final)
+    assert _same(DenseFlow.from_pretrained(tmp_path / "run" / "final.pt"), final)
+    with pytest.raises(ckpt.CheckpointError, match="no such checkpoint, model folder"):
+        load(tmp_path / "nothing")
+
+
+def test_hub_repository_ids_go_through_snapshot_download(tmp_path, monkeypatch):
+    """A fake huggingface_hub: the loader asks it for the repository and reads what it returns
+    (no network in tests); without the package the message says what to install."""
+    folder = DenseFlow(CONFIG.model).save_pretrained(tmp_path / "cache" / "snap", CONFIG)
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, tuple(allow_patterns)))
+        return str(folder)
+
+    hub = types.ModuleType("huggingface_hub")
+    hub.snapshot_download = snapshot_download
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    model = DenseFlow.from_pretrained("someone/denseflow-tiny")
+    assert calls == [("someone/denseflow-tiny", ("config.json", "model.safetensors"))]
+    assert _same(model, open_model(folder)[0])
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
+    with pytest.raises(ckpt.CheckpointError, match="pip install huggingface_hub"):
+        DenseFlow.from_pretrained("someone/denseflow-tiny")
+
+
+def test_the_command_line_takes_a_model_folder(tmp_path, capsys):
+    folder = DenseFlow(CONFIG.model).save_pretrained(tmp_path / "m", CONFIG)
+    out = tmp_path / "e.json"
+    assert main(["evaluate", "--checkpoint", str(folder), "--quiet", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["images"] == 32  # tiny's test_limit

@@ -1,0 +1,111 @@
+"""Per-image bits/dim, scoring a folder of one's own images, and latent interpolation."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from denseflow.cli import main
+from denseflow.config import load_config
+from denseflow.evaluate import evaluate_images, score_images, to_bits_per_dim
+from denseflow.model import DenseFlow
+from denseflow.sample import interpolate, slerp
+from denseflow.seeding import stream
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run") / "run"
+    argv = ["train", "--preset", "tiny", "--quiet", "--out", str(folder)]
+    assert main([*argv, "--set", "train.epochs=1"]) == 0
+    return folder
+
+
+def _model() -> DenseFlow:
+    torch.manual_seed(0)
+    model = DenseFlow(load_config("tiny").model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_per_image_scores_average_to_the_evaluation():
+    model = _model()
+    images = torch.randint(0, 256, (11, 1, 28, 28), dtype=torch.uint8)
+    nats = score_images(model, images, batch_size=4, seed=2, progress=False)
+    assert nats.shape == (11,) and nats.dtype == torch.float64
+    mean = evaluate_images(model, images, batch_size=4, seed=2, progress=False)
+    assert to_bits_per_dim(model, nats.mean()).item() == pytest.approx(mean["bpd"], rel=1e-12)
+    # image i's score depends on its batch's noise stream only: the same with one image per batch
+    alone = score_images(model, images[4:8], batch_size=4, seed=2, progress=False)
+    assert not torch.equal(alone, nats[4:8])  # batch 0 of a new call draws other noise
+    again = score_images(model, images, batch_size=4, seed=2, progress=False)
+    assert torch.equal(again, nats)
+    iwbo = score_images(model, images, batch_size=4, k=6, kbs=3, seed=2, progress=False)
+    for i, start in enumerate((0, 4, 8)):  # batch i: model.iwbo with the stream (2, "eval", i)
+        x = images[start : start + 4].long()
+        want = model.iwbo(x, 6, chunk=3, generator=stream(2, "eval", i))
+        assert torch.equal(iwbo[start : start + 4], want.double())
+
+
+def test_evaluate_writes_per_image_scores_of_a_folder_of_ones_own_images(run, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("b.png", "a.png", "c.png"):
+        Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(folder / name)
+    out, scores = tmp_path / "missing" / "e.json", tmp_path / "scores.csv"
+    argv = ["evaluate", "--checkpoint", str(run / "final.pt"), "--images", str(folder)]
+    assert main([*argv, "--k", "3", "--per-image", str(scores), "--json", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())  # the folder of --json was made before the work
+    assert f"images iwbo3 bits/dim: {result['bpd']:.4f} (3 images" in printed
+    rows = list(csv.DictReader(scores.open()))
+    assert [r["file"] for r in rows] == ["a.png", "b.png", "c.png"]
+    assert list(rows[0]) == ["index", "file", "elbo_bpd", "iwbo3_bpd"]
+    mean = np.mean([float(r["iwbo3_bpd"]) for r in rows])
+    assert mean == pytest.approx(result["bpd"], abs=1e-5) and result["dataset"] == "folder"
+
+
+def test_default_result_names_do_not_overwrite_each_other(run, capsys):
+    final = str(run / "final.pt")
+    assert main(["evaluate", "--checkpoint", final, "--quiet"]) == 0
+    assert main(["evaluate", "--checkpoint", final, "--quiet", "--limit", "8", "--double"]) == 0
+    assert main(["evaluate", "--checkpoint", final, "--quiet", "--k", "2"]) == 0
+    names = sorted(p.name for p in run.glob("final.*.json"))
+    assert names == [
+        "final.test.elbo.first8.float64.json",
+        "final.test.elbo.json",
+        "final.test.iwbo2.json",
+    ]
+
+
+def test_slerp_keeps_the_ends_and_the_norm_of_orthogonal_draws():
+    a, b = torch.zeros(1, 4, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)
+    a[0, 0], b[0, 1] = 2.0, 2.0
+    assert torch.equal(slerp(a, b, 0.0), a) and torch.equal(slerp(a, b, 1.0), b)
+    mid = slerp(a, b, 0.5)
+    torch.testing.assert_close(mid.norm(), torch.tensor(2.0, dtype=torch.float64))
+    torch.testing.assert_close(mid[0, :2], torch.full((2,), 2**0.5, dtype=torch.float64))
+
+
+def test_interpolation_strip_starts_and_ends_at_the_inputs_bit_for_bit(run, tmp_path, capsys):
+    model = _model()
+    a, b = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    strip = interpolate(model, a, b, steps=5, seed=1)
+    assert strip.shape == (5, 1, 28, 28)
+    assert torch.equal(strip[0], a.long()) and torch.equal(strip[-1], b.long())
+    assert not torch.equal(strip[2], strip[0])
+    Image.fromarray(a[0].numpy()).save(tmp_path / "a.png")
+    out = tmp_path / "strip.png"
+    argv = ["interpolate", "--checkpoint", str(run / "final.pt"), "--a", str(tmp_path / "a.png")]
+    assert main([*argv, "--b", "3", "--steps", "4", "--out", str(out)]) == 0
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (86 + 2, 4 * 86 + 2)  # 28 px shown at 84 px
+    assert np.array_equal(grid[2:86:3, 2:86:3], a[0].numpy())  # the first frame is the file
