@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -144,11 +144,14 @@ class DenseFlow(nn.Module):
             )
 
     # ------------------------------------------------------------------ data -> latent
-    def _forward(self, x: Tensor, noise: Noise) -> tuple[Tensor, dict[str, Tensor]]:
-        """(log p̂(x), latents): the estimate and every factored-out and final latent."""
+    def _forward(
+        self, x: Tensor, noise: Noise, dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """(log p̂(x), latents): the estimate and every factored-out and final latent, computed
+        in ``dtype`` (default: the parameters'; every step follows the dequantizer's output)."""
         self._check_images(x)
         latents: dict[str, Tensor] = {}
-        z, total = self.dequantizer(x, noise=noise)
+        z, total = self.dequantizer(x, noise=noise, dtype=dtype)
         h = squeeze(z - 0.5)
         for s, block in enumerate(self.blocks):
             h, delta = block(h, noise=noise)
@@ -200,16 +203,39 @@ class DenseFlow(nn.Module):
         return torch.logsumexp(torch.cat(weights), dim=0) - math.log(k)
 
     def encode(
-        self, x: Tensor, noise: NoiseArg = None, generator: torch.Generator | None = None
+        self,
+        x: Tensor,
+        noise: NoiseArg = None,
+        generator: torch.Generator | None = None,
+        exact: bool = True,
     ) -> dict[str, Tensor]:
         """Latents of ``x`` for one draw of the noises: ``{"transition1": …, …, "base": z_L}``.
 
-        :meth:`decode` inverts them exactly (up to float rounding) to the dequantized images.
+        ``exact=True`` (default): computed and returned in float64 whatever the model's dtype
+        (each step casts its parameters up for the call; the model is not changed), so that
+        :meth:`decode` gives ``x`` back bit for bit. The noises are the draws the float32 pass
+        takes (drawn in float32, then cast), so these are the latents of the forward pass
+        :meth:`elbo` runs, to float32 rounding. Compiled networks run eagerly here. Both
+        directions need float64: float32 latents decoded in float64 still lose pixels (fewer).
+        MPS has no float64: pass ``exact=False`` there.
+
+        ``exact=False``: the model's dtype, bitwise the forward pass :meth:`elbo` runs. In float32
+        the round trip is not exact on a full-size model: rounding in the affine couplings and
+        1x1 convolutions, amplified through the coupling networks over the 74 steps each way,
+        moves the reconstructed ``z`` by up to ~0.05 of a level on a random DenseFlow-74-10, and
+        a pixel whose dequantized value lies closer than that to a bin edge comes back one level
+        off (16 to 30 of 12,288 pixels per four images, ``tests/test_official.py``). Float64
+        leaves ~1e-10 of a level. Cost of float64 on a CPU: encode and decode each ~4x the
+        float32 time for DenseFlow-74-10 (~3x for the demo model), nearly all of it float64
+        convolutions, which have no oneDNN kernel (``docs/paper_map.md``, "Numerical health").
         """
-        return self._forward(x, self._noise(noise, generator))[1]
+        dtype = torch.float64 if exact else None
+        with eager() if exact else nullcontext():
+            return self._forward(x, self._noise(noise, generator), dtype)[1]
 
     # ------------------------------------------------------------------ latent -> data
     def _invert(self, z: Tensor, noise: Noise, quantize: bool) -> Tensor:
+        """Latent -> data in ``z``'s dtype: the factored-out halves are drawn from ``noise``."""
         for s in reversed(range(len(self.blocks))):
             z = self.blocks[s].inverse(z)
             if s > 0:
@@ -218,14 +244,26 @@ class DenseFlow(nn.Module):
         return self.dequantizer.inverse(z) if quantize else z
 
     @torch.inference_mode()
-    def decode(self, latents: Mapping[str, Tensor], quantize: bool = True) -> Tensor:
+    def decode(
+        self, latents: Mapping[str, Tensor], quantize: bool = True, exact: bool = True
+    ) -> Tensor:
         """Inverse of :meth:`encode`: integer images, or with ``quantize=False`` the continuous
-        ``z = (x + u) / 2**num_bits`` in (0, 1). Cross-unit noise channels are dropped."""
+        ``z = (x + u) / 2**num_bits`` in (0, 1). Cross-unit noise channels are dropped.
+
+        ``exact=True`` (default): computed in float64 (latents and, per step, parameters cast
+        up), so ``decode(encode(x)) == x`` bit for bit: a pixel could only be lost if its
+        dequantized value lay within ~1e-10 of a level of a bin edge. Latents not computed in
+        float64 (``encode(..., exact=False)``, or a float32 pass of your own) decode in float64
+        too, but only as exactly as their own rounding allows. ``exact=False``: the model's
+        dtype, the path :meth:`sample` takes (see :meth:`encode` for what float32 misses).
+        """
         missing = sorted(set(self.latent_shapes) - set(latents))
         if missing:
             raise KeyError(f"latents: missing {missing}; expected {list(self.latent_shapes)}")
+        dtype = torch.float64 if exact else self.base.loc.dtype
         noise = Noise({f"{t.name}.eta": latents[t.name] for t in self.transitions})
-        return self._invert(latents["base"], noise, quantize)
+        with eager() if exact else nullcontext():
+            return self._invert(latents["base"].to(dtype), noise, quantize)
 
     @torch.inference_mode()
     def sample(

@@ -84,7 +84,7 @@ def _capture_likelihood(model, io, dtype):
     try:
         with torch.no_grad():
             log_prob = model.elbo(io["x"], noise=noise)
-            latents = model.encode(io["x"], noise=noise)
+            latents = model.encode(io["x"], noise=noise, exact=False)  # the model's dtype
     finally:
         for h in hooks:
             h.remove()

@@ -245,3 +245,21 @@ def test_uniform_dequantization_gives_exactly_num_bits(bits):
     bpd = -delta / (x[0].numel() * math.log(2))
     torch.testing.assert_close(bpd, torch.full((3,), float(bits), dtype=DT), rtol=0, atol=1e-12)
     assert torch.equal(deq.inverse(z), x)
+
+
+def test_conv1x1_inverse_is_cached_per_dtype_and_parameter_version():
+    """Without autograd the inverse is cached, inverted in the dtype asked for (float64 for the
+    exact decode of a float32 model), and recomputed after the parameters change in place."""
+    for conv in (Conv1x1(5), Conv1x1LU(5)):
+        z = torch.randn(2, 5, 3, 3, dtype=DT)
+        with torch.no_grad():
+            inv64 = torch.linalg.inv(conv.matrix(DT)[0])
+            assert inv64.dtype == DT and torch.equal(conv._inverse_matrix(DT), inv64)
+            inv32 = conv._inverse_matrix(torch.float32)
+            assert inv32.dtype == torch.float32
+            assert conv._inverse_matrix(torch.float32) is inv32  # cached
+            next(conv.parameters()).mul_(1.5)  # an optimiser step: in place, version bumped
+            assert not torch.equal(conv._inverse_matrix(torch.float32), inv32)
+            x = conv.inverse(z)
+        assert x.dtype == DT
+        torch.testing.assert_close(conv(x)[0], z, rtol=1e-12, atol=1e-12)

@@ -10,19 +10,34 @@ distinct input shape being one recompilation of it, so while a compiled net runs
 pass, or recomputed in the backward pass in low-memory mode) dynamo's recompile limit is raised
 to four per net (training, recomputation, evaluation and sampling graphs); the process-wide
 setting is restored after each call.
+
+Wider inputs (the exact encode/decode of :class:`~denseflow.model.DenseFlow`): a float64 input
+to a net whose parameters are float32 runs the net in float64 on float64 copies of its
+parameters and buffers, made for that call (``torch.func.functional_call``; nothing is stored,
+so there is nothing to invalidate when the parameters change).
 """
 
 from __future__ import annotations
 
+import itertools
 from contextlib import nullcontext
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     """``t`` in float32 if it is a 16-bit float (float32 and float64 pass unchanged)."""
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def widened_state(net: nn.Module, dtype: torch.dtype) -> dict[str, Tensor] | None:
+    """``net``'s parameters and buffers with every floating one in ``dtype``, or None when they
+    all are already (integer buffers, e.g. BatchNorm's batch count, stay as they are)."""
+    state = dict(itertools.chain(net.named_parameters(), net.named_buffers()))
+    if all(not t.is_floating_point() or t.dtype == dtype for t in state.values()):
+        return None
+    return {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
 
 
 class NetRunner:
@@ -34,8 +49,13 @@ class NetRunner:
     recompile_limit: int = 0
 
     def run_net(self, net: nn.Module, *args: torch.Tensor):
-        """``net(*args)`` in the step's precision, outputs in float32 or wider."""
+        """``net(*args)`` in the step's precision, outputs in float32 or wider; in float64 with
+        float64 copies of the net's parameters when ``args[0]`` is float64 (module docstring)."""
         with self._compile_limit():
+            if args[0].dtype == torch.float64:
+                state = widened_state(net, torch.float64)
+                if state is not None:
+                    return torch.func.functional_call(net, state, args)
             if self.net_dtype is None:
                 return net(*args)
             with torch.autocast(args[0].device.type, dtype=self.net_dtype):

@@ -11,6 +11,11 @@ bijection, ``log|det J| - log q(noise)`` for a stochastic step, the log-density 
 factored-out half for a transition. ``context`` conditions a step (the dequantizer's couplings,
 the cross-unit noise nets); ``noise`` is a :class:`Noise` that stochastic steps draw their
 standard-normal variables from, by name. Deterministic steps ignore both.
+
+A step computes in its input's dtype: given float64 inputs, a float32 step casts its parameters
+(and its network's, :meth:`~denseflow.nets.runner.NetRunner.run_net`) up for that call, which is
+how a float32 model encodes and decodes exactly (:meth:`~denseflow.model.DenseFlow.encode`).
+With inputs of the parameters' own dtype every cast is a no-op and nothing changes.
 """
 
 from __future__ import annotations
@@ -144,9 +149,10 @@ class DiagonalGaussian(nn.Module):
 
     def log_prob(self, z: Tensor) -> Tensor:
         """Σ log N(z; μ_c, σ_c) per sample, (B, C, H, W) -> (B,)."""
-        eta = (z - self.loc) * torch.exp(-self.log_scale)
-        return sum_except_batch(-0.5 * eta.square() - self.log_scale - HALF_LOG_2PI)
+        loc, log_scale = self.loc.to(z.dtype), self.log_scale.to(z.dtype)
+        eta = (z - loc) * torch.exp(-log_scale)
+        return sum_except_batch(-0.5 * eta.square() - log_scale - HALF_LOG_2PI)
 
     def sample(self, eta: Tensor) -> Tensor:
-        """μ_c + σ_c · eta for standard-normal ``eta``."""
-        return self.loc + torch.exp(self.log_scale) * eta
+        """μ_c + σ_c · eta for standard-normal ``eta``, in ``eta``'s dtype."""
+        return self.loc.to(eta.dtype) + torch.exp(self.log_scale.to(eta.dtype)) * eta

@@ -2,6 +2,10 @@
 
 ``delta_logp = −D·bits·log 2 − log q(u|x)``, so that the model's total is the ELBO of the discrete
 likelihood. The inverse quantises: ``clamp(floor(2^bits · z), 0, 2^bits − 1)``.
+
+The input is integers, so unlike the other steps a dequantizer cannot read its working dtype
+from its input: ``forward`` takes it as ``dtype`` (default: the parameters'), float64 for the
+model's exact encode.
 """
 
 from __future__ import annotations
@@ -45,9 +49,14 @@ class UniformDequantization(Dequantization):
         self.register_buffer("dtype_anchor", torch.zeros(()), persistent=False)
 
     def forward(
-        self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        noise: Noise | None = None,
+        dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Tensor]:
-        eta = (noise or Noise()).draw("dequant.eta", tuple(x.shape), like=self.dtype_anchor)
+        like = self.dtype_anchor.to(dtype or self.dtype_anchor.dtype)
+        eta = (noise or Noise()).draw("dequant.eta", tuple(x.shape), like=like)
         u = torch.special.ndtr(eta)
         return self._bound_terms(x, u, u.new_zeros(x.shape[0]))
 
@@ -84,9 +93,14 @@ class VariationalDequantization(NetRunner, Dequantization):
         self.flow = FlowSequence([*flow, conv(c), Unsqueeze(), Sigmoid()])
 
     def forward(
-        self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        noise: Noise | None = None,
+        dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Tensor]:
-        h = self.run_net(self.context_net, x)
+        # integers 0 .. 2^bits − 1 are exact in any float dtype; the context net runs in dtype
+        h = self.run_net(self.context_net, x.to(dtype or self.base.loc.dtype))
         eta = (noise or Noise()).draw(
             "dequant.eta", (h.shape[0], self.base.loc.shape[1], *h.shape[2:]), like=h
         )

@@ -37,14 +37,15 @@ class ActNorm(Transform):
     def forward(
         self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None
     ) -> tuple[Tensor, Tensor]:
-        z = (x - self.shift) * torch.exp(-self.log_scale)
-        ldj = -(x.shape[2] * x.shape[3]) * self.log_scale.sum()
+        shift, log_scale = self.shift.to(x.dtype), self.log_scale.to(x.dtype)
+        z = (x - shift) * torch.exp(-log_scale)
+        ldj = -(x.shape[2] * x.shape[3]) * log_scale.sum()
         return z, ldj.expand(x.shape[0])
 
     def inverse(
         self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None
     ) -> Tensor:
-        return z * torch.exp(self.log_scale) + self.shift
+        return z * torch.exp(self.log_scale.to(z.dtype)) + self.shift.to(z.dtype)
 
 
 def _random_orthogonal(channels: int) -> Tensor:
@@ -62,30 +63,32 @@ class Conv1x1(Transform):
         super().__init__()
         self.weight = nn.Parameter(_random_orthogonal(channels))
 
-    def matrix(self) -> tuple[Tensor, Tensor]:
-        """(W, log|det W|)."""
-        return self.weight, torch.linalg.slogdet(self.weight)[1]
+    def matrix(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """(W, log|det W|), computed in ``dtype`` (default: the parameters')."""
+        w = self.weight.to(dtype or self.weight.dtype)
+        return w, torch.linalg.slogdet(w)[1]
 
     def forward(
         self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None
     ) -> tuple[Tensor, Tensor]:
-        w, logdet = self.matrix()
+        w, logdet = self.matrix(x.dtype)
         z = F.conv2d(x, w[:, :, None, None])
         return z, (x.shape[2] * x.shape[3] * logdet).expand(x.shape[0])
 
     def inverse(
         self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None
     ) -> Tensor:
-        return F.conv2d(z, self._inverse_matrix()[:, :, None, None])
+        return F.conv2d(z, self._inverse_matrix(z.dtype)[:, :, None, None])
 
-    def _inverse_matrix(self) -> Tensor:
-        """``W⁻¹``; without autograd it is cached until the parameters change (sampling,
-        decoding)."""
+    def _inverse_matrix(self, dtype: torch.dtype) -> Tensor:
+        """``W⁻¹``, inverted in ``dtype``; without autograd it is cached until the parameters
+        (address, version) or ``dtype`` change (sampling, decoding)."""
         if torch.is_grad_enabled():
-            return torch.linalg.inv(self.matrix()[0])
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+            return torch.linalg.inv(self.matrix(dtype)[0])
+        params = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        key = (params, dtype)
         if getattr(self, "_cached_key", None) != key:
-            self._cached_inverse, self._cached_key = torch.linalg.inv(self.matrix()[0]), key
+            self._cached_inverse, self._cached_key = torch.linalg.inv(self.matrix(dtype)[0]), key
         return self._cached_inverse
 
 
@@ -107,12 +110,15 @@ class Conv1x1LU(Conv1x1):
         self.upper = nn.Parameter(torch.triu(upper, 1))
         self.log_s = nn.Parameter(diag.abs().log())
 
-    def matrix(self) -> tuple[Tensor, Tensor]:
-        """(W = P·L·U, log|det W| = Σ log s)."""
-        eye = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
-        lower = self.lower * self.lower_mask + eye
-        upper = self.upper * self.lower_mask.T + torch.diag(self.sign * torch.exp(self.log_s))
-        return self.perm @ lower @ upper, self.log_s.sum()
+    def matrix(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """(W = P·L·U, log|det W| = Σ log s), computed in ``dtype`` (default: the
+        parameters')."""
+        dtype = dtype or self.lower.dtype
+        mask, log_s = self.lower_mask.to(dtype), self.log_s.to(dtype)
+        eye = torch.eye(mask.shape[0], dtype=dtype, device=mask.device)
+        lower = self.lower.to(dtype) * mask + eye
+        upper = self.upper.to(dtype) * mask.T + torch.diag(self.sign.to(dtype) * torch.exp(log_s))
+        return self.perm.to(dtype) @ lower @ upper, log_s.sum()
 
 
 class AffineCoupling(NetRunner, Recomputable, Transform):
