@@ -118,8 +118,9 @@ def train_step(
     ``batch_size`` images (default: all of it here), each one forward pass, gradients accumulated
     (see :mod:`denseflow.distributed`); ``ddp``: the DistributedDataParallel wrapper of ``model``.
     A non-finite loss or gradient skips the update (parameters and optimizer state untouched);
-    the returned loss is then non-finite too. This is the step :func:`train` runs and
-    ``denseflow bench`` times.
+    the returned loss is then non-finite too. :func:`train` runs this step, or
+    :class:`denseflow.graph.GraphedStep` (the same numbers on static buffers, one CUDA graph on a
+    GPU); ``denseflow bench`` times the one :func:`train` would run.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -311,6 +312,8 @@ def train(
     as described in :mod:`denseflow.distributed`; only rank 0 writes to ``run_dir``, logs and
     shows progress (the run directory must be visible to every rank for resume and rollback).
     """
+    from .graph import graphed_step  # the graphed step builds on this module's pieces
+
     run_dir, world = Path(run_dir), distributed.world_size()
     config = config.with_data_dir(data_dir)
     chunks = distributed.effective_chunks(config.train.batch_chunks, world)
@@ -326,6 +329,7 @@ def train(
         torch.manual_seed(cfg.seed)
         model = runtime.prepare(DenseFlow(config.model), cfg, device)
     optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    graphed = graphed_step(model, optimizer, cfg, device, world, say=distributed.say)
     state = start(model, optimizer, resume, run_dir, plan, config)
     sources = {"train": trainset.source, "test": testset.source}
     out = RunOutputs(run_dir, config, sources, state, plan.total_steps, progress)
@@ -349,7 +353,10 @@ def train(
             if monitor:
                 monitor.active = (state.step + 1) % cfg.monitor_every == 0
             parts = batches.chunks(x, state.step, device)
-            loss = train_step(model, optimizer, parts, lr, cfg.grad_clip, len(x), ddp)
+            if graphed is not None:  # train.cuda_graph: the same step on static buffers
+                loss = graphed(parts, lr, len(x))
+            else:
+                loss = train_step(model, optimizer, parts, lr, cfg.grad_clip, len(x), ddp)
             state.step, state.batch = state.step + 1, state.batch + 1
             state.images_seen += len(x)
             if monitor and monitor.active:
