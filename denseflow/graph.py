@@ -46,8 +46,10 @@ from .train import backpropagate, gradient_norm
 from .transforms.base import recorded_draws
 from .transforms.glow import Conv1x1
 
-#: elements per group of :func:`masked_adamax_`: bounds its temporaries (4 x 128 MiB, float32)
-GROUP_ELEMENTS = 1 << 25
+#: elements per group of :func:`masked_adamax_` (at least one tensor each): on a GPU a bound on
+#: its temporaries (4 x 128 MiB in float32) with few launches; on the CPU, where foreach ops loop
+#: over the tensors anyway, cache-sized groups (2.4x torch's Adamax time instead of 5x)
+GROUP_ELEMENTS = {"cuda": 1 << 25, "cpu": 1 << 16}
 
 Chunks = Sequence[tuple[Tensor, torch.Generator]]
 
@@ -65,7 +67,7 @@ def _cusolver() -> Iterator[None]:
         torch.backends.cuda.preferred_linalg_library(previous)
 
 
-def _groups(sizes: list[int], budget: int = GROUP_ELEMENTS) -> list[slice]:
+def _groups(sizes: list[int], budget: int) -> list[slice]:
     """Consecutive index ranges whose sizes add up to at most ``budget`` (at least one each)."""
     groups, start, filled = [], 0, 0
     for i, n in enumerate(sizes):
@@ -97,7 +99,8 @@ def masked_adamax_(
     of tensors at a time) and selected with ``torch.where``. No host synchronisation.
     """
     beta1, beta2 = betas
-    for part in _groups([p.numel() for p in params]):
+    budget = GROUP_ELEMENTS["cuda" if keep.is_cuda else "cpu"]
+    for part in _groups([p.numel() for p in params], budget):
         p, g, m, u = params[part], grads[part], exp_avgs[part], exp_infs[part]
         new_m = torch._foreach_lerp(m, g, 1 - beta1)
         new_u = torch._foreach_mul(u, beta2)

@@ -92,7 +92,7 @@ def test_a_cached_inverse_must_be_forgotten_when_weights_change_behind_autograd(
 def test_masked_adamax_is_torch_adamax_bitwise_and_a_dropped_update_changes_nothing(monkeypatch):
     """Several steps on tensors of many sizes and layouts (groups of 100 elements, so tensors are
     split over several groups): equal to torch.optim.Adamax; with ``keep`` False nothing moves."""
-    monkeypatch.setattr(graph_module, "GROUP_ELEMENTS", 100)
+    monkeypatch.setitem(graph_module.GROUP_ELEMENTS, "cpu", 100)
     shapes = [(3,), (17,), (8, 4, 3, 3), (1, 5, 1, 1), (64,), (33, 7)]
     ours = [torch.randn(s) for s in shapes]
     ours[2] = ours[2].contiguous(memory_format=torch.channels_last)
