@@ -416,3 +416,23 @@ def test_train_runs_are_bitwise_the_same_with_and_without_the_option(tmp_path):
         for i, state in final["off"]["optimizer"]["state"].items():
             for key, value in state.items():
                 assert torch.equal(final[name]["optimizer"]["state"][i][key], value), (name, key)
+
+
+def test_bench_times_the_step_train_runs(tmp_path):
+    """`denseflow bench --what train` times the step train() would run: the GraphedStep (here
+    eager, on the CPU) or, with train.cuda_graph=false, train_step; the report says which and
+    times the first two calls (the recording step, then the capture on CUDA) apart."""
+    from denseflow.bench import _busy_seconds, bench, format_report
+
+    reports = {}
+    for graph in (True, False):
+        config = TINY.override([f"train.cuda_graph={str(graph).lower()}"])
+        report = bench(config, 4, steps=2, warmup=0, what=("train",), profile=tmp_path / "p")
+        reports[graph] = report
+        assert reports[graph]["train"]["profile"]["profiled_wall_s"] > 0
+        assert "first two calls" in format_report(reports[graph])
+    on, off = reports[True]["train"]["step"], reports[False]["train"]["step"]
+    assert on["graphed"] and not on["captured"] and on["refusal"] is None
+    assert not off["graphed"] and off["refusal"] == "train.cuda_graph=false"
+    assert on["first_steps_s"] > 0 and on["capture_s"] is None
+    assert _busy_seconds([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.6)]) == 4e-6
