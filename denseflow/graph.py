@@ -342,7 +342,8 @@ class GraphedStep:
             self.allow.fill_(True)
             for name, b in self.model.named_buffers():
                 b.copy_(buffers[name])
-            torch.cuda.synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         if self._graph is not None:
             torch.cuda.empty_cache()  # the warm-ups' cached blocks; the graph keeps its own pool
             self.capture_seconds = time.perf_counter() - began
