@@ -124,12 +124,13 @@ class GraphedStep:
     ``torch.optim.Adamax`` without weight decay; its state stays the usual per-parameter state
     (checkpoints, ``load_state_dict`` and rollbacks work unchanged).
 
-    The first call runs the step eagerly and records the noise draws of its batch shape; from the
-    second call of that shape on, the static buffers are filled and the step runs on them —
-    eagerly on the CPU (and wherever ``capture`` is False), on CUDA replayed from a graph
-    captured at that call (after ``warmups`` masked warm-up steps on a side stream that leave
-    parameters, Adamax state and BatchNorm statistics as they were). Calls with another batch
-    shape (an epoch's last, partial batch) run eagerly with the same arithmetic.
+    The first call runs the step eagerly and records the noise draws of its batch shape; a second
+    call of that shape fills the static buffers and runs the step on them — eagerly on the CPU
+    (and wherever ``capture`` is False), on CUDA replayed from a graph captured at that call
+    (after ``warmups`` masked warm-up steps on a side stream that leave parameters, Adamax state
+    and BatchNorm statistics as they were). Until a graph is captured, a call of another shape
+    records again; once one is, calls of other shapes (an epoch's last, partial batch) run
+    eagerly with the same arithmetic.
     :attr:`capture_seconds` says how long the warm-up and capture took; a capture that fails says
     why (``say``, :attr:`refusal`) and the step runs eagerly from then on.
 
@@ -195,7 +196,9 @@ class GraphedStep:
         total = batch_size or sum(len(x) for x, _ in chunks)
         key = (total, tuple((tuple(x.shape), x.dtype, x.device) for x, _ in chunks))
         self._set_step_size(lr)
-        if self._key is None:  # the first call: eager, recording the draws
+        if self._key is None or key != self._key and self._graph is None:
+            # eager, recording the draws of this batch shape (the first shape that comes twice in
+            # a row is captured: a run resumed at an epoch's last, smaller batch is not stuck)
             generators = [g for _, g in chunks]
             if None in generators or len({id(g) for g in generators}) < len(chunks):
                 raise ValueError("GraphedStep: every chunk needs a noise generator of its own")
@@ -204,7 +207,7 @@ class GraphedStep:
             self._record(chunks, draws, key)
             self._check_steps()
             return self._finish(loss, keep)
-        if key != self._key:  # another batch shape: eager, the same arithmetic
+        if key != self._key:  # another batch shape than the captured one: eager
             loss, keep = self._body(chunks, total)
             for p, grad, _, _ in self._captured:
                 p.grad = grad  # the graph's gradients again (the eager ones freed)
