@@ -402,5 +402,5 @@ def graphed_step(
     if refusal is None:
         return GraphedStep(model, optimizer, cfg.grad_clip, device.type == "cuda", say=say)
     if say is not None and device.type == "cuda" and cfg.cuda_graph:
-        say(f"train.cuda_graph: not captured: {refusal}; eager steps")
+        say(f"train.cuda_graph: not captured: {refusal}; the steps run train_step")
     return None
