@@ -2,8 +2,11 @@
 
 Measurements (each on random 8-bit images of the preset's shape):
 
-``train``   :func:`denseflow.train.train_step` — zero_grad, loss, backward, Adamax — the exact
-            step :func:`denseflow.train.train` runs.
+``train``   the exact step :func:`denseflow.train.train` runs — zero_grad, loss, backward,
+            Adamax — from :func:`denseflow.graph.training_step`: on CUDA one captured graph
+            (``train.cuda_graph``, default on), else ``train_step``; the first two calls (the
+            eager recording step, then the capture and first replay) are timed apart
+            (``first_steps_s``, ``capture_s``).
 ``sample``  ``model.sample(B)`` in eval mode.
 ``iwbo``    ``model.iwbo(x, k, chunk)`` in eval mode, against a plain loop of ``k`` ``elbo`` calls
             (as a user writes it, and the same loop under ``torch.no_grad()``); images/s counts
@@ -16,7 +19,10 @@ Measurements (each on random 8-bit images of the preset's shape):
 For each: median and min seconds over ``steps`` timed repetitions after ``warmup`` untimed ones,
 images/s, achieved GFLOP/s (from a FLOP count of the same call on one image, times B), peak
 memory during the timed repetitions (resident set size on CPU, sampled every 20 ms; max
-allocated on a GPU), and the torch version, thread count and device.
+allocated on a GPU, and max reserved by the caching allocator, which holds a captured graph's
+memory pool), and the torch version, thread count and device. With ``--profile``, each
+measurement's profiled call adds kernel launches, host launch calls and the GPU's busy time and
+fraction (of the median) to the report.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import ConfigError, RunConfig
+from .graph import GraphedStep, capture_refusal, graphed_step
 from .model import DenseFlow, eager
 from .runtime import prepare
 from .train import train_step
@@ -55,6 +62,7 @@ class PeakMemory:
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.peak = device, 0
+        self.reserved: int | None = None  # CUDA: max reserved by the caching allocator
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -74,6 +82,7 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device)
+            self.reserved = torch.cuda.max_memory_reserved(self.device)
         else:
             self._stop.set()
             self._thread.join()
@@ -88,12 +97,16 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _time(
     fn: Callable[[], Any], steps: int, warmup: int, device: torch.device
-) -> tuple[list[float], int]:
+) -> tuple[list[float], PeakMemory]:
     def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
 
     for _ in range(warmup):
         fn()
@@ -105,41 +118,71 @@ def _time(
             fn()
             sync()
             times.append(time.perf_counter() - start)
-    return times, memory.peak
+    return times, memory
 
 
-def profile_table(fn: Callable[[], Any], device: torch.device, rows: int = 30) -> str:
-    """torch.profiler's operator table of one call (sorted by self time on ``device``) and its
-    kernel-launch count: where the time goes, and whether a GPU is launch-bound."""
+#: host-side CUDA runtime/driver calls that start work on the GPU, as the profiler names them
+LAUNCH_CALLS = ("cudaLaunch", "cuLaunch", "cudaGraphLaunch", "cuGraphLaunch")
+
+
+def _busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals in microseconds, in seconds."""
+    busy, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy / 1e6
+
+
+def profile_table(
+    fn: Callable[[], Any], device: torch.device, rows: int = 30
+) -> tuple[str, dict[str, float]]:
+    """torch.profiler's operator table of one call (sorted by self time on ``device``) and, on
+    CUDA, what says whether the GPU is launch-bound: kernels run, host launch calls (one
+    ``cudaGraphLaunch`` for a whole replayed graph) and the GPU's busy time (union of the
+    kernels' intervals)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
+        wall = time.perf_counter() - start
     events = prof.key_averages()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = events.table(sort_by=key, row_limit=rows)
+    stats: dict[str, float] = {"profiled_wall_s": wall}
     if device.type == "cuda":
-        kernels = sum(
-            e.count for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        launches = sum(
+            e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith(LAUNCH_CALLS)
+            for e in prof.events()
         )
-        table += f"\nCUDA kernels launched: {kernels}"
-    return table
+        busy = _busy_seconds([(e.time_range.start, e.time_range.end) for e in kernels])
+        stats |= {"kernels": len(kernels), "host_launch_calls": launches, "busy_s": busy}
+        table += (
+            f"\nCUDA kernels launched: {len(kernels)}; host launch calls: {launches}; "
+            f"GPU busy {busy:.3f} s of {wall:.3f} s under the profiler"
+        )
+    return table, stats
 
 
-def _summary(times: list[float], images: int, flops: int, peak: int) -> dict[str, float]:
+def _summary(times: list[float], images: int, flops: int, memory: PeakMemory) -> dict[str, float]:
     median = statistics.median(times)
-    return {
+    summary = {
         "median_s": median,
         "min_s": min(times),
         "images_per_s": images / median,
         "gflop_per_s": flops / median / 1e9,
         "gflop_per_call": flops / 1e9,
-        "peak_memory_gib": peak / 2**30,
+        "peak_memory_gib": memory.peak / 2**30,
         "repetitions": len(times),
     }
+    if memory.reserved is not None:
+        summary["peak_reserved_gib"] = memory.reserved / 2**30
+    return summary
 
 
 ConvCall = tuple  # input shape, weight shape, has bias, stride, padding, dilation, groups
@@ -203,6 +246,34 @@ def conv_kernel_seconds(
     return statistics.median(times), 3 * 2 * g.numel() * math.prod(w_shape[1:])
 
 
+def _train_call(
+    model: DenseFlow,
+    optimizer: torch.optim.Optimizer,
+    config: RunConfig,
+    device: torch.device,
+    chunks: list[tuple[torch.Tensor, torch.Generator]],
+) -> tuple[Callable[[], Any], GraphedStep | None]:
+    """One call of the step :func:`denseflow.train.train` would run on ``chunks`` (lr 1e-3), and
+    its GraphedStep (None: ``train_step``)."""
+    graphed = graphed_step(model, optimizer, config.train, device, say=print)
+    if graphed is None:
+        return lambda: train_step(model, optimizer, chunks, 1e-3), None
+    return lambda: graphed(chunks, 1e-3), graphed
+
+
+def describe_step(graphed: GraphedStep | None, config: RunConfig, first: float) -> dict:
+    """Which step ``train`` measured: graphed or eager (and why), capture time, first calls."""
+    if graphed is None:
+        return {"graphed": False, "refusal": capture_refusal(config.train), "first_steps_s": first}
+    return {
+        "graphed": True,
+        "captured": graphed.captured,
+        "refusal": graphed.refusal,
+        "capture_s": graphed.capture_seconds,
+        "first_steps_s": first,
+    }
+
+
 def bench(
     config: RunConfig,
     batch_size: int = 32,
@@ -261,15 +332,21 @@ def bench(
                 count_flops(lambda: train_step(model, optimizer, [(x[:1], generator)], 1e-3))
                 * batch_size
             )
-            call = lambda: train_step(model, optimizer, [(x, generator)], 1e-3)  # noqa: E731
-            times, peak = _time(call, steps, warmup, device)
-            report["train"] = _summary(times, batch_size, flops, peak)
+            call, graphed = _train_call(model, optimizer, config, device, [(x, generator)])
+            began = time.perf_counter()
+            for _ in range(2):  # a GraphedStep records its noise draws, then captures (CUDA)
+                call()
+            _sync(device)
+            first = time.perf_counter() - began
+            times, memory = _time(call, steps, warmup, device)
+            report["train"] = _summary(times, batch_size, flops, memory)
+            report["train"]["step"] = describe_step(graphed, config, first)
         elif item == "sample":
             model.eval()
             flops = count_flops(lambda: model.sample(1, generator=generator)) * batch_size
             call = lambda: model.sample(batch_size, generator=generator)  # noqa: E731
-            times, peak = _time(call, steps, warmup, device)
-            report["sample"] = _summary(times, batch_size, flops, peak)
+            times, memory = _time(call, steps, warmup, device)
+            report["sample"] = _summary(times, batch_size, flops, memory)
         elif item == "iwbo":
             model.eval()
             flops = (
@@ -277,8 +354,8 @@ def bench(
                 * batch_size
             )
             call = lambda: model.iwbo(x, k, chunk=kbs, generator=generator)  # noqa: E731
-            times, peak = _time(call, steps, warmup, device)
-            result = _summary(times, batch_size * k, flops, peak)
+            times, memory = _time(call, steps, warmup, device)
+            result = _summary(times, batch_size * k, flops, memory)
 
             def loop() -> None:  # what a user writes: k calls of elbo, autograd on
                 for _ in range(k):
@@ -314,7 +391,11 @@ def bench(
                 report["convs"]["train_over_isolated"] = report["train"]["median_s"] / seconds
             continue
         if profile is not None:
-            tables.append(f"== {item} (batch {batch_size})\n{profile_table(call, device)}\n")
+            table, stats = profile_table(call, device)
+            tables.append(f"== {item} (batch {batch_size})\n{table}\n")
+            if "busy_s" in stats:
+                stats["busy_fraction"] = stats["busy_s"] / report[item]["median_s"]
+            report[item]["profile"] = stats
     if profile is not None:
         Path(profile).write_text("\n".join(tables))
     return report
@@ -337,7 +418,23 @@ def format_report(report: dict[str, Any]) -> str:
             rows.append(
                 f"{item:8} {r['median_s']:9.3f} {r['min_s']:8.3f} {r['images_per_s']:8.2f} "
                 f"{r['gflop_per_s']:8.1f} {r['peak_memory_gib']:9.2f}"
+                + (f" ({r['peak_reserved_gib']:.2f} reserved)" if "peak_reserved_gib" in r else "")
             )
+            if "profile" in r and "kernels" in r["profile"]:
+                q = r["profile"]
+                rows.append(
+                    f"{'':8} {q['kernels']:,} kernels, {q['host_launch_calls']:,} host launch "
+                    f"calls, GPU busy {q['busy_fraction']:.2f} of the median"
+                )
+    if "train" in report:
+        r = report["train"]["step"]
+        if r.get("captured"):
+            kind = f"one CUDA graph, captured in {r['capture_s']:.1f} s"
+        elif r["graphed"]:
+            kind = f"static buffers, eager ({r['refusal'] or 'not captured off CUDA'})"
+        else:
+            kind = f"train_step ({r['refusal']})"
+        rows.append(f"train step: {kind}; first two calls {r['first_steps_s']:.2f} s")
     if "iwbo" in report:
         r = report["iwbo"]
         rows.append(

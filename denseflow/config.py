@@ -232,10 +232,14 @@ class TrainConfig:
     dequantizer networks under bf16 autocast (everything else in float32); ``compile`` compiles
     those networks with ``torch.compile`` (``compile_backend``: any registered dynamo backend,
     e.g. ``cudagraphs`` to capture each net's kernels without code generation; ``compile_mode``:
-    inductor's mode, e.g. ``reduce-overhead``). ``bn_recalibrate`` > 0: every evaluation, sample
-    grid and export of the run uses BatchNorm statistics recomputed over that many training
-    batches (:mod:`denseflow.recalibrate`); the training state keeps its running averages, so
-    resuming is unchanged. 0 (the paper presets): the running averages, as the official code.
+    inductor's mode, e.g. ``reduce-overhead``). ``cuda_graph``: the whole step on static buffers
+    (:class:`denseflow.graph.GraphedStep`), captured as one CUDA graph and replayed on a GPU; the
+    same numbers as the eager step on the CPU; setups it cannot capture (DDP, ``compile``,
+    ``low_memory``, ``monitor_every``) say why and run the eager step. ``bn_recalibrate`` > 0:
+    every evaluation, sample grid and export of the run uses BatchNorm statistics recomputed over
+    that many training batches (:mod:`denseflow.recalibrate`); the training state keeps its
+    running averages, so resuming is unchanged. 0 (the paper presets): the running averages, as
+    the official code.
     """
 
     epochs: int = 400
@@ -262,6 +266,7 @@ class TrainConfig:
     compile: bool = False
     compile_backend: str = "inductor"
     compile_mode: str = "default"
+    cuda_graph: bool = True
     eval_every: int = 1
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2

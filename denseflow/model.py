@@ -135,6 +135,8 @@ class DenseFlow(nn.Module):
                 f"x: expected shape (B, {', '.join(map(str, self.config.image_shape))}), "
                 f"got {tuple(x.shape)}"
             )
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # values cannot be read while a CUDA graph is captured: GraphedStep checks them
         top = 2**self.config.num_bits - 1
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi > top:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,42 @@ class LoopState:
         return cls(**{name: payload[name] for name in names if name in payload})
 
 
+#: where a chunk's noise comes from: a generator to draw from, or the named noises themselves
+NoiseSource = torch.Generator | Mapping[str, torch.Tensor] | None
+
+
+def backpropagate(
+    model: DenseFlow,
+    chunks: Sequence[tuple[torch.Tensor, NoiseSource]],
+    total: int,
+    ddp: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """Forward and backward pass of each chunk, gradients accumulated into ``.grad``; returns
+    this process's share of the loss, ``Σ bits/dim / total`` over its chunks (spec §10).
+
+    ``chunks``: ``(images, noise)`` with ``noise`` a generator the model draws from or the named
+    noises themselves (:attr:`DenseFlow.noise_names`); ``ddp``: the DistributedDataParallel
+    wrapper of ``model`` (see :mod:`denseflow.distributed`).
+    """
+    forward = ddp or model
+    world = distributed.world_size() if ddp is not None else 1
+    nats_to_bits = model.config.num_dims * math.log(2)
+    loss = torch.zeros((), device=chunks[0][0].device)
+    for i, (x, noise) in enumerate(chunks):
+        source = {"noise": noise} if isinstance(noise, Mapping) else {"generator": noise}
+        with distributed.no_sync(forward, last=i == len(chunks) - 1):
+            share = (-forward(x, **source) / nats_to_bits).sum() / total
+            (share * world).backward()  # DDP averages over the ranks: undo its 1/world
+        loss += share.detach()
+    return loss
+
+
+def gradient_norm(model: DenseFlow) -> tuple[list[torch.nn.Parameter], torch.Tensor]:
+    """The parameters that hold a gradient, and the 2-norm of all their gradients together."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    return params, torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
 def train_step(
     model: DenseFlow,
     optimizer: torch.optim.Optimizer,
@@ -81,31 +118,23 @@ def train_step(
     ``batch_size`` images (default: all of it here), each one forward pass, gradients accumulated
     (see :mod:`denseflow.distributed`); ``ddp``: the DistributedDataParallel wrapper of ``model``.
     A non-finite loss or gradient skips the update (parameters and optimizer state untouched);
-    the returned loss is then non-finite too. This is the step :func:`train` runs and
-    ``denseflow bench`` times.
+    the returned loss is then non-finite too. :func:`train` runs this step, or
+    :class:`denseflow.graph.GraphedStep` (the same numbers on static buffers, one CUDA graph on a
+    GPU); ``denseflow bench`` times the one :func:`train` would run.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    forward = ddp or model
-    world = distributed.world_size() if ddp is not None else 1
     total = batch_size or sum(len(x) for x, _ in chunks)
-    nats_to_bits = model.config.num_dims * math.log(2)
     optimizer.zero_grad(set_to_none=True)
-    loss = torch.zeros((), device=chunks[0][0].device)
-    for i, (x, generator) in enumerate(chunks):
-        with distributed.no_sync(forward, last=i == len(chunks) - 1):
-            share = (-forward(x, generator=generator) / nats_to_bits).sum() / total
-            (share * world).backward()  # DDP averages over the ranks: undo its 1/world
-        loss += share.detach()
+    loss = backpropagate(model, chunks, total, ddp)
     if ddp is not None:
         distributed.all_sum(loss)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
+    params, norm = gradient_norm(model)
     if not torch.isfinite(loss + norm):
         optimizer.zero_grad(set_to_none=True)
         return loss + norm.detach()
     if grad_clip:
-        torch.nn.utils.clip_grads_with_norm_(grads, grad_clip, norm)
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
     optimizer.step()
     return loss
 
@@ -283,6 +312,8 @@ def train(
     as described in :mod:`denseflow.distributed`; only rank 0 writes to ``run_dir``, logs and
     shows progress (the run directory must be visible to every rank for resume and rollback).
     """
+    from .graph import graphed_step  # the graphed step builds on this module's pieces
+
     run_dir, world = Path(run_dir), distributed.world_size()
     config = config.with_data_dir(data_dir)
     chunks = distributed.effective_chunks(config.train.batch_chunks, world)
@@ -298,6 +329,7 @@ def train(
         torch.manual_seed(cfg.seed)
         model = runtime.prepare(DenseFlow(config.model), cfg, device)
     optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    graphed = graphed_step(model, optimizer, cfg, device, world, say=distributed.say)
     state = start(model, optimizer, resume, run_dir, plan, config)
     sources = {"train": trainset.source, "test": testset.source}
     out = RunOutputs(run_dir, config, sources, state, plan.total_steps, progress)
@@ -321,7 +353,10 @@ def train(
             if monitor:
                 monitor.active = (state.step + 1) % cfg.monitor_every == 0
             parts = batches.chunks(x, state.step, device)
-            loss = train_step(model, optimizer, parts, lr, cfg.grad_clip, len(x), ddp)
+            if graphed is not None:  # train.cuda_graph: the same step on static buffers
+                loss = graphed(parts, lr, len(x))
+            else:
+                loss = train_step(model, optimizer, parts, lr, cfg.grad_clip, len(x), ddp)
             state.step, state.batch = state.step + 1, state.batch + 1
             state.images_seen += len(x)
             if monitor and monitor.active:

@@ -1,22 +1,37 @@
 #!/usr/bin/env bash
-# The prepared accelerator check (issues 4 and 5) for a session that is lent a GPU, in one call:
-#   1. parity with the official code on CUDA (float32 with TF32 off, float64), the precision tests
-#   2. torchrun with NCCL (one process, two chunks): train, evaluate, sample the tiny preset on CUDA
-#   3. DenseFlow-74-10 (CIFAR-10 shape), B=64: float32 (cuDNN's default TF32 convolutions) with a
-#      profile, bf16 autocast of the conditioner nets, low-memory mode, IWBO (B=16), torch.compile
-#      with the cudagraphs backend (CUDA-graph capture of each net: the step is launch-bound), then
-#      with inductor
-# On the first H200 run (2026-11-29, docs/benchmarks.md) the whole check needed about 11 minutes of
-# device time with the machine's start; compilation did not finish in the time left.
-# Runs with the device's own python3/torch (no install: PYTHONPATH), the parity fixture from
-# $DENSEFLOW_SHARED (default .devshared, a copy of ../shared carried along). Every step has a
-# timeout cut to a global deadline ($BUDGET seconds), so one slow step cannot eat the rest.
-# Reports (at most 8 files) go to $OUT (default device_out/).
+# The prepared accelerator check of issue 12 (the training step as one CUDA graph) for a session
+# that is lent an H200, in one call. NOT YET RUN: written without a GPU. Most important first:
+#   1. scripts/graph_check.py, tiny preset, 2 chunks: does the capture work at all (seconds)
+#   2. scripts/graph_check.py, DenseFlow-74-10 B=64: N=5 replayed steps against eager ones from
+#      the same state (tolerances in its docstring), eager and replayed step times, capture time,
+#      memory, a masked non-finite replay
+#   3. parity and precision tests on CUDA (log_abs_det replaced slogdet in every model)
+#   4. denseflow bench, DenseFlow-74-10 B=64, float32, graphed: train and sampling 64 images
+#   5. the same with --profile (train only): kernels, host launch calls, GPU busy fraction
+#   6. bf16 networks, graphed: train and sampling
+#   7. IWBO k=16 at B=16
+#   8. torch.compile(mode="reduce-overhead") next to the hand-made graph, if time is left
+# The eager float32 step is timed in 2 (the train_step copies) and was profiled on 2026-11-29
+# (46,621 kernels, docs/benchmarks.md), so it is not benched again.
+#
+# Time: every step has its own limit, cut to a global deadline ($BUDGET, default 390 s of script,
+# so that with the machine's start the call needs about 8-9 of the 15 device minutes). Expected
+# durations (from the 2026-11-29 run: a B=64 bench process took about 40 s, the parity tests 37 s):
+# 20 + 70 + 40 + 45 + 40 + 45 + 30 s = about 290 s before step 8.
+#
+# How to run (the device tool sends the session's own checkout: merge branch graph into it first):
+#   mkdir -p .devshared && cp -r ../shared/parity .devshared/ && echo /.devshared/ >> .git/info/exclude
+#   run(command="bash scripts/device_check.sh", carry=[".devshared"], timeout_s=450)
+# Raw JSON and the log land in $OUT (8 files at most: log.txt, graph_tiny.json,
+# graph_cifar10.json, bench_float32.json, bench_profile.json, bench_bf16.json, bench_iwbo.json,
+# bench_compile.json; the profiler's table is appended to log.txt). Keep them under
+# docs/benchmarks/h200-<date>/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}
-BUDGET=${BUDGET:-520}
-export DENSEFLOW_SHARED=${DENSEFLOW_SHARED:-$PWD/.devshared} PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+BUDGET=${BUDGET:-390}
+export DENSEFLOW_PARITY_DIR=${DENSEFLOW_PARITY_DIR:-$PWD/.devshared/parity}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 mkdir -p "$OUT"
 LOG=$OUT/log.txt
@@ -32,20 +47,24 @@ step() {  # seconds, name, command...: run with a timeout no later than the dead
 }
 bench() {  # seconds, name, bench options...
     local want=$1 name=$2; shift 2
-    step "$want" "bench $name" $PY -m denseflow bench --preset "${PRESET:-cifar10}" --device "${DEVICE:-cuda}" \
+    step "$want" "bench $name" $PY -m denseflow bench --preset cifar10 --device cuda \
         --json "$OUT/bench_$name.json" "$@"
 }
 B64=(--batch-size 64 --steps 5 --warmup 2)
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; } | tee -a "$LOG"
-step 120 "parity and precision tests on CUDA" $PY -m pytest -q -x -p no:cacheprovider \
+  $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
+  ls "$DENSEFLOW_PARITY_DIR" || echo "no parity fixtures in $DENSEFLOW_PARITY_DIR: the parity tests will skip"
+} 2>&1 | tee -a "$LOG"
+step 60 "graph check, tiny, 2 chunks" $PY scripts/graph_check.py --preset tiny --batch-size 16 \
+    --chunks 2 --steps 4 --json "$OUT/graph_tiny.json"
+step 150 "graph check, DenseFlow-74-10 B=64" $PY scripts/graph_check.py --preset cifar10 \
+    --batch-size 64 --steps 5 --json "$OUT/graph_cifar10.json"
+step 90 "parity and precision tests on CUDA" $PY -m pytest -q -x -rs -p no:cacheprovider \
     tests/test_parity.py tests/test_precision.py
-step 90 "torchrun NCCL tiny" $PY -m torch.distributed.run --nproc_per_node=1 -m denseflow train --preset tiny \
-    --out "$(mktemp -d)/run" --quiet --set train.device="${DEVICE:-cuda}" --set train.batch_chunks=2
-bench 150 float32 "${B64[@]}" --what train,sample --profile "$OUT/profile_float32.txt"
-bench 80 bf16 "${B64[@]}" --what train,sample --set train.precision=bfloat16
-bench 60 low_memory "${B64[@]}" --what train --set train.low_memory=true
-bench 90 iwbo --batch-size 16 --steps 3 --warmup 1 --what iwbo
-bench 120 compile_cudagraphs "${B64[@]}" --what train --set train.compile=true --set train.compile_backend=cudagraphs
-bench 300 compile "${B64[@]}" --what train --set train.compile=true
+bench 90 float32 "${B64[@]}" --what train,sample
+bench 90 profile --batch-size 64 --steps 2 --warmup 0 --what train --profile /tmp/profile_train.txt
+[ -f /tmp/profile_train.txt ] && { echo "== profiler table, graphed train step"; cat /tmp/profile_train.txt; } >> "$LOG"
+bench 75 bf16 "${B64[@]}" --what train,sample --set train.precision=bfloat16
+bench 60 iwbo --batch-size 16 --steps 3 --warmup 1 --what iwbo
+bench 300 compile "${B64[@]}" --what train --set train.compile=true --set train.compile_mode=reduce-overhead
 echo "== done at t=${SECONDS}s" | tee -a "$LOG"

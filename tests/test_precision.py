@@ -10,6 +10,7 @@ import torch
 
 from denseflow import train as train_module
 from denseflow.config import load_config
+from denseflow.graph import GraphedStep
 from denseflow.model import DenseFlow
 from denseflow.nets.coupling import CouplingNet
 from denseflow.nets.runner import NetRunner
@@ -84,25 +85,32 @@ def test_bf16_coupling_inverts_exactly_and_the_flow_round_trips():
     assert all(torch.equal(v, model.encode(x, generator=_generator())[k]) for k, v in exact.items())
 
 
-def test_bf16_training_evaluates_and_samples_in_float32(tmp_path, monkeypatch):
+@pytest.mark.parametrize("graph", [True, False], ids=["graphed_step", "train_step"])
+def test_bf16_training_evaluates_and_samples_in_float32(tmp_path, monkeypatch, graph):
     """bf16 trains only: the run's test evaluations and sample grids see float32 networks, and the
-    training steps after them bf16 again."""
+    training steps after them (train_step, or the GraphedStep of train.cuda_graph) bf16 again."""
     seen = []
 
-    def spy(name, function):
-        def wrapper(model, *args, **kwargs):
+    def spy(name, function, owner=train_module, model_of=lambda first: first):
+        def wrapper(first, *args, **kwargs):
+            model = model_of(first)
             seen.append((name, {m.net_dtype for m in model.modules() if isinstance(m, NetRunner)}))
-            return function(model, *args, **kwargs)
+            return function(first, *args, **kwargs)
 
-        monkeypatch.setattr(train_module, name, wrapper)
+        monkeypatch.setattr(owner, name, wrapper)
 
     for name in ("evaluate_images", "sample_seeds", "train_step"):
         spy(name, getattr(train_module, name))
-    config = load_config("tiny").override(["train.epochs=2", "train.precision=bfloat16"])
+    spy("__call__", GraphedStep.__call__, GraphedStep, lambda step: step.model)
+    config = load_config("tiny").override(
+        ["train.epochs=2", "train.precision=bfloat16", f"train.cuda_graph={str(graph).lower()}"]
+    )
     train_module.train(config, tmp_path, progress=False)
     assert [name for name, _ in seen].count("evaluate_images") == 2 and len(seen) == 2 * 4 + 2 * 2
+    step = "__call__" if graph else "train_step"
+    assert [name for name, _ in seen].count(step) == 8
     for name, dtypes in seen:
-        assert dtypes == ({BF16} if name == "train_step" else {None}), name
+        assert dtypes == ({BF16} if name == step else {None}), name
 
 
 def test_bf16_training_step_updates_float32_parameters():

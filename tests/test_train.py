@@ -35,6 +35,21 @@ def test_real_decays():
     assert learning_rate(cos, 100, 0, False, 100) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_grad_clip_clips():
+    """``train.grad_clip``: the update sees gradients of norm ``grad_clip`` (torch's
+    clip_grads_with_norm_ takes the parameters; given the gradients it clipped nothing)."""
+    from denseflow.model import DenseFlow
+    from denseflow.train import train_step
+
+    torch.manual_seed(0)
+    model = DenseFlow(load_config("tiny").model).train()
+    optimizer = torch.optim.Adamax(model.parameters())
+    images = torch.randint(0, 256, (4, 1, 28, 28))
+    train_step(model, optimizer, [(images, torch.Generator().manual_seed(0))], 1e-3, 0.01)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert torch.nn.utils.get_total_norm(grads).item() == pytest.approx(0.01, rel=1e-4)
+
+
 def _weights(path):
     return ckpt.load(path)["model"]
 

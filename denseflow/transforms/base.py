@@ -21,7 +21,8 @@ With inputs of the parameters' own dtype every cast is a no-op and nothing chang
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +47,27 @@ def bounded_log_scale(s: Tensor) -> Tensor:
 def std_normal_log_prob(x: Tensor) -> Tensor:
     """log N(x; 0, I) per sample, (B, ...) -> (B,)."""
     return sum_except_batch(-0.5 * x.square() - HALF_LOG_2PI)
+
+
+#: the draws :func:`recorded_draws` is collecting, or None (a plain global, as in
+#: :mod:`denseflow.nets.recompute`: read once per draw, never inside a compiled net)
+_recording: list[tuple[torch.Generator | None, str, tuple[int, ...]]] | None = None
+
+
+@contextmanager
+def recorded_draws() -> Iterator[list[tuple[torch.Generator | None, str, tuple[int, ...]]]]:
+    """Inside the block, every standard normal a :class:`Noise` draws fresh (not given) is
+    appended to the yielded list as ``(generator, name, shape)``, in the order drawn.
+
+    :class:`denseflow.graph.GraphedStep` records one eager step this way and afterwards draws the
+    same tensors from the same generators itself, before the step, into static buffers.
+    """
+    global _recording
+    previous, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = previous
 
 
 class Noise:
@@ -80,6 +102,8 @@ class Noise:
             return given.to(device=like.device, dtype=like.dtype)
         # drawn in float32 whatever the working dtype, so that a float64 evaluation sees the same
         # noise
+        if _recording is not None:
+            _recording.append((self.generator, name, tuple(shape)))
         device = like.device if self.generator is None else self.generator.device
         out = torch.randn(shape, generator=self.generator, device=device, dtype=torch.float32)
         return out.to(device=like.device, dtype=like.dtype)

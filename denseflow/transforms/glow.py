@@ -53,6 +53,41 @@ def _random_orthogonal(channels: int) -> Tensor:
     return q
 
 
+class _LogAbsDet(torch.autograd.Function):
+    """``log|det W|`` from an LU factorisation without an error check; gradient ``W⁻ᵀ`` solved
+    from the same factors. What ``torch.linalg.slogdet`` computes for a real matrix, op for op:
+    it factors ``Wᵀ`` when ``W`` is row-major (then the factored matrix is column-major, as
+    LAPACK wants it) and ``W`` otherwise, and solves with those factors in the backward pass —
+    bitwise equal values and gradients on the CPU in float32 and float64 (tests/test_graph.py).
+    Unlike slogdet it never reads an error flag on the host, so a CUDA graph can capture it."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor) -> Tensor:
+        transposed = w.is_contiguous()
+        lu, pivots, _ = torch.linalg.lu_factor_ex(w.mT if transposed else w)
+        ctx.save_for_backward(lu, pivots)
+        ctx.transposed = transposed
+        return lu.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        lu, pivots = ctx.saved_tensors
+        eye_scaled = torch.diag_embed(grad.unsqueeze(-1).expand_as(pivots).to(lu.dtype)).mT
+        return torch.linalg.lu_solve(lu, pivots, eye_scaled, adjoint=not ctx.transposed)
+
+
+def log_abs_det(w: Tensor) -> Tensor:
+    """``log|det w|`` of a real square matrix (or a batch), equal to
+    ``torch.linalg.slogdet(w)[1]``; no host synchronisation, forward or backward."""
+    return _LogAbsDet.apply(w)
+
+
+def inverse(w: Tensor) -> Tensor:
+    """``w⁻¹``: ``torch.linalg.inv`` without its error check (bitwise the same values; no host
+    synchronisation). A singular matrix gives non-finite values instead of an exception."""
+    return torch.linalg.inv_ex(w)[0]
+
+
 class Conv1x1(Transform):
     """Invertible 1x1 convolution ``z = W x`` per pixel with a full ``C x C`` matrix (official).
 
@@ -66,7 +101,7 @@ class Conv1x1(Transform):
     def matrix(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """(W, log|det W|), computed in ``dtype`` (default: the parameters')."""
         w = self.weight.to(dtype or self.weight.dtype)
-        return w, torch.linalg.slogdet(w)[1]
+        return w, log_abs_det(w)
 
     def forward(
         self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None
@@ -82,14 +117,20 @@ class Conv1x1(Transform):
 
     def _inverse_matrix(self, dtype: torch.dtype) -> Tensor:
         """``W⁻¹``, inverted in ``dtype``; without autograd it is cached until the parameters
-        (address, version) or ``dtype`` change (sampling, decoding)."""
+        (address, version) or ``dtype`` change (sampling, decoding). A CUDA graph's replay changes
+        them behind autograd's version counters, so :class:`denseflow.graph.GraphedStep` calls
+        :meth:`forget_inverse` after each replay."""
         if torch.is_grad_enabled():
-            return torch.linalg.inv(self.matrix(dtype)[0])
+            return inverse(self.matrix(dtype)[0])
         params = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
         key = (params, dtype)
         if getattr(self, "_cached_key", None) != key:
-            self._cached_inverse, self._cached_key = torch.linalg.inv(self.matrix(dtype)[0]), key
+            self._cached_inverse, self._cached_key = inverse(self.matrix(dtype)[0]), key
         return self._cached_inverse
+
+    def forget_inverse(self) -> None:
+        """Drop the cached ``W⁻¹`` (the next inverse pass computes it again)."""
+        self._cached_key = None
 
 
 class Conv1x1LU(Conv1x1):

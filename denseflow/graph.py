@@ -1,0 +1,406 @@
+"""The training step on static buffers, captured as one CUDA graph on a GPU (issue 12).
+
+On an H200 the eager DenseFlow-74-10 step is bound by the host issuing about 46,600 kernels one
+by one (docs/benchmarks.md). :class:`GraphedStep` computes what :func:`denseflow.train.train_step`
+computes — the same chunks, noises, loss, gradients, Adamax update and non-finite guard — in a
+form a CUDA graph can hold:
+
+* the chunk images are copied into static buffers, and every named noise the forward pass draws
+  is drawn *before* the step, from the chunk's own generator, in the order and shapes the eager
+  forward draws them (recorded once, :func:`denseflow.transforms.base.recorded_draws`), into
+  static buffers passed as ``noise=``: the same values bit for bit, so seeding, resume and the
+  noise streams of :mod:`denseflow.seeding` are untouched, and no generator is used inside the
+  graph;
+* Adamax is :func:`masked_adamax_`: torch's arithmetic, op for op, with the step size
+  ``-lr / (1 - beta1**t)`` computed on the host in float64 as torch does and filled into a 0-dim
+  device tensor before each step;
+* the non-finite guard is decided on the device: the update is kept or dropped element-wise
+  with ``torch.where`` (parameters and Adamax state bitwise untouched by a non-finite step), and
+  the host reads the flag only after the step, to count Adamax's steps (CPU tensors, as torch
+  keeps them) and for the loop's skip and rollback logic;
+* the 1x1 convolutions' log-determinants use :func:`denseflow.transforms.glow.log_abs_det`
+  (slogdet's own factorisation and gradient without an error check: bitwise slogdet on the CPU).
+
+On the CPU the same step function runs eagerly and gives bitwise the weights, Adamax state and
+BatchNorm statistics of ``train_step`` (tests/test_graph.py). On CUDA the step is captured once,
+whole — every chunk's forward and backward, the norm, the guard and the update — and replayed.
+
+**Not yet run on a GPU.** The capture path (:meth:`GraphedStep._capture`) is written to
+PyTorch's rules for whole-network capture but has never executed: scripts/device_check.sh holds
+the check that compares replayed steps against eager ones on an H200 and times them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
+
+from .config import TrainConfig
+from .model import DenseFlow
+from .train import backpropagate, gradient_norm
+from .transforms.base import recorded_draws
+from .transforms.glow import Conv1x1
+
+#: elements per group of :func:`masked_adamax_` (at least one tensor each): on a GPU a bound on
+#: its temporaries (4 x 128 MiB in float32) with few launches; on the CPU, where foreach ops loop
+#: over the tensors anyway, cache-sized groups (2.4x torch's Adamax time instead of 5x)
+GROUP_ELEMENTS = {"cuda": 1 << 25, "cpu": 1 << 16}
+
+Chunks = Sequence[tuple[Tensor, torch.Generator]]
+
+
+@contextmanager
+def _cusolver() -> Iterator[None]:
+    """cuSOLVER for the 1x1 convolutions' LU factorisations and solves inside the block (torch's
+    default for single small matrices already; MAGMA's hybrid LU would work on the host, which
+    a graph cannot hold). The process-wide preference is restored on exit."""
+    previous = torch.backends.cuda.preferred_linalg_library()
+    torch.backends.cuda.preferred_linalg_library("cusolver")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_linalg_library(previous)
+
+
+def _groups(sizes: list[int], budget: int) -> list[slice]:
+    """Consecutive index ranges whose sizes add up to at most ``budget`` (at least one each)."""
+    groups, start, filled = [], 0, 0
+    for i, n in enumerate(sizes):
+        if filled and filled + n > budget:
+            groups.append(slice(start, i))
+            start, filled = i, 0
+        filled += n
+    return [*groups, slice(start, len(sizes))] if sizes else []
+
+
+@torch.no_grad()
+def masked_adamax_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_infs: list[Tensor],
+    keep: Tensor,
+    neg_step_size: Tensor,
+    betas: tuple[float, float],
+    eps: float,
+) -> None:
+    """torch.optim.Adamax's update (no weight decay, minimising) of every parameter where the
+    0-dim bool tensor ``keep`` is True; where it is False, nothing changes, bit for bit.
+
+    ``neg_step_size``: 0-dim tensor ``-lr / (1 - beta1**t)`` for the step ``t`` this update
+    makes. The arithmetic is torch's non-capturable Adamax, op for op (``lerp_``, ``mul_``,
+    ``abs().add_(eps)``, ``maximum``, ``addcdiv_`` as ``p + (s·m) / u``), so on the CPU the
+    results equal ``Adamax.step()`` bitwise; the new values are computed out of place (a group
+    of tensors at a time) and selected with ``torch.where``. No host synchronisation.
+    """
+    beta1, beta2 = betas
+    budget = GROUP_ELEMENTS["cuda" if keep.is_cuda else "cpu"]
+    for part in _groups([p.numel() for p in params], budget):
+        p, g, m, u = params[part], grads[part], exp_avgs[part], exp_infs[part]
+        new_m = torch._foreach_lerp(m, g, 1 - beta1)
+        new_u = torch._foreach_mul(u, beta2)
+        bound = torch._foreach_abs(g)
+        torch._foreach_add_(bound, eps)
+        torch._foreach_maximum_(new_u, bound)
+        new_p = torch._foreach_mul(new_m, neg_step_size)
+        torch._foreach_div_(new_p, new_u)
+        torch._foreach_add_(new_p, p)
+        for olds, news in ((p, new_p), (m, new_m), (u, new_u)):
+            for old, new in zip(olds, news, strict=True):
+                torch.where(keep, new, old, out=old)
+
+
+class GraphedStep:
+    """:func:`denseflow.train.train_step` on static buffers; on CUDA one captured graph.
+
+    ``step(chunks, lr, batch_size=None)`` takes what ``train_step`` takes (``chunks``: the
+    ``(images, noise generator)`` parts of the batch, each chunk with a generator of its own) and
+    returns the loss, non-finite when the update was dropped. ``optimizer`` must be a
+    ``torch.optim.Adamax`` without weight decay; its state stays the usual per-parameter state
+    (checkpoints, ``load_state_dict`` and rollbacks work unchanged).
+
+    The first call runs the step eagerly and records the noise draws of its batch shape; a second
+    call of that shape fills the static buffers and runs the step on them — eagerly on the CPU
+    (and wherever ``capture`` is False), on CUDA replayed from a graph captured at that call
+    (after ``warmups`` masked warm-up steps on a side stream that leave parameters, Adamax state
+    and BatchNorm statistics as they were). Until a graph is captured, a call of another shape
+    records again; once one is, calls of other shapes (an epoch's last, partial batch) run
+    eagerly with the same arithmetic.
+    :attr:`capture_seconds` says how long the warm-up and capture took; a capture that fails says
+    why (``say``, :attr:`refusal`) and the step runs eagerly from then on.
+
+    **The CUDA capture has not yet run on a GPU** (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        model: DenseFlow,
+        optimizer: torch.optim.Optimizer,
+        grad_clip: float = 0.0,
+        capture: bool | None = None,
+        warmups: int = 3,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Adamax):
+            raise TypeError(f"GraphedStep: needs torch.optim.Adamax, got {type(optimizer)}")
+        settings = {(tuple(g["betas"]), g["eps"]) for g in optimizer.param_groups}
+        if len(settings) != 1 or any(
+            g["weight_decay"] or g["maximize"] for g in optimizer.param_groups
+        ):
+            raise ValueError(
+                "GraphedStep: Adamax with one (betas, eps), no weight decay, not maximising"
+            )
+        ((self.betas, self.eps),) = settings
+        self.model, self.optimizer, self.grad_clip = model, optimizer, float(grad_clip)
+        device = next(model.parameters()).device
+        self.capture = device.type == "cuda" if capture is None else capture
+        self.warmups, self.say = warmups, say or (lambda message: None)
+        self.neg_step_size = torch.zeros((), device=device)
+        self.allow = torch.ones((), dtype=torch.bool, device=device)  # False: warm-up, no update
+        self.capture_seconds: float | None = None
+        self.refusal: str | None = None
+        self._convs = [m for m in model.modules() if isinstance(m, Conv1x1)]
+        self._key: tuple | None = None  # the batch shape the noise draws were recorded for
+        self._draws: list[list[tuple[str, tuple[int, ...]]]] = []  # per chunk, in draw order
+        self._images: list[Tensor] = []
+        self._noises: list[dict[str, Tensor]] = []
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._out: tuple[Tensor, Tensor] | None = None  # the captured (loss, keep)
+        self._updated: list[Tensor] = []  # the parameters the last update touched
+        self._captured: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # p, grad, m, u
+        optimizer.register_load_state_dict_post_hook(lambda opt: self._rebind())
+
+    @property
+    def captured(self) -> bool:
+        """Whether the step replays a captured CUDA graph."""
+        return self._graph is not None
+
+    # ------------------------------------------------------------------ the step
+    def __call__(
+        self,
+        chunks: Chunks,
+        lr: float,
+        batch_size: int | None = None,
+        ddp: torch.nn.Module | None = None,
+    ) -> Tensor:
+        """One step on ``chunks`` at learning rate ``lr``; returns the loss (as ``train_step``)."""
+        if ddp is not None:
+            raise ValueError("GraphedStep: DDP steps run denseflow.train.train_step")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = batch_size or sum(len(x) for x, _ in chunks)
+        key = (total, tuple((tuple(x.shape), x.dtype, x.device) for x, _ in chunks))
+        self._set_step_size(lr)
+        if self._key is None or key != self._key and self._graph is None:
+            # eager, recording the draws of this batch shape (the first shape that comes twice in
+            # a row is captured: a run resumed at an epoch's last, smaller batch is not stuck)
+            generators = [g for _, g in chunks]
+            if None in generators or len({id(g) for g in generators}) < len(chunks):
+                raise ValueError("GraphedStep: every chunk needs a noise generator of its own")
+            with recorded_draws() as draws:
+                loss, keep = self._body(chunks, total)
+            self._record(chunks, draws, key)
+            self._check_steps()
+            return self._finish(loss, keep)
+        if key != self._key:  # another batch shape than the captured one: eager
+            loss, keep = self._body(chunks, total)
+            for p, grad, _, _ in self._captured:
+                p.grad = grad  # the graph's gradients again (the eager ones freed)
+            return self._finish(loss, keep)
+        self._fill(chunks)
+        static = list(zip(self._images, self._noises, strict=True))
+        if self.capture and self._graph is None and self.refusal is None:
+            self._capture(static, total)
+        if self._graph is not None:
+            self._graph.replay()
+            for conv in self._convs:  # replays change W behind autograd's version counters
+                conv.forget_inverse()
+            return self._finish(*self._out)
+        return self._finish(*self._body(static, total))
+
+    def _body(self, chunks: Sequence[tuple[Tensor, object]], total: int) -> tuple[Tensor, Tensor]:
+        """The step itself, free of host synchronisation: (loss, whether the update was kept)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = backpropagate(self.model, chunks, total)
+        params, norm = gradient_norm(self.model)
+        bad = loss + norm
+        keep = torch.isfinite(bad) & self.allow
+        if self.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
+        states = [self._state(p) for p in params]
+        masked_adamax_(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_inf"] for s in states],
+            keep,
+            self.neg_step_size,
+            self.betas,
+            self.eps,
+        )
+        self._updated = params
+        return torch.where(keep, loss, bad), keep
+
+    def _finish(self, loss: Tensor, keep: Tensor) -> Tensor:
+        """After the step: the host reads the flag (the step's one synchronisation) and counts
+        the Adamax step of every updated parameter, as torch does (CPU tensors)."""
+        if bool(keep):
+            steps = [self.optimizer.state[p]["step"] for p in self._updated]
+            torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)  # torch's fast CPU form
+        return loss.clone()
+
+    def _state(self, p: Tensor) -> dict[str, Tensor]:
+        """``p``'s Adamax state, created as torch.optim.Adamax creates it."""
+        state = self.optimizer.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_inf"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _set_step_size(self, lr: float) -> None:
+        """``-lr / (1 - beta1**t)`` for the step ``t`` about to be made, in float64 on the host as
+        torch's Adamax computes it, into the device tensor the update reads."""
+        params = self._updated or self.model.parameters()
+        state = next((s for p in params if (s := self.optimizer.state.get(p))), None)
+        t = (float(state["step"]) if state else 0.0) + 1
+        self.neg_step_size.fill_(-(lr / (1 - self.betas[0] ** t)))
+
+    def _check_steps(self) -> None:
+        """One step size serves every parameter: their Adamax step counts must agree."""
+        counts = {float(self.optimizer.state[p]["step"]) for p in self._updated}
+        if len(counts) > 1:
+            raise ValueError(f"GraphedStep: Adamax states at different steps {sorted(counts)}")
+
+    # ------------------------------------------------------------------ static buffers
+    def _record(self, chunks: Chunks, draws: list, key: tuple) -> None:
+        """Keep, per chunk, the ``(name, shape)`` of each draw its generator made, in order."""
+        chunk_of = {id(g): j for j, (_, g) in enumerate(chunks)}
+        per_chunk: list[list[tuple[str, tuple[int, ...]]]] = [[] for _ in chunks]
+        for generator, name, shape in draws:
+            j = chunk_of.get(id(generator))
+            if j is None:
+                raise ValueError(f"GraphedStep: {name!r} was drawn from no chunk's generator")
+            if any(name == seen for seen, _ in per_chunk[j]):
+                raise ValueError(f"GraphedStep: the forward pass draws {name!r} twice")
+            per_chunk[j].append((name, shape))
+        self._key, self._draws = key, per_chunk
+        self._images = [torch.empty_like(x) for x, _ in chunks]
+        self._noises = [
+            {name: torch.empty(shape, device=x.device) for name, shape in chunk}
+            for (x, _), chunk in zip(chunks, per_chunk, strict=True)
+        ]
+
+    def _fill(self, chunks: Chunks) -> None:
+        """Images and noises of this step into the static buffers: each noise drawn from the
+        chunk's generator exactly as the eager forward pass draws it (float32, same order)."""
+        for (x, generator), image, noises, draws in zip(
+            chunks, self._images, self._noises, self._draws, strict=True
+        ):
+            self.model._check_images(x)  # the graph cannot: its values are never read on the host
+            image.copy_(x)
+            for name, shape in draws:
+                noise = torch.randn(
+                    shape, generator=generator, device=generator.device, dtype=torch.float32
+                )
+                noises[name].copy_(noise)
+
+    # ------------------------------------------------------------------ CUDA graph
+    def _capture(self, static: list[tuple[Tensor, dict[str, Tensor]]], total: int) -> None:
+        """Warm up on a side stream (updates masked, BatchNorm statistics restored), then capture
+        the whole step — every chunk's forward and backward, the guard and the update — in one
+        graph whose gradients live in its private memory pool. **Not yet run on a GPU.**"""
+        device = self.neg_step_size.device
+        began = time.perf_counter()
+        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+        self.allow.fill_(False)
+        try:
+            with _cusolver():
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    for _ in range(self.warmups):
+                        self._body(static, total)
+                torch.cuda.current_stream(device).wait_stream(side)
+                self.optimizer.zero_grad(set_to_none=True)  # captured backward allocates .grad
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self._out = self._body(static, total)
+            self._graph = graph
+            self._captured = [
+                (p, p.grad, self.optimizer.state[p]["exp_avg"], self.optimizer.state[p]["exp_inf"])
+                for p in self._updated
+            ]
+        except Exception as err:  # any failure: say why, run eagerly
+            first_line = (str(err).splitlines() or [""])[0]
+            self.refusal = f"capture failed ({type(err).__name__}: {first_line})"
+            self.say(f"train.cuda_graph: {self.refusal}; the step runs eagerly")
+            self.optimizer.zero_grad(set_to_none=True)
+        finally:
+            self.allow.fill_(True)
+            for name, b in self.model.named_buffers():
+                b.copy_(buffers[name])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        if self._graph is not None:
+            torch.cuda.empty_cache()  # the warm-ups' cached blocks; the graph keeps its own pool
+            self.capture_seconds = time.perf_counter() - began
+            self.say(f"train.cuda_graph: step captured in {self.capture_seconds:.1f} s")
+
+    def _rebind(self) -> None:
+        """After ``optimizer.load_state_dict`` (resume, rollback): the captured graph reads and
+        writes the Adamax state tensors it was captured with, so the loaded values are copied
+        into those and the state points at them again."""
+        for p, _, avg, inf in self._captured:
+            state = self.optimizer.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                avg.zero_()
+                inf.zero_()
+            else:
+                avg.copy_(state["exp_avg"])
+                inf.copy_(state["exp_inf"])
+            state["exp_avg"], state["exp_inf"] = avg, inf
+
+
+def capture_refusal(cfg: TrainConfig, world: int = 1) -> str | None:
+    """Why the step of this setup cannot be a :class:`GraphedStep` (one line), or None."""
+    if not cfg.cuda_graph:
+        return "train.cuda_graph=false"
+    if world > 1:
+        return "DDP: each rank would replay its own graph around the all-reduce; not built yet"
+    if cfg.compile:
+        return "train.compile: torch.compile makes its own graphs (compile_mode=reduce-overhead)"
+    if cfg.low_memory:
+        return (
+            "train.low_memory: activation checkpointing under graph capture works only in a "
+            "limited case (the RNG state it saves and restores)"
+        )
+    if cfg.monitor_every:
+        return "train.monitor_every: the layer monitor reads values on the host mid-step"
+    return None
+
+
+def graphed_step(
+    model: DenseFlow,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    device: torch.device,
+    world: int = 1,
+    say: Callable[[str], None] | None = None,
+) -> GraphedStep | None:
+    """The :class:`GraphedStep` that :func:`denseflow.train.train` runs and ``denseflow bench``
+    times for this setup (captured on CUDA; on the CPU eager, with ``train_step``'s numbers), or
+    None where :func:`capture_refusal` says why not: then they run ``train_step``, and on CUDA the
+    reason is said in one line through ``say``."""
+    refusal = capture_refusal(cfg, world)
+    if refusal is None:
+        return GraphedStep(model, optimizer, cfg.grad_clip, device.type == "cuda", say=say)
+    if say is not None and device.type == "cuda" and cfg.cuda_graph:
+        say(f"train.cuda_graph: not captured: {refusal}; the steps run train_step")
+    return None

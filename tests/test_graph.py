@@ -1,0 +1,439 @@
+"""The static-buffer training step (denseflow.graph) against the eager one, on the CPU.
+
+On the CPU :class:`GraphedStep` runs the function a GPU captures, eagerly; every comparison here
+is bitwise (``torch.equal``): parameters, Adamax state, BatchNorm statistics and losses after
+several steps, chunks, channels-last, bf16 networks, gradient clipping, non-finite steps and
+whole ``train()`` runs with resume. The CUDA capture itself is rehearsed with CPU stand-ins for
+``torch.cuda``'s stream and graph objects (its Python path, the masked warm-ups); what a GPU
+does with it is checked by scripts/device_check.sh.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from denseflow import checkpoint as ckpt
+from denseflow import graph as graph_module
+from denseflow import runtime
+from denseflow.config import load_config
+from denseflow.graph import GraphedStep, capture_refusal, graphed_step, masked_adamax_
+from denseflow.model import DenseFlow
+from denseflow.seeding import stream
+from denseflow.train import train, train_step
+from denseflow.transforms.base import recorded_draws
+from denseflow.transforms.glow import Conv1x1, inverse, log_abs_det
+
+TINY = load_config("tiny")
+#: a small 3-channel model unlike the tiny preset: uniform dequantization, multi-head attention,
+#: LU 1x1 convolutions, three scales, channels-last
+SMALL = load_config("tiny").override(
+    [
+        "model.image_shape=[3, 16, 16]",
+        "model.block_conf=[2, 1, 1]",
+        "model.layers_conf=[1, 1, 1]",
+        "model.layer_mid_chnls=[8, 8, 8]",
+        "model.dequantization=uniform",
+        "model.attention=multihead",
+        "model.attention_heads=2",
+        "model.conv1x1=lu",
+        "train.channels_last=true",
+    ]
+)
+
+
+# ---------------------------------------------------------------------- capture-safe linear algebra
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["row-major", "column-major", "batch"])
+def test_log_abs_det_is_slogdet_bitwise(dtype, layout):
+    """Values and gradients equal slogdet's bit for bit (the same LU of W or Wᵀ, the same solve)
+    for the sizes of the paper's 1x1 convolutions, whatever the memory layout (a Conv1x1 weight
+    starts column-major, from a QR); plain autograd through lu_factor_ex would give other
+    gradients (about 3e-6 relative in float32)."""
+    for c in (4, 12, 48, 100):
+        for _ in range(4):
+            w = torch.randn(3, c, c, dtype=dtype) if layout == "batch" else torch.randn(c, c)
+            w = w.to(dtype).mT.contiguous().mT if layout == "column-major" else w.to(dtype)
+            a = w.clone(memory_format=torch.preserve_format).requires_grad_()
+            b = w.clone(memory_format=torch.preserve_format).requires_grad_()
+            reference, ours = torch.linalg.slogdet(a)[1], log_abs_det(b)
+            grad = torch.randn(reference.shape, dtype=dtype)
+            reference.backward(grad)
+            ours.backward(grad)
+            assert torch.equal(reference, ours) and torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inverse_is_inv_bitwise(dtype):
+    for c in (3, 12, 48, 100):
+        w = torch.randn(c, c, dtype=dtype)
+        assert torch.equal(inverse(w), torch.linalg.inv(w))
+
+
+def test_a_cached_inverse_must_be_forgotten_when_weights_change_behind_autograd():
+    """A graph replay writes the weights without bumping autograd's version counter (as ``.data``
+    writes do here): the cached W⁻¹ is stale until :meth:`Conv1x1.forget_inverse`, which
+    GraphedStep calls after every replay."""
+    conv = Conv1x1(6)
+    with torch.no_grad():
+        first = conv._inverse_matrix()
+        conv.weight.data.mul_(2)  # no version bump, like a replay
+        assert conv._inverse_matrix() is first  # stale
+        conv.forget_inverse()
+        assert torch.allclose(conv._inverse_matrix(), first / 2)
+
+
+# ---------------------------------------------------------------------- Adamax, masked
+def test_masked_adamax_is_torch_adamax_bitwise_and_a_dropped_update_changes_nothing(monkeypatch):
+    """Several steps on tensors of many sizes and layouts (groups of 100 elements, so tensors are
+    split over several groups): equal to torch.optim.Adamax; with ``keep`` False nothing moves."""
+    monkeypatch.setitem(graph_module.GROUP_ELEMENTS, "cpu", 100)
+    shapes = [(3,), (17,), (8, 4, 3, 3), (1, 5, 1, 1), (64,), (33, 7)]
+    ours = [torch.randn(s) for s in shapes]
+    ours[2] = ours[2].contiguous(memory_format=torch.channels_last)
+    theirs = [p.clone().requires_grad_() for p in ours]
+    adamax = torch.optim.Adamax(theirs, lr=2e-3, betas=(0.9, 0.999), eps=1e-8)
+    avgs, infs = [torch.zeros_like(p) for p in ours], [torch.zeros_like(p) for p in ours]
+    step = torch.zeros(())
+    for t in range(1, 6):
+        grads = [torch.randn_like(p) * 10.0 ** (t - 3) for p in ours]
+        for p, g in zip(theirs, grads, strict=True):
+            p.grad = g.clone()
+        adamax.step()
+        neg = torch.tensor(-(2e-3 / (1 - 0.9**t)))
+        before = [x.clone() for x in (*ours, *avgs, *infs)]
+        masked_adamax_(ours, grads, avgs, infs, torch.tensor(False), neg, (0.9, 0.999), 1e-8)
+        assert all(torch.equal(a, b) for a, b in zip((*ours, *avgs, *infs), before, strict=True))
+        masked_adamax_(ours, grads, avgs, infs, torch.tensor(True), neg, (0.9, 0.999), 1e-8)
+        step += 1
+        for i, p in enumerate(theirs):
+            state = adamax.state[p]
+            assert torch.equal(p.detach(), ours[i]), (t, i)
+            assert torch.equal(state["exp_avg"], avgs[i]) and torch.equal(state["exp_inf"], infs[i])
+        assert ours[2].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_groups_cover_every_tensor_once():
+    assert graph_module._groups([5, 5, 5, 20, 1], budget=10) == [
+        slice(0, 2),
+        slice(2, 3),
+        slice(3, 4),
+        slice(4, 5),
+    ]
+    assert graph_module._groups([], budget=10) == []
+
+
+# ---------------------------------------------------------------------- the step against train_step
+def _pair(config, precision: str = "float32"):
+    """Two identical models (data-initialised, prepared as train() prepares them) with an Adamax
+    each."""
+    cfg = dataclasses.replace(config.train, precision=precision)
+    torch.manual_seed(0)
+    model = runtime.prepare(DenseFlow(config.model), cfg, torch.device("cpu"))
+    images = torch.randint(0, 256, (8, *config.model.image_shape))
+    model.data_init(images, generator=stream(0, "init"))
+    model.train()
+    twin = copy.deepcopy(model)
+    make = lambda m: torch.optim.Adamax(m.parameters(), lr=1e-3, betas=cfg.betas, eps=cfg.eps)  # noqa: E731
+    return (model, make(model)), (twin, make(twin))
+
+
+def _batch(config, step: int, size: int, chunks: int):
+    """The chunks of a step as Batches.chunks gives them: a noise stream per (step, chunk)."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    x = torch.randint(0, 256, (size, *config.model.image_shape), generator=generator)
+    return [(part, stream(0, "noise", step, j)) for j, part in enumerate(x.tensor_split(chunks))]
+
+
+def _assert_same(eager, graphed, where: str) -> None:
+    (m1, o1), (m2, o2) = eager, graphed
+    for (name, p), q in zip(m1.named_parameters(), m2.parameters(), strict=True):
+        assert torch.equal(p, q), f"{where}: parameter {name}"
+        s1, s2 = o1.state.get(p, {}), o2.state.get(q, {})
+        assert s1.keys() == s2.keys(), f"{where}: Adamax state keys of {name}"
+        for key in s1:
+            assert torch.equal(s1[key], s2[key]), f"{where}: Adamax {key} of {name}"
+            assert s1[key].dtype == s2[key].dtype and s1[key].device == s2[key].device
+    for (name, b), c in zip(m1.named_buffers(), m2.buffers(), strict=True):
+        assert torch.equal(b, c), f"{where}: buffer {name}"
+
+
+@pytest.mark.parametrize(
+    "config, chunks, sizes, grad_clip, precision",
+    [
+        pytest.param(TINY, 1, [8] * 5, 0.0, "float32", id="tiny"),
+        pytest.param(TINY, 2, [8, 8, 8, 5, 8], 0.0, "float32", id="tiny-2chunks-partial"),
+        pytest.param(TINY, 1, [5, 8, 8, 5, 8, 8], 0.0, "float32", id="tiny-partial-first"),
+        pytest.param(TINY, 1, [6] * 4, 0.05, "float32", id="tiny-gradclip"),
+        pytest.param(TINY, 2, [6] * 4, 0.0, "bfloat16", id="tiny-bf16"),
+        pytest.param(SMALL, 2, [7] * 4, 0.0, "float32", id="small-channels_last"),
+    ],
+)
+def test_static_step_equals_train_step_bitwise(config, chunks, sizes, grad_clip, precision):
+    """Step after step (the first one eager and recording, the later ones on static buffers; a
+    batch of another size on the eager path): the same losses, parameters, Adamax state
+    (exp_avg, exp_inf, step) and BatchNorm statistics as ``train_step``, bit for bit."""
+    eager, graphed = _pair(config, precision)
+    step = GraphedStep(*graphed, grad_clip=grad_clip)
+    for t, size in enumerate(sizes):
+        lr = 1e-3 * (t + 1) / len(sizes)
+        a = train_step(*eager, _batch(config, t, size, chunks), lr, grad_clip)
+        b = step(_batch(config, t, size, chunks), lr)
+        assert torch.equal(a, b) and math.isfinite(b.item()), t
+        _assert_same(eager, graphed, f"step {t}")
+    assert step._key is not None and not step.captured
+    assert graphed[1].param_groups[0]["lr"] == eager[1].param_groups[0]["lr"]
+    if grad_clip:  # both clipped their gradients to the norm grad_clip
+        for model, _ in (eager, graphed):
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            assert torch.nn.utils.get_total_norm(grads).item() == pytest.approx(grad_clip, 1e-4)
+
+
+def test_each_chunk_needs_a_generator_of_its_own():
+    _, graphed = _pair(TINY)
+    (x1, g), (x2, _) = _batch(TINY, 0, 6, 2)
+    for chunks in ([(x1, g), (x2, g)], [(x1, None)]):
+        with pytest.raises(ValueError, match="generator of its own"):
+            GraphedStep(*graphed)(chunks, 1e-3)
+
+
+def test_the_recorded_draws_are_the_models_likelihood_noises_in_order():
+    (model, _), _ = _pair(TINY)
+    x, generator = _batch(TINY, 0, 4, 1)[0]
+    with recorded_draws() as draws:
+        model(x, generator=generator)
+    likelihood = [n for n in model.noise_names if n not in ("base.eta",) and "transition" not in n]
+    assert [name for _, name, _ in draws] == likelihood
+    assert all(g is generator for g, _, _ in draws) and draws[0][2][0] == 4
+    with recorded_draws() as nothing:
+        model(x, noise={name: torch.zeros(shape) for _, name, shape in draws})
+    assert nothing == []
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_a_non_finite_step_changes_nothing_and_says_so(monkeypatch, poison):
+    """Step 3 of 5 is made non-finite (a NaN loss, or a NaN in one gradient): on the static path
+    its update is dropped on the device — parameters and Adamax state bitwise as before the step
+    — the returned loss reads non-finite, and the run goes on exactly as ``train_step``'s."""
+    eager, graphed = _pair(TINY)
+    step = GraphedStep(*graphed)
+    calls = {"n": 0}
+    original = DenseFlow.forward
+
+    def poisoned(self, x, noise=None, generator=None):
+        value = original(self, x, noise, generator)
+        calls["n"] += 1
+        if poison == "loss" and calls["n"] in (5, 6):  # the third step of each model
+            return value * float("nan")
+        return value
+
+    monkeypatch.setattr(DenseFlow, "forward", poisoned)
+    target = [p for p in graphed[0].parameters()][3]
+    twin = [p for p in eager[0].parameters()][3]
+    for t in range(5):
+        if poison == "gradient" and t == 2:
+            hooks = [p.register_hook(lambda g: g * float("nan")) for p in (target, twin)]
+        before = [p.clone() for p in graphed[0].parameters()]
+        state = copy.deepcopy(graphed[1].state_dict()["state"])
+        a = train_step(*eager, _batch(TINY, t, 6, 1), 1e-3)
+        b = step(_batch(TINY, t, 6, 1), 1e-3)
+        if t == 2:
+            assert not math.isfinite(a.item()) and not math.isfinite(b.item())
+            params = zip(graphed[0].parameters(), before, strict=True)
+            assert all(torch.equal(p, q) for p, q in params)
+            after = graphed[1].state_dict()["state"]
+            assert all(torch.equal(after[i][k], state[i][k]) for i in state for k in state[i]), (
+                "Adamax state moved on a dropped step"
+            )
+            for hook in hooks if poison == "gradient" else []:
+                hook.remove()
+        else:
+            assert torch.equal(a, b)
+        _assert_same(eager, graphed, f"step {t}")
+    steps = {float(s["step"]) for s in graphed[1].state.values()}
+    assert steps == {4.0}  # five steps, one dropped
+
+
+def test_optimizer_reload_and_resume_in_the_middle():
+    """A GraphedStep keeps working after ``optimizer.load_state_dict`` (resume, rollback): from a
+    state saved after step 2, steps 3-4 equal the uninterrupted steps."""
+    eager, graphed = _pair(TINY)
+    step = GraphedStep(*graphed)
+    for t in range(2):
+        step(_batch(TINY, t, 6, 2), 1e-3)
+    saved = copy.deepcopy((graphed[0].state_dict(), graphed[1].state_dict()))
+    for t in range(2, 4):
+        step(_batch(TINY, t, 6, 2), 1e-3)
+    graphed[0].load_state_dict(saved[0])
+    graphed[1].load_state_dict(saved[1])
+    for t in range(4):
+        train_step(*eager, _batch(TINY, t, 6, 2), 1e-3)
+    for t in range(2, 4):
+        step(_batch(TINY, t, 6, 2), 1e-3)
+    _assert_same(eager, graphed, "after reload")
+
+
+# ---------------------------------------------------------------------- the capture, rehearsed
+class _FakeGraph:
+    """CPU stand-in for torch.cuda.CUDAGraph: a replay runs the captured step's body again on the
+    static buffers and writes its outputs where the captured ones live (a real replay reruns the
+    recorded kernels on the same memory)."""
+
+    def __init__(self, step: GraphedStep, total: int) -> None:
+        self.step, self.total, self.replays = step, total, 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        step = self.step
+        static = list(zip(step._images, step._noises, strict=True))
+        loss, keep = step._body(static, self.total)
+        step._out[0].copy_(loss)
+        step._out[1].copy_(keep)
+
+
+class _FakeStream:
+    def wait_stream(self, other) -> None:
+        pass
+
+
+def _fake_cuda(monkeypatch, step: GraphedStep, total: int, seen: list) -> _FakeGraph:
+    graph = _FakeGraph(step, total)
+
+    def capture(g):
+        seen.append(("capture", step.allow.item()))
+        return nullcontext()
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(graph_module, "_cusolver", nullcontext)
+    return graph
+
+
+def test_capture_path_rehearsed_on_the_cpu(monkeypatch):
+    """The capture code with CPU stand-ins for streams and graphs: the warm-ups and the capture
+    leave parameters, Adamax state and BatchNorm statistics as they were (updates masked,
+    statistics restored), replays then give train_step's numbers bitwise, a partial batch runs
+    eagerly in between, a reloaded optimizer state is copied into the captured tensors, and each
+    replay forgets the cached 1x1 inverses."""
+    eager, graphed = _pair(TINY)
+    messages, seen = [], []
+    step = GraphedStep(*graphed, capture=True, say=messages.append)
+    fake = _fake_cuda(monkeypatch, step, 12, seen)
+    convs = [m for m in graphed[0].modules() if isinstance(m, Conv1x1)]
+    saved = None
+    for t, size in enumerate([8, 12, 12, 12, 8, 12, 12]):  # resumed at an epoch's last batch
+        with torch.no_grad():  # cache every W⁻¹, as sampling does
+            [m._inverse_matrix() for m in convs]
+        a = train_step(*eager, _batch(TINY, t, size, 2), 1e-3)
+        b = step(_batch(TINY, t, size, 2), 1e-3)
+        if t == 2:  # the capture call: captured with updates masked, then replayed
+            assert seen == [("capture", False)] and step.captured and step.allow.item()
+            assert messages and "captured" in messages[0] and step.capture_seconds is not None
+        assert torch.equal(a, b), t
+        _assert_same(eager, graphed, f"step {t}")  # the warm-ups left no trace
+        replayed = size == 12 and t >= 2
+        assert all((getattr(m, "_cached_key", None) is None) == replayed for m in convs), t
+        if t == 3:
+            saved = copy.deepcopy(graphed[1].state_dict())
+    assert fake.replays == 4
+    index = {id(p): i for i, p in enumerate(graphed[0].parameters())}
+    captured = [(p, m, u) for p, _, m, u in step._captured]
+    graphed[1].load_state_dict(saved)  # back to after step 3: the captured tensors stay
+    for p, m, u in captured:
+        state = graphed[1].state[p]
+        assert state["exp_avg"] is m and state["exp_inf"] is u
+        assert torch.equal(m, saved["state"][index[id(p)]]["exp_avg"])
+        assert torch.equal(u, saved["state"][index[id(p)]]["exp_inf"])
+
+
+def test_a_failed_capture_says_why_and_runs_eagerly(monkeypatch):
+    eager, graphed = _pair(TINY)
+    messages = []
+    step = GraphedStep(*graphed, capture=True, say=messages.append)
+    _fake_cuda(monkeypatch, step, 6, [])
+
+    def broken(g):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(torch.cuda, "graph", broken)
+    for t in range(3):
+        assert torch.equal(
+            train_step(*eager, _batch(TINY, t, 6, 1), 1e-3), step(_batch(TINY, t, 6, 1), 1e-3)
+        )
+        _assert_same(eager, graphed, f"step {t}")
+    assert not step.captured and "operation not permitted" in step.refusal
+    assert messages == [f"train.cuda_graph: {step.refusal}; the step runs eagerly"]
+
+
+# ---------------------------------------------------------------------- choice of step, train()
+def test_uncapturable_setups_say_why_and_run_train_step():
+    cfg = TINY.train
+    assert capture_refusal(cfg) is None
+    for change, words in (
+        ({"cuda_graph": False}, "cuda_graph=false"),
+        ({"compile": True}, "train.compile"),
+        ({"low_memory": True}, "train.low_memory"),
+        ({"monitor_every": 2}, "monitor"),
+    ):
+        assert words in capture_refusal(dataclasses.replace(cfg, **change))
+    assert "DDP" in capture_refusal(cfg, world=2)
+    (model, optimizer), _ = _pair(TINY)
+    said = []
+    low = dataclasses.replace(cfg, low_memory=True)
+    assert graphed_step(model, optimizer, low, torch.device("cuda"), say=said.append) is None
+    assert said and "low_memory" in said[0]
+    assert isinstance(graphed_step(model, optimizer, cfg, torch.device("cpu")), GraphedStep)
+
+
+def test_train_runs_are_bitwise_the_same_with_and_without_the_option(tmp_path):
+    """A whole train() run (2 chunks, an epoch's last batch smaller than the others, evaluations
+    and samples between the steps) gives the same final weights, Adamax state and test bpd with
+    ``train.cuda_graph`` on (the static-buffer step) as off (train_step); stopped after step 4
+    and resumed, it gives them too."""
+    base = TINY.override(["train.batch_size=24", "train.batch_chunks=2", "train.num_samples=2"])
+    runs = {}
+    for name, extra in (("off", ["train.cuda_graph=false"]), ("on", []), ("resumed", [])):
+        config = base.override(extra)
+        if name == "resumed":
+            train(config, tmp_path / name, progress=False, stop_after=4)
+            runs[name] = train(config, tmp_path / name, resume=tmp_path / name, progress=False)
+        else:
+            runs[name] = train(config, tmp_path / name, progress=False)
+    final = {n: ckpt.load(tmp_path / n / "checkpoints" / "step_0000006.pt") for n in runs}
+    for name in ("on", "resumed"):
+        assert runs[name]["test_bpd"] == runs["off"]["test_bpd"]
+        for key, value in final["off"]["model"].items():
+            assert torch.equal(final[name]["model"][key], value), (name, key)
+        for i, state in final["off"]["optimizer"]["state"].items():
+            for key, value in state.items():
+                assert torch.equal(final[name]["optimizer"]["state"][i][key], value), (name, key)
+
+
+def test_bench_times_the_step_train_runs(tmp_path):
+    """`denseflow bench --what train` times the step train() would run: the GraphedStep (here
+    eager, on the CPU) or, with train.cuda_graph=false, train_step; the report says which and
+    times the first two calls (the recording step, then the capture on CUDA) apart."""
+    from denseflow.bench import _busy_seconds, bench, format_report
+
+    reports = {}
+    for graph in (True, False):
+        config = TINY.override([f"train.cuda_graph={str(graph).lower()}"])
+        report = bench(config, 4, steps=2, warmup=0, what=("train",), profile=tmp_path / "p")
+        reports[graph] = report
+        assert reports[graph]["train"]["profile"]["profiled_wall_s"] > 0
+        assert "first two calls" in format_report(reports[graph])
+    on, off = reports[True]["train"]["step"], reports[False]["train"]["step"]
+    assert on["graphed"] and not on["captured"] and on["refusal"] is None
+    assert not off["graphed"] and off["refusal"] == "train.cuda_graph=false"
+    assert on["first_steps_s"] > 0 and on["capture_s"] is None
+    assert _busy_seconds([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.6)]) == 4e-6
