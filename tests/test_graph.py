@@ -81,11 +81,11 @@ def test_a_cached_inverse_must_be_forgotten_when_weights_change_behind_autograd(
     GraphedStep calls after every replay."""
     conv = Conv1x1(6)
     with torch.no_grad():
-        first = conv._inverse_matrix()
+        first = conv._inverse_matrix(torch.float32)
         conv.weight.data.mul_(2)  # no version bump, like a replay
-        assert conv._inverse_matrix() is first  # stale
+        assert conv._inverse_matrix(torch.float32) is first  # stale
         conv.forget_inverse()
-        assert torch.allclose(conv._inverse_matrix(), first / 2)
+        assert torch.allclose(conv._inverse_matrix(torch.float32), first / 2)
 
 
 # ---------------------------------------------------------------------- Adamax, masked
@@ -333,7 +333,7 @@ def test_capture_path_rehearsed_on_the_cpu(monkeypatch):
     saved = None
     for t, size in enumerate([8, 12, 12, 12, 8, 12, 12]):  # resumed at an epoch's last batch
         with torch.no_grad():  # cache every W⁻¹, as sampling does
-            [m._inverse_matrix() for m in convs]
+            [m._inverse_matrix(torch.float32) for m in convs]
         a = train_step(*eager, _batch(TINY, t, size, 2), 1e-3)
         b = step(_batch(TINY, t, size, 2), 1e-3)
         if t == 2:  # the capture call: captured with updates masked, then replayed
