@@ -45,7 +45,7 @@ from .config import ConfigError, RunConfig
 from .graph import GraphedStep, capture_refusal, graphed_step
 from .model import DenseFlow, eager
 from .runtime import prepare
-from .train import train_step
+from .step import train_step
 
 TIMED = ("train", "sample", "iwbo")  # the measurements with a row of timings
 MEASUREMENTS = (*TIMED, "convs")

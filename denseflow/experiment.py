@@ -40,7 +40,8 @@ from .evaluate import evaluate_images
 from .model import DenseFlow
 from .runtime import prepare, resolve_device
 from .sample import sample_seeds, save_grid
-from .train import train, train_step
+from .step import train_step
+from .train import train
 
 _DEMO = load_config("demo")
 #: the reference architecture, the ``demo`` preset's model: 2 scales, 3 + 2 units of 2 steps

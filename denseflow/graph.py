@@ -1,7 +1,7 @@
 """The training step on static buffers, captured as one CUDA graph on a GPU (issue 12).
 
 On an H200 the eager DenseFlow-74-10 step is bound by the host issuing about 46,600 kernels one
-by one (docs/benchmarks.md). :class:`GraphedStep` computes what :func:`denseflow.train.train_step`
+by one (docs/benchmarks.md). :class:`GraphedStep` computes what :func:`denseflow.step.train_step`
 computes — the same chunks, noises, loss, gradients, Adamax update and non-finite guard — in a
 form a CUDA graph can hold:
 
@@ -42,7 +42,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from .config import TrainConfig
 from .model import DenseFlow
-from .train import backpropagate, gradient_norm
+from .step import backpropagate, gradient_norm
 from .transforms.base import recorded_draws
 from .transforms.glow import Conv1x1
 
@@ -116,7 +116,7 @@ def masked_adamax_(
 
 
 class GraphedStep:
-    """:func:`denseflow.train.train_step` on static buffers; on CUDA one captured graph.
+    """:func:`denseflow.step.train_step` on static buffers; on CUDA one captured graph.
 
     ``step(chunks, lr, batch_size=None)`` takes what ``train_step`` takes (``chunks``: the
     ``(images, noise generator)`` parts of the batch, each chunk with a generator of its own) and
@@ -190,7 +190,7 @@ class GraphedStep:
     ) -> Tensor:
         """One step on ``chunks`` at learning rate ``lr``; returns the loss (as ``train_step``)."""
         if ddp is not None:
-            raise ValueError("GraphedStep: DDP steps run denseflow.train.train_step")
+            raise ValueError("GraphedStep: DDP steps run denseflow.step.train_step")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = batch_size or sum(len(x) for x, _ in chunks)

@@ -58,7 +58,7 @@ from denseflow.config import load_config  # noqa: E402
 from denseflow.graph import GraphedStep  # noqa: E402
 from denseflow.model import DenseFlow  # noqa: E402
 from denseflow.seeding import stream  # noqa: E402
-from denseflow.train import train_step  # noqa: E402
+from denseflow.step import train_step  # noqa: E402
 
 
 def distance(x: list[torch.Tensor], y: list[torch.Tensor]) -> float:

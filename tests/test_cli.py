@@ -275,7 +275,7 @@ def test_bench_conv_census_and_kernel_ceiling(tmp_path):
     from denseflow.bench import conv_census, conv_kernel_seconds
     from denseflow.config import load_config
     from denseflow.model import DenseFlow
-    from denseflow.train import train_step
+    from denseflow.step import train_step
     from denseflow.transforms.glow import Conv1x1
 
     x, w3, w1 = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3), torch.randn(3, 4, 1, 1)

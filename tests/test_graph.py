@@ -25,7 +25,8 @@ from denseflow.config import load_config
 from denseflow.graph import GraphedStep, capture_refusal, graphed_step, masked_adamax_
 from denseflow.model import DenseFlow
 from denseflow.seeding import stream
-from denseflow.train import train, train_step
+from denseflow.step import train_step
+from denseflow.train import train
 from denseflow.transforms.base import recorded_draws
 from denseflow.transforms.glow import Conv1x1, inverse, log_abs_det
 

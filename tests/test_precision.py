@@ -15,7 +15,7 @@ from denseflow.model import DenseFlow
 from denseflow.nets.coupling import CouplingNet
 from denseflow.nets.runner import NetRunner
 from denseflow.runtime import prepare
-from denseflow.train import train_step
+from denseflow.step import train_step
 from denseflow.transforms.base import Noise
 from denseflow.transforms.glow import AffineCoupling
 

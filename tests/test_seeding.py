@@ -9,7 +9,8 @@ import torch
 
 from denseflow.config import load_config
 from denseflow.seeding import PURPOSES, stream, stream_seed
-from denseflow.train import Batches, LoopState
+from denseflow.step import Batches
+from denseflow.train import LoopState
 
 
 def test_no_two_streams_coincide():

@@ -39,7 +39,7 @@ def test_grad_clip_clips():
     """``train.grad_clip``: the update sees gradients of norm ``grad_clip`` (torch's
     clip_grads_with_norm_ takes the parameters; given the gradients it clipped nothing)."""
     from denseflow.model import DenseFlow
-    from denseflow.train import train_step
+    from denseflow.step import train_step
 
     torch.manual_seed(0)
     model = DenseFlow(load_config("tiny").model).train()
