@@ -51,14 +51,15 @@ def save_pretrained(
 ) -> Path:
     """Write ``model`` as ``folder/model.safetensors`` + ``folder/config.json`` (``config``: the
     run configuration to keep with it, default: the model's own with default data and recipe)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = config or RunConfig(model=model.config)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = folder / f".{WEIGHTS}.tmp"
-    save_file(state, str(tmp), metadata={"format": ckpt.FORMAT})
+    # bytes written by open(): the file gets the usual permissions (save_file's are 0600)
+    tmp.write_bytes(save(state, metadata={"format": ckpt.FORMAT}))
     os.replace(tmp, folder / WEIGHTS)
     meta = {"format": ckpt.FORMAT, "denseflow_version": __version__, "batchnorm": batchnorm}
     meta |= {"weights_sha256": _sha256(folder / WEIGHTS), **config.to_dict()}

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from denseflow.cli import main
-from denseflow.peers import broken, evaluate_glow, glow_log_likelihood, glow_model
+from denseflow.peers import (
+    broken,
+    evaluate_glow,
+    glow_log_likelihood,
+    glow_model,
+    sample_health,
+)
 from denseflow.seeding import stream
 
 pytest.importorskip("normflows")
@@ -37,9 +43,20 @@ def test_glow_bound_is_the_dequantized_density_minus_the_scaling():
     assert result["iwbo_bpd"] <= -draws.mean(0).sum().item() / per_dim  # log-mean-exp >= mean
 
 
-def test_broken_values_are_the_non_finite_and_out_of_range_ones():
-    z = torch.tensor([[0.0, 1.0, 0.5], [1.5, 0.2, 0.3], [float("nan"), 0.1, 0.1]])
-    assert broken(z).tolist() == [[False] * 3, [True, False, False], [True, False, False]]
+def test_broken_values_blew_up_and_clamped_values_are_reported_beside():
+    """Broken: non-finite or more than a data range outside [0, 1]; values just outside [0, 1]
+    are only clamped by the quantization."""
+    z = torch.tensor([[0.0, 1.0, 0.5], [1.5, 0.2, -0.3], [float("nan"), 0.1, 0.1], [2.5, 0, 0]])
+    assert broken(z).tolist() == [
+        [False] * 3,
+        [False] * 3,
+        [True, False, False],
+        [True, False, False],
+    ]
+    health = sample_health(z.view(4, 1, 1, 3))
+    assert health == pytest.approx(
+        {"broken_share": 2 / 4, "broken_values": 2 / 12, "clamped_values": 3 / 12}, abs=0
+    )
 
 
 def test_quick_peer_comparison_end_to_end(tmp_path, capsys):
@@ -52,4 +69,11 @@ def test_quick_peer_comparison_end_to_end(tmp_path, capsys):
         assert 0 <= r["broken_share"] <= 1 and (out / f"samples_{name}_t1.0.png").exists()
     assert results["denseflow"]["batchnorm"].startswith("recalibrated")
     assert "| normflows Glow |" in capsys.readouterr().out
+    # a rerun reuses both arms' training and bounds (stored beside them) and draws the samples again
+    stamps = {name: (out / name).stat().st_mtime_ns for name in ("glow.pt", "denseflow.json")}
+    assert main(["experiment", "peers", "--quick", "--quiet", "--out", str(out)]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert {name: (out / name).stat().st_mtime_ns for name in stamps} == stamps
+    for name in ("denseflow", "glow"):
+        assert again[name] == results[name]
     assert main(["experiment", "peers", "--steps", "3", "--out", str(out)]) == 2
