@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from denseflow import DenseFlow
 from denseflow import checkpoint as ckpt
 from denseflow.cli import main
 from denseflow.config import load_config
-from denseflow.pretrained import load, open_model
+from denseflow.data.idx import embedded_fashion_mnist_dir
+from denseflow.pretrained import PUBLISHED_DIR, load, open_model, published
 from denseflow.train import train
 
 CONFIG = load_config("tiny")
@@ -31,6 +33,8 @@ def test_save_pretrained_round_trip(tmp_path):
             p.add_(torch.randn_like(p))
     folder = model.save_pretrained(tmp_path / "m", CONFIG, batchnorm="recalibrated: test")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    modes = {(folder / f).stat().st_mode & 0o777 for f in ("config.json", "model.safetensors")}
+    assert len(modes) == 1  # the weights get the permissions of any file written (not 0600)
     meta = json.loads((folder / "config.json").read_text())
     assert meta["model"] == CONFIG.model.to_dict() and meta["batchnorm"] == "recalibrated: test"
     loaded, config, batchnorm = open_model(folder)
@@ -82,3 +86,32 @@ def test_the_command_line_takes_a_model_folder(tmp_path, capsys):
     out = tmp_path / "e.json"
     assert main(["evaluate", "--checkpoint", str(folder), "--quiet", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["images"] == 32  # tiny's test_limit
+
+
+CARD = Path(__file__).resolve().parents[1] / "docs" / "model_card.md"
+
+
+def _card_figure(row: str) -> float:
+    """The bits/dim the model card's results table gives in the row that starts with ``row``."""
+    for line in CARD.read_text().splitlines():
+        if line.startswith(f"| {row} |"):
+            return float(line.split("|")[2].strip().strip("*"))
+    raise AssertionError(f"{CARD}: no row {row!r}")
+
+
+def test_the_published_model_loads_by_name_and_reproduces_its_card(tmp_path):
+    """``fashion-mnist`` ships with the package (<= 5 MB, recalibrated statistics); the
+    command line's ELBO on the bundled 2,000 test images is the model card's figure."""
+    assert "fashion-mnist" in published()
+    folder = PUBLISHED_DIR / "fashion-mnist"
+    assert sum(f.stat().st_size for f in folder.iterdir()) <= 5 * 2**20
+    model, config, batchnorm = open_model("fashion-mnist")
+    assert sum(p.numel() for p in model.parameters()) == 976_172
+    assert config.model.image_shape == (1, 28, 28) and batchnorm.startswith("recalibrated")
+    out = tmp_path / "e.json"
+    bundled = str(embedded_fashion_mnist_dir())
+    argv = ["evaluate", "--checkpoint", "fashion-mnist", "--data-dir", bundled]
+    assert main([*argv, "--quiet", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 2000
+    assert result["bpd"] == pytest.approx(_card_figure("ELBO, first 2,000 test images"), abs=6e-5)
