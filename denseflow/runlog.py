@@ -211,15 +211,19 @@ class RunOutputs:
                 old.unlink()
         self.saved_step = state.step
 
+    @property
+    def batchnorm(self) -> str:
+        """Which BatchNorm statistics the run evaluates and exports with."""
+        cfg = self.config.train
+        if cfg.bn_recalibrate:
+            return describe(cfg.bn_recalibrate, cfg.batch_size, cfg.seed)
+        return ckpt.RUNNING_STATISTICS
+
     def export(self, name: str, model: DenseFlow) -> None:
         """Inference weights and config as ``name`` (``best.pt``, ``final.pt``), with the
         BatchNorm statistics the run evaluates with."""
-        cfg = self.config.train
-        statistics = ckpt.RUNNING_STATISTICS
-        if cfg.bn_recalibrate:
-            statistics = describe(cfg.bn_recalibrate, cfg.batch_size, cfg.seed)
         if self.main:
-            ckpt.export(self.run_dir / name, model, self.config, batchnorm=statistics)
+            ckpt.export(self.run_dir / name, model, self.config, batchnorm=self.batchnorm)
 
 
 class LayerMonitor:

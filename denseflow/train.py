@@ -296,6 +296,7 @@ def train(
         "step": state.step,
         "stopped": stopped,
         "test_bpd": test_bpd,
+        "batchnorm": out.batchnorm,  # the statistics test_bpd was evaluated with
     }
     if not stopped:
         summary["best_test_bpd"] = state.best_test_bpd

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from denseflow import checkpoint as ckpt
 from denseflow.config import load_config
 from denseflow.model import DenseFlow
-from denseflow.recalibrate import batchnorms, recalibrate_batchnorm, recalibrated
+from denseflow.recalibrate import batchnorms, describe, recalibrate_batchnorm, recalibrated
 from denseflow.train import train
 
 CONFIG = load_config("tiny")
@@ -86,6 +86,8 @@ def test_recalibrated_evaluation_leaves_training_and_resume_bitwise_unchanged(tm
     assert a["step"] == b["step"] == 8
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert full["test_bpd"] != plain["test_bpd"]
+    assert plain["batchnorm"] == ckpt.RUNNING_STATISTICS  # the summary says which statistics
+    assert full["batchnorm"] == describe(2, config.train.batch_size, config.train.seed)
     final = ckpt.load(tmp_path / "full" / "final.pt")["model"]
     stale = [k for k in final if "running_mean" in k and torch.equal(final[k], b["model"][k])]
     assert not stale  # the export carries the recalibrated statistics
