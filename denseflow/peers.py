@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -98,10 +99,12 @@ def glow_model(image_shape: tuple[int, int, int], L: int, K: int, hidden_channel
     c, h, w = image_shape
     q0, merges, flows = [], [], []
     for i in range(L):
-        level = [
-            nf.flows.GlowBlock(c * 2 ** (L + 1 - i), hidden_channels, split_mode="channel")
-            for _ in range(K)
-        ]
+        with warnings.catch_warnings():  # normflows' LU 1x1 init calls the deprecated torch.lu
+            warnings.filterwarnings("ignore", message="torch.lu is deprecated")
+            level = [
+                nf.flows.GlowBlock(c * 2 ** (L + 1 - i), hidden_channels, split_mode="channel")
+                for _ in range(K)
+            ]
         flows.append([*level, nf.flows.Squeeze()])
         if i > 0:
             merges.append(nf.flows.Merge())
