@@ -480,6 +480,7 @@ def _cmd_sample(a: argparse.Namespace) -> int:
 
 def _cmd_interpolate(a: argparse.Namespace) -> int:
     from .data import load_images
+    from .data.folder import read_image_files
     from .pretrained import open_model
     from .runtime import resolve_device
     from .sample import interpolate, save_grid
@@ -505,8 +506,7 @@ def _cmd_interpolate(a: argparse.Namespace) -> int:
             image = Path(given)
             if not image.is_file():
                 raise ConfigError(f"interpolate: {flag} {given}: no such image file")
-            folder = load_images("folder", "all", image.parent, shape[1:], limit=None)
-            ends.append(folder.images[folder.names.index(image.name)])
+            ends.append(read_image_files([image], shape[1:])[0][0])
         if ends[-1].shape != shape:
             raise ConfigError(
                 f"interpolate: {flag} {given}: a {tuple(ends[-1].shape)} image, "

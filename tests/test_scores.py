@@ -103,6 +103,7 @@ def test_interpolation_strip_starts_and_ends_at_the_inputs_bit_for_bit(run, tmp_
     assert torch.equal(strip[0], a.long()) and torch.equal(strip[-1], b.long())
     assert not torch.equal(strip[2], strip[0])
     Image.fromarray(a[0].numpy()).save(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("not an image")  # the file is read alone, not its folder
     out = tmp_path / "strip.png"
     argv = ["interpolate", "--checkpoint", str(run / "final.pt"), "--a", str(tmp_path / "a.png")]
     assert main([*argv, "--b", "3", "--steps", "4", "--out", str(out)]) == 0

@@ -9,9 +9,11 @@ every image of the folder is greyscale, else three.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ..distributed import say
@@ -74,6 +76,30 @@ def read_folder(req: Request) -> Read:
         raise DataError(f"{folder}: empty folder, no images")
     paths = paths[: req.limit]
     height, width = image_size
+    images, hashes, resized = read_image_files(paths, image_size, desc=f"images in {folder.name}")
+    digest = manifest_digest([(p.name, sha) for p, sha in zip(paths, hashes, strict=True)])
+    if resized:
+        say(
+            f"{folder}: {resized} of {len(paths)} images resized to {height}x{width} "
+            "(PIL bilinear on the short side, center crop)"
+        )
+    source = {
+        "path": str(folder.parent),
+        "release": "plain image folder",
+        "files": {folder.name + "/": digest},
+        "preprocessing": f"PIL bilinear resize of the short side, center crop to {height}x{width}",
+        "resized": resized,
+    }
+    return Read(images, source, tuple(p.name for p in paths))
+
+
+def read_image_files(
+    paths: Sequence[Path], image_size: tuple[int, int], desc: str = "images"
+) -> tuple[torch.Tensor, list[str], int]:
+    """PNG/JPEG files as uint8 ``(N, C, H, W)``, each resized to cover ``image_size`` and
+    center-cropped; one channel when every file is greyscale, else three. Also the sha256 of
+    each file and how many were resized."""
+    height, width = image_size
 
     def decode(path: Path) -> tuple[np.ndarray, tuple[bool, str, bool]]:
         img, sha = open_image(path)
@@ -92,21 +118,7 @@ def read_folder(req: Request) -> Read:
         return (array[None] if grey else array.transpose(2, 0, 1)), (grey, sha, resized)
 
     images = np.empty((len(paths), 3, height, width), dtype=np.uint8)
-    metas = decode_into(images, paths, decode, desc=f"images in {folder.name}")
+    metas = decode_into(images, paths, decode, desc=desc)
     if all(grey for grey, _, _ in metas):
         images = images[:, :1]
-    digest = manifest_digest([(p.name, sha) for p, (_, sha, _) in zip(paths, metas, strict=True)])
-    resized = sum(r for _, _, r in metas)
-    if resized:
-        say(
-            f"{folder}: {resized} of {len(paths)} images resized to {height}x{width} "
-            "(PIL bilinear on the short side, center crop)"
-        )
-    source = {
-        "path": str(folder.parent),
-        "release": "plain image folder",
-        "files": {folder.name + "/": digest},
-        "preprocessing": f"PIL bilinear resize of the short side, center crop to {height}x{width}",
-        "resized": resized,
-    }
-    return Read(to_tensor(images), source, tuple(p.name for p in paths))
+    return to_tensor(images), [sha for _, sha, _ in metas], sum(r for _, _, r in metas)
