@@ -41,6 +41,7 @@ from .config import ConfigError, RunConfig, load_config
 from .data import load_images
 from .evaluate import evaluate_images
 from .experiment import _machine
+from .pretrained import open_model
 from .runlog import read_records
 from .runtime import resolve_device
 from .sample import save_grid
@@ -262,7 +263,7 @@ def run_peers(
         }
 
     dense = _once(out / "denseflow.json", config.to_dict(), train_denseflow)
-    model, _ = ckpt.load_model(run / "final.pt", device)
+    model, _, batchnorm = open_model(run / "final.pt", device)
     z = torch.cat(
         [
             model.sample(100, generator=stream(seed, "sample", i, device=device), quantize=False)
@@ -270,7 +271,7 @@ def run_peers(
         ]
     )[:draws].cpu()
     dense |= {"params": sum(p.numel() for p in model.parameters()), **sample_health(z)}
-    dense["batchnorm"] = ckpt.load(run / "final.pt")["batchnorm"]
+    dense["batchnorm"] = batchnorm
     save_grid(quantized(z[:64]), out / "samples_denseflow_t1.0.png")
     log(f"denseflow: {json.dumps(dense)}")
 

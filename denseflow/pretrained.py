@@ -12,7 +12,6 @@ verified on load like a checkpoint's checksum.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from . import __version__
 from . import checkpoint as ckpt
 from .config import RunConfig
+from .data.files import sha256_file
 from .model import DenseFlow
 
 #: models published with the package, one folder each (``config.json``, ``model.safetensors``)
@@ -33,14 +33,6 @@ WEIGHTS, CONFIG = "model.safetensors", "config.json"
 def published() -> list[str]:
     """Names of the models published with the package."""
     return sorted(p.name for p in PUBLISHED_DIR.glob("*") if (p / CONFIG).is_file())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_pretrained(
@@ -62,7 +54,7 @@ def save_pretrained(
     tmp.write_bytes(save(state, metadata={"format": ckpt.FORMAT}))
     os.replace(tmp, folder / WEIGHTS)
     meta = {"format": ckpt.FORMAT, "denseflow_version": __version__, "batchnorm": batchnorm}
-    meta |= {"weights_sha256": _sha256(folder / WEIGHTS), **config.to_dict()}
+    meta |= {"weights_sha256": sha256_file(folder / WEIGHTS), **config.to_dict()}
     (folder / f".{CONFIG}.tmp").write_text(json.dumps(meta, indent=1) + "\n")
     os.replace(folder / f".{CONFIG}.tmp", folder / CONFIG)
     return folder
@@ -79,7 +71,7 @@ def _read_folder(folder: Path) -> dict[str, Any]:
         raise ckpt.CheckpointError(f"{folder / CONFIG}: not a readable config ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != ckpt.FORMAT:
         raise ckpt.CheckpointError(f"{folder / CONFIG}: not a denseflow model's config.json")
-    if meta.get("weights_sha256") != _sha256(folder / WEIGHTS):
+    if meta.get("weights_sha256") != sha256_file(folder / WEIGHTS):
         raise ckpt.CheckpointError(
             f"{folder / WEIGHTS}: damaged (its bytes do not match the SHA-256 in {CONFIG})"
         )
