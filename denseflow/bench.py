@@ -7,10 +7,14 @@ Measurements (each on random 8-bit images of the preset's shape):
             (``train.cuda_graph``, default on), else ``train_step``; the first two calls (the
             eager recording step, then the capture and first replay) are timed apart
             (``first_steps_s``, ``capture_s``).
-``sample``  ``model.sample(B)`` in eval mode.
-``iwbo``    ``model.iwbo(x, k, chunk)`` in eval mode, against a plain loop of ``k`` ``elbo`` calls
+``sample``  ``sample(B)`` in eval mode, the sampling noises given (one fixed draw).
+``iwbo``    ``iwbo(x, k, chunk)`` in eval mode, against a plain loop of ``k`` ``elbo`` calls
             (as a user writes it, and the same loop under ``torch.no_grad()``); images/s counts
             importance samples of x per second.
+            Both run what ``denseflow sample`` and ``denseflow evaluate`` run: on CUDA replayed
+            graphs (:class:`denseflow.graph.GraphedInference`, unless ``train.cuda_graph`` is
+            off), else the model's own methods; their first two calls (recording, capture) are
+            timed apart (``first_calls_s``, ``capture_s``).
 ``convs``   the kernel ceiling (opt-in): every convolution of one training step at batch B,
             grouped by shape, each shape timed alone on random data (forward, then both backward
             products); the sum is what the step's convolutions cost at isolated-kernel speed,
@@ -35,6 +39,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +47,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import ConfigError, RunConfig
-from .graph import GraphedStep, capture_refusal, graphed_step
+from .graph import (
+    GraphedInference,
+    GraphedStep,
+    capture_refusal,
+    draw_noises,
+    graphed_step,
+    inference,
+)
 from .model import DenseFlow, eager
 from .runtime import prepare
 from .step import train_step
@@ -274,6 +286,28 @@ def describe_step(graphed: GraphedStep | None, config: RunConfig, first: float) 
     }
 
 
+def describe_inference(runner: DenseFlow | GraphedInference, first: float) -> dict:
+    """Whether ``sample``/``iwbo`` replayed graphs (and why not), capture time, first calls."""
+    if not isinstance(runner, GraphedInference):
+        return {"graphed": False, "first_calls_s": first}
+    return {
+        "graphed": True,
+        "graphs": runner.graphs,
+        "refusal": runner.refusal,
+        "capture_s": runner.capture_seconds,
+        "first_calls_s": first,
+    }
+
+
+def _first_calls(call: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of two untimed calls: a graphed call records its noise draws, then captures."""
+    began = time.perf_counter()
+    for _ in range(2):
+        call()
+    _sync(device)
+    return time.perf_counter() - began
+
+
 def bench(
     config: RunConfig,
     batch_size: int = 32,
@@ -333,29 +367,32 @@ def bench(
                 * batch_size
             )
             call, graphed = _train_call(model, optimizer, config, device, [(x, generator)])
-            began = time.perf_counter()
-            for _ in range(2):  # a GraphedStep records its noise draws, then captures (CUDA)
-                call()
-            _sync(device)
-            first = time.perf_counter() - began
+            first = _first_calls(call, device)
             times, memory = _time(call, steps, warmup, device)
             report["train"] = _summary(times, batch_size, flops, memory)
             report["train"]["step"] = describe_step(graphed, config, first)
         elif item == "sample":
             model.eval()
             flops = count_flops(lambda: model.sample(1, generator=generator)) * batch_size
-            call = lambda: model.sample(batch_size, generator=generator)  # noqa: E731
+            shapes = [(n, (batch_size, *shape)) for n, shape in model.sampling_shapes.items()]
+            runner = inference(model, config.train.cuda_graph, say=print)
+            call = partial(runner.sample, batch_size, noise=draw_noises(shapes, generator, device))
+            first = _first_calls(call, device)
             times, memory = _time(call, steps, warmup, device)
             report["sample"] = _summary(times, batch_size, flops, memory)
+            report["sample"]["calls"] = describe_inference(runner, first)
         elif item == "iwbo":
             model.eval()
             flops = (
                 count_flops(lambda: model.iwbo(x[:1], k, chunk=kbs, generator=generator))
                 * batch_size
             )
-            call = lambda: model.iwbo(x, k, chunk=kbs, generator=generator)  # noqa: E731
+            runner = inference(model, config.train.cuda_graph, say=print)
+            call = partial(runner.iwbo, x, k, chunk=kbs, generator=generator)
+            first = _first_calls(call, device)
             times, memory = _time(call, steps, warmup, device)
             result = _summary(times, batch_size * k, flops, memory)
+            result["calls"] = describe_inference(runner, first)
 
             def loop() -> None:  # what a user writes: k calls of elbo, autograd on
                 for _ in range(k):
@@ -435,6 +472,15 @@ def format_report(report: dict[str, Any]) -> str:
         else:
             kind = f"train_step ({r['refusal']})"
         rows.append(f"train step: {kind}; first two calls {r['first_steps_s']:.2f} s")
+    for item in ("sample", "iwbo"):
+        if item in report:
+            r = report[item]["calls"]
+            kind = "the model's own calls"
+            if r.get("graphs"):
+                kind = f"{r['graphs']} CUDA graph(s), captured in {r['capture_s']:.1f} s"
+            elif r["graphed"]:
+                kind = f"static buffers, eager ({r['refusal'] or 'not captured off CUDA'})"
+            rows.append(f"{item}: {kind}; first two calls {r['first_calls_s']:.2f} s")
     if "iwbo" in report:
         r = report["iwbo"]
         rows.append(

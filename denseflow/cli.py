@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ CHECKPOINT_HELP = (
     "a checkpoint (.pt), a run folder, a save_pretrained folder, a published model's name "
     "(fashion-mnist) or, with huggingface_hub, a Hub repository id"
 )
+NO_GRAPH_HELP = "on a GPU: run the model's calls eagerly instead of replaying CUDA graphs"
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
 SCALE_HELP = "show each pixel as SCALE x SCALE (default: a 28 px image at 84 px or more)"
 
@@ -163,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
         help="where to write the result (default: beside the checkpoint, named by "
         "split, bound, k, limit and precision)",
     )
+    p.add_argument("--no-cuda-graph", action="store_true", help=NO_GRAPH_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = command("sample", "Sample images to a PNG grid and/or one PNG per seed.")
@@ -180,6 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, help=SCALE_HELP)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-cuda-graph", action="store_true", help=NO_GRAPH_HELP)
 
     p = command(
         "interpolate",
@@ -394,10 +398,18 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         a.batch_size or config.eval.batch_size,
         a.kbs or min(a.k or 1, config.eval.kbs),
     )
-    progress = not a.quiet
-    nats = {"elbo": score_images(model, images.images, batch_size, None, None, a.seed, progress)}
+    score = partial(
+        score_images,
+        model,
+        images.images,
+        batch_size,
+        seed=a.seed,
+        progress=not a.quiet,
+        cuda_graph=not a.no_cuda_graph,
+    )
+    nats = {"elbo": score()}
     if a.k is not None:
-        nats[bound] = score_images(model, images.images, batch_size, a.k, kbs, a.seed, progress)
+        nats[bound] = score(k=a.k, kbs=kbs)
     mean = nats[bound].mean().item()
     result = {
         "bpd": to_bits_per_dim(model, nats[bound].mean()).item(),
@@ -464,7 +476,8 @@ def _cmd_sample(a: argparse.Namespace) -> int:
     out = _output(a.out or _beside(a.checkpoint, "samples.png"))
     model, config, _ = open_model(a.checkpoint, resolve_device(a.device))
     model = model.to(memory_format=torch.channels_last)
-    images = sample_seeds(model, seeds, a.temperature, progress=not a.quiet)
+    graph = not a.no_cuda_graph
+    images = sample_seeds(model, seeds, a.temperature, progress=not a.quiet, cuda_graph=graph)
     if not distributed.is_main():
         return 0
     info = {"temperature": a.temperature, "checkpoint": a.checkpoint, "seeds": a.seeds or a.num}

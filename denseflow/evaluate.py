@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
+from .graph import inference
 from .model import DenseFlow
 from .seeding import stream
 
@@ -27,6 +28,7 @@ def score_images(
     seed: int = 0,
     progress: bool = True,
     desc: str = "evaluate",
+    cuda_graph: bool = True,
 ) -> torch.Tensor:
     """Per-image ``log p̂(x)`` in nats, float64 ``(N,)``, of ``images`` (uint8 ``(N, C, H, W)``)
     under ``model`` in its current mode.
@@ -36,8 +38,11 @@ def score_images(
     values are reproducible and independent of how batches are shared out. In a process group
     every rank calls this with the same arguments: rank ``r`` scores batches ``r, r + W, …`` and
     every rank gets every image's value, in dataset order (exactly the single-process values).
+    On a GPU the batches replay CUDA graphs (:class:`denseflow.graph.GraphedInference`, the same
+    values) unless ``cuda_graph`` is False.
     """
     device = model.base.loc.device
+    scorer = inference(model, cuda_graph, say=distributed.say)
     values = torch.zeros(len(images), dtype=torch.float64, device=device)
     starts = list(range(0, len(images), batch_size))[distributed.rank() :: distributed.world_size()]
     show = progress and distributed.is_main()
@@ -46,9 +51,9 @@ def score_images(
         x = images[start : start + batch_size].to(device).long()
         generator = stream(seed, "eval", start // batch_size, device=device)
         if k is None:
-            log_p = model.elbo(x, generator=generator)
+            log_p = scorer.elbo(x, generator=generator)
         else:
-            log_p = model.iwbo(x, k, chunk=kbs, generator=generator)
+            log_p = scorer.iwbo(x, k, chunk=kbs, generator=generator)
         values[start : start + len(x)] = log_p.double()
         bar.update(len(x) * distributed.world_size())
     bar.close()
@@ -69,10 +74,12 @@ def evaluate_images(
     seed: int = 0,
     progress: bool = True,
     desc: str = "evaluate",
+    cuda_graph: bool = True,
 ) -> dict[str, float]:
     """Mean bits/dim of ``images`` (:func:`score_images`, summed in float64): ``{"bpd", "nats",
     "images", "k"}``."""
-    nats = score_images(model, images, batch_size, k, kbs, seed, progress, desc).sum().item()
+    nats = score_images(model, images, batch_size, k, kbs, seed, progress, desc, cuda_graph)
+    nats = nats.sum().item()
     nats /= len(images)
     bpd = to_bits_per_dim(model, torch.tensor(nats, dtype=torch.float64)).item()
     return {"bpd": bpd, "nats": nats, "images": len(images), "k": k or 1}

@@ -1,4 +1,5 @@
-"""The training step on static buffers, captured as one CUDA graph on a GPU (issue 12).
+"""The training step, evaluation and sampling on static buffers, captured as CUDA graphs on a
+GPU (issue 12).
 
 On an H200 the eager DenseFlow-74-10 step is bound by the host issuing about 46,600 kernels one
 by one (docs/benchmarks.md). :class:`GraphedStep` computes what :func:`denseflow.step.train_step`
@@ -25,16 +26,21 @@ On the CPU the same step function runs eagerly and gives bitwise the weights, Ad
 BatchNorm statistics of ``train_step`` (tests/test_graph.py). On CUDA the step is captured once,
 whole — every chunk's forward and backward, the norm, the guard and the update — and replayed.
 
+:class:`GraphedInference` does the same for ``elbo``, ``iwbo`` and ``sample`` in eval mode:
+one graph per call shape, the noises drawn before each call into its buffers.
+
 **Not yet run on a GPU.** The capture path (:meth:`GraphedStep._capture`) is written to
-PyTorch's rules for whole-network capture but has never executed: scripts/device_check.sh holds
-the check that compares replayed steps against eager ones on an H200 and times them.
+PyTorch's rules for whole-network capture but has never executed (nor has
+:meth:`GraphedInference._capture`): scripts/device_check.sh holds the check that compares replayed
+steps against eager ones on an H200 and times them.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -65,6 +71,26 @@ def _cusolver() -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.preferred_linalg_library(previous)
+
+
+def draw_noises(
+    order: Sequence[tuple[str, tuple[int, ...]]], generator: torch.Generator | None, device
+) -> dict[str, Tensor]:
+    """The standard normals a pass draws fresh, in its order (``(name, shape)``, as
+    :func:`~denseflow.transforms.base.recorded_draws` recorded them), drawn before the pass:
+    bitwise what :class:`~denseflow.transforms.base.Noise` would draw (float32, from
+    ``generator``, or from ``device``'s default generator)."""
+    where = device if generator is None else generator.device
+    return {
+        name: torch.randn(shape, generator=generator, device=where, dtype=torch.float32)
+        for name, shape in order
+    }
+
+
+def _failure(err: Exception) -> str:
+    """A failed capture in one line: the exception's type and first line."""
+    first_line = (str(err).splitlines() or [""])[0]
+    return f"capture failed ({type(err).__name__}: {first_line})"
 
 
 def _groups(sizes: list[int], budget: int) -> list[slice]:
@@ -304,10 +330,7 @@ class GraphedStep:
         ):
             self.model._check_images(x)  # the graph cannot: its values are never read on the host
             image.copy_(x)
-            for name, shape in draws:
-                noise = torch.randn(
-                    shape, generator=generator, device=generator.device, dtype=torch.float32
-                )
+            for name, noise in draw_noises(draws, generator, x.device).items():
                 noises[name].copy_(noise)
 
     # ------------------------------------------------------------------ CUDA graph
@@ -337,8 +360,7 @@ class GraphedStep:
                 for p in self._updated
             ]
         except Exception as err:  # any failure: say why, run eagerly
-            first_line = (str(err).splitlines() or [""])[0]
-            self.refusal = f"capture failed ({type(err).__name__}: {first_line})"
+            self.refusal = _failure(err)
             self.say(f"train.cuda_graph: {self.refusal}; the step runs eagerly")
             self.optimizer.zero_grad(set_to_none=True)
         finally:
@@ -366,6 +388,174 @@ class GraphedStep:
                 avg.copy_(state["exp_avg"])
                 inf.copy_(state["exp_inf"])
             state["exp_avg"], state["exp_inf"] = avg, inf
+
+
+class _Captured(NamedTuple):
+    """One captured call: its static inputs, the output the replays overwrite, the graph, the
+    function captured, and the model tensors it reads (their addresses, to notice a swap)."""
+
+    inputs: dict[str, Tensor]
+    output: Tensor
+    graph: torch.cuda.CUDAGraph
+    fn: Callable[[dict[str, Tensor]], Tensor]
+    tensors: list[int]
+
+
+class GraphedInference:
+    """:meth:`~denseflow.model.DenseFlow.elbo`, :meth:`~denseflow.model.DenseFlow.iwbo` and
+    :meth:`~denseflow.model.DenseFlow.sample` on static buffers; on CUDA one graph per call shape,
+    captured at the shape's second call and replayed from the third (issue 12).
+
+    The methods take what the model's take and give their values: :func:`denseflow.evaluate.
+    score_images` and :func:`denseflow.sample.sample_seeds` call them in place of the model's on a
+    GPU. ``elbo`` records, at the first call of a batch shape, the noises the pass draws (as
+    :class:`GraphedStep` does); later calls draw them before the pass from the same generator, in
+    the same order, so every value is the eager one (bitwise on the CPU, tests/test_graph.py).
+    ``iwbo`` is the model's, its passes scored by this ``elbo``; ``sample`` needs every sampling
+    noise given (``base.eta`` and each ``transition{t}.eta``), as :func:`denseflow.sample.
+    sample_seeds` gives them. The 1x1 convolutions invert ``W`` inside a sampling graph.
+
+    A graph reads the model's parameters and buffers where they live: updates in place
+    (optimizer steps, ``load_state_dict``, BatchNorm recalibration) reach the next replay, and a
+    graph whose model tensors were replaced is captured again. Calls in training mode, and every
+    call after a capture failed (said once through ``say``, :attr:`refusal`), run eagerly.
+    Settings that change the computation (``set_net_precision``, ``set_low_memory``) belong
+    before the first call.
+    """
+
+    def __init__(
+        self,
+        model: DenseFlow,
+        capture: bool | None = None,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        self.model = model
+        device = model.base.loc.device
+        self.capture = device.type == "cuda" if capture is None else capture
+        self.say = say or (lambda message: None)
+        self.refusal: str | None = None
+        self.capture_seconds = 0.0  # all captures so far, warm-ups included
+        self._orders: dict[tuple, list[tuple[str, tuple[int, ...]]]] = {}  # elbo's draws
+        self._seen: set[tuple] = set()  # call shapes run once (eagerly)
+        self._graphs: dict[tuple, _Captured] = {}
+        self._pool = None  # one memory pool for every graph: they replay one after another
+
+    @property
+    def graphs(self) -> int:
+        """How many call shapes replay a captured graph."""
+        return len(self._graphs)
+
+    @torch.inference_mode()
+    def elbo(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``model.elbo(x, generator=generator)``."""
+        self.model._check_images(x)
+        key = ("elbo", tuple(x.shape), x.dtype, x.device)
+        order = self._orders.get(key)
+        if order is None:  # the shape's first call: eager, recording what it draws
+            with recorded_draws() as draws:
+                out = self.model.elbo(x, generator=generator)
+            if any(g is not generator for g, _, _ in draws):
+                raise ValueError("GraphedInference: the pass drew from another generator")
+            self._orders[key] = [(name, shape) for _, name, shape in draws]
+            self._seen.add(key)
+            return out
+        inputs = {"x": x, **draw_noises(order, generator, x.device)}
+        return self._run(key, inputs, self._elbo)
+
+    def _elbo(self, inputs: dict[str, Tensor]) -> Tensor:
+        noise = {name: t for name, t in inputs.items() if name != "x"}
+        return self.model.elbo(inputs["x"], noise=noise)
+
+    @torch.inference_mode()
+    def iwbo(
+        self,
+        x: Tensor,
+        k: int,
+        chunk: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``model.iwbo(x, k, chunk, generator)``: each pass of ``chunk`` copies through
+        :meth:`elbo` (one graph per pass size)."""
+        return self.model.iwbo(x, k, chunk, elbo=lambda copies: self.elbo(copies, generator))
+
+    @torch.inference_mode()
+    def sample(
+        self, n: int, temperature: float = 1.0, noise: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        """``model.sample(n, temperature, noise=noise)``; ``noise`` holds every sampling noise."""
+        names = list(self.model.sampling_shapes)
+        missing = [name for name in names if name not in (noise or {})]
+        if missing:
+            raise KeyError(f"GraphedInference.sample: noise {missing} not given")
+        device = self.model.base.loc.device
+        inputs = {name: noise[name].to(device) for name in names}
+        key = ("sample", n, float(temperature), *(t.dtype for t in inputs.values()))
+        return self._run(key, inputs, lambda s: self.model.sample(n, temperature, noise=s))
+
+    def _run(
+        self, key: tuple, inputs: dict[str, Tensor], fn: Callable[[dict[str, Tensor]], Tensor]
+    ) -> Tensor:
+        """``fn(inputs)``: from the graph of ``key`` (which fixes the inputs' names, shapes and
+        dtypes; they are copied into its buffers), else eagerly."""
+        entry = self._graphs.get(key)
+        if entry is not None and entry.tensors != self._tensors():
+            del self._graphs[key]  # the model's tensors were replaced: capture again
+            entry = None
+        if entry is None:
+            if key not in self._seen or not self.capture or self.refusal or self.model.training:
+                self._seen.add(key)
+                return fn(inputs)
+            entry = self._capture(key, inputs, fn)
+            if entry is None:
+                return fn(inputs)
+        for name, t in inputs.items():
+            entry.inputs[name].copy_(t)
+        entry.graph.replay()
+        return entry.output.clone()
+
+    def _tensors(self) -> list[int]:
+        return [t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers())]
+
+    def _capture(
+        self, key: tuple, inputs: dict[str, Tensor], fn: Callable[[dict[str, Tensor]], Tensor]
+    ) -> _Captured | None:
+        """One warm-up on a side stream (eval mode: nothing changes), then the capture into the
+        shared pool. A failure says why once; everything runs eagerly from then on."""
+        device = self.model.base.loc.device
+        began = time.perf_counter()
+        static = {name: t.clone() for name, t in inputs.items()}
+        try:
+            with _cusolver():
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    fn(static)
+                torch.cuda.current_stream(device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    output = fn(static)
+            self._pool = graph.pool()
+        except Exception as err:  # any failure: say why, run eagerly
+            self.refusal = _failure(err)
+            self.say(f"cuda graph: {self.refusal}; evaluation and sampling run eagerly")
+            return None
+        finally:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        self.capture_seconds += time.perf_counter() - began
+        entry = _Captured(static, output, graph, fn, self._tensors())
+        self._graphs[key] = entry
+        return entry
+
+
+def inference(
+    model: DenseFlow, cuda_graph: bool = True, say: Callable[[str], None] | None = None
+) -> DenseFlow | GraphedInference:
+    """What runs ``elbo``, ``iwbo`` and ``sample`` for a caller with many batches: a
+    :class:`GraphedInference` on a GPU when ``cuda_graph`` is on, else the model itself."""
+    if cuda_graph and model.base.loc.is_cuda:
+        return GraphedInference(model, say=say)
+    return model
 
 
 def capture_refusal(cfg: TrainConfig, world: int = 1) -> str | None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .config import ModelConfig, RunConfig
 from .nets.recompute import Recomputable
 from .nets.runner import NetRunner
-from .transforms.base import DiagonalGaussian, Noise
+from .transforms.base import DiagonalGaussian, Noise, capturing
 from .transforms.cross_unit import InvertibleDenseBlock, coupling_net_factory
 from .transforms.dequantization import UniformDequantization, VariationalDequantization
 from .transforms.glow import ActNorm, squeeze, unsqueeze
@@ -112,6 +112,13 @@ class DenseFlow(nn.Module):
         sampling = ["base.eta", *(f"{t.name}.eta" for t in reversed(self.transitions))]
         return ["dequant.eta", *couplings, *sampling]
 
+    @property
+    def sampling_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per image, the shape of each noise :meth:`sample` draws: ``base.eta``, then each
+        transition's ``transition{t}.eta`` (the factored-out halves)."""
+        shapes = {"base.eta": self.latent_shapes["base"]}
+        return shapes | {f"{t.name}.eta": self.latent_shapes[t.name] for t in self.transitions}
+
     def _noise(
         self, noise: NoiseArg, generator: torch.Generator | None, temperature: float = 1.0
     ) -> Noise:
@@ -135,8 +142,8 @@ class DenseFlow(nn.Module):
                 f"x: expected shape (B, {', '.join(map(str, self.config.image_shape))}), "
                 f"got {tuple(x.shape)}"
             )
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return  # values cannot be read while a CUDA graph is captured: GraphedStep checks them
+        if capturing(x):
+            return  # the graphs check the values before they copy them into their buffers
         top = 2**self.config.num_bits - 1
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi > top:
@@ -185,12 +192,19 @@ class DenseFlow(nn.Module):
 
     @torch.inference_mode()
     def iwbo(
-        self, x: Tensor, k: int, chunk: int | None = None, generator: torch.Generator | None = None
+        self,
+        x: Tensor,
+        k: int,
+        chunk: int | None = None,
+        generator: torch.Generator | None = None,
+        elbo: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """Importance-weighted bound ``log (1/k) Σ_j exp(log p̂_j(x))`` in nats, ``(B,)`` (spec §11).
 
         ``k`` independent draws of every noise; ``chunk`` copies of the batch go through the
-        model per pass (default: all ``k`` at once). No autograd graph is built.
+        model per pass (default: all ``k`` at once). No autograd graph is built. ``elbo`` scores
+        the copies of a pass (default: :meth:`elbo` drawing from ``generator``;
+        :class:`denseflow.graph.GraphedInference` passes its replayed one).
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -198,10 +212,11 @@ class DenseFlow(nn.Module):
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         b = x.shape[0]
+        elbo = elbo or (lambda copies: self.elbo(copies, generator=generator))
         weights = []
         for start in range(0, k, chunk):
             n = min(chunk, k - start)
-            weights.append(self.elbo(x.repeat(n, 1, 1, 1), generator=generator).view(n, b))
+            weights.append(elbo(x.repeat(n, 1, 1, 1)).view(n, b))
         return torch.logsumexp(torch.cat(weights), dim=0) - math.log(k)
 
     def encode(

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .config import ConfigError
+from .graph import GraphedInference, inference
 from .model import DenseFlow
 from .seeding import stream
 
@@ -46,13 +47,18 @@ def sample_seeds(
     temperature: float = 1.0,
     batch_size: int = 64,
     progress: bool = False,
+    cuda_graph: bool = True,
 ) -> torch.Tensor:
     """One image per seed, ``(len(seeds), C, H, W)`` integers. The sampling noises of image i are
     drawn from the stream ``(seeds[i], "sample")`` alone, and the model is in eval mode, so the
     image does not depend on the other seeds or on the batch size. In a process group every rank
-    calls this with the same seeds and samples every ``W``-th of them; all ranks get all images."""
+    calls this with the same seeds and samples every ``W``-th of them; all ranks get all images.
+    On a GPU the batches after the first replay a CUDA graph
+    (:class:`denseflow.graph.GraphedInference`, the same images) unless ``cuda_graph`` is False."""
     rank, world = distributed.rank(), distributed.world_size()
-    mine = _sample(model, seeds[rank::world], temperature, batch_size, progress and rank == 0)
+    sampler = inference(model, cuda_graph, say=distributed.say)
+    show = progress and rank == 0
+    mine = _sample(model, sampler, seeds[rank::world], temperature, batch_size, show)
     if world == 1:
         return mine
     shares = [None] * world
@@ -64,11 +70,15 @@ def sample_seeds(
 
 
 def _sample(
-    model: DenseFlow, seeds: list[int], temperature: float, batch_size: int, progress: bool
+    model: DenseFlow,
+    sampler: DenseFlow | GraphedInference,
+    seeds: list[int],
+    temperature: float,
+    batch_size: int,
+    progress: bool,
 ) -> torch.Tensor:
     device = model.base.loc.device
-    shapes = {"base.eta": model.latent_shapes["base"]}
-    shapes |= {f"{t.name}.eta": model.latent_shapes[t.name] for t in model.transitions}
+    shapes = model.sampling_shapes
     out = [torch.empty(0, *model.config.image_shape, dtype=torch.long)]
     for start in tqdm(
         range(0, len(seeds), batch_size), desc="sample", unit="batch", disable=not progress
@@ -80,7 +90,7 @@ def _sample(
             for name, shape in shapes.items():
                 noise[name].append(torch.randn(1, *shape, generator=g))
         stacked = {name: torch.cat(parts).to(device) for name, parts in noise.items()}
-        out.append(model.sample(len(chunk), temperature=temperature, noise=stacked).cpu())
+        out.append(sampler.sample(len(chunk), temperature=temperature, noise=stacked).cpu())
     return torch.cat(out)
 
 

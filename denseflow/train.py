@@ -162,9 +162,17 @@ def evaluate_and_sample(
 ) -> float:
     """Test ELBO bits/dim of the model as it is, and a sample grid into ``grid``."""
     cfg = config.train
-    result = evaluate_images(model, images, config.eval.batch_size, seed=cfg.seed, progress=False)
+    result = evaluate_images(
+        model,
+        images,
+        config.eval.batch_size,
+        seed=cfg.seed,
+        progress=False,
+        cuda_graph=cfg.cuda_graph,
+    )
     if cfg.num_samples:
-        samples = sample_seeds(model, list(range(cfg.num_samples)), cfg.sample_temperature)
+        seeds = list(range(cfg.num_samples))
+        samples = sample_seeds(model, seeds, cfg.sample_temperature, cuda_graph=cfg.cuda_graph)
         if grid is not None:
             info = {"temperature": cfg.sample_temperature, "seeds": f"0-{cfg.num_samples - 1}"}
             save_grid(samples, grid, num_bits=config.model.num_bits, metadata=info)

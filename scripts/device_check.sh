@@ -5,26 +5,29 @@
 #   2. scripts/graph_check.py, DenseFlow-74-10 B=64: N=5 replayed steps against eager ones from
 #      the same state (tolerances in its docstring), eager and replayed step times, capture time,
 #      memory, a masked non-finite replay
-#   3. parity and precision tests on CUDA (log_abs_det replaced slogdet in every model)
-#   4. denseflow bench, DenseFlow-74-10 B=64, float32, graphed: train and sampling 64 images
-#   5. the same with --profile (train only): kernels, host launch calls, GPU busy fraction
-#   6. bf16 networks, graphed: train and sampling
-#   7. IWBO k=16 at B=16
-#   8. torch.compile(mode="reduce-overhead") next to the hand-made graph, if time is left
+#   3. scripts/inference_check.py, DenseFlow-74-10 B=64: elbo, iwbo and sampling replayed from
+#      graphs against the eager calls (tolerances in its docstring), after an in-place weight change
+#      too; eager and replayed times, capture time
+#   4. parity and precision tests on CUDA (log_abs_det replaced slogdet in every model)
+#   5. denseflow bench, DenseFlow-74-10 B=64, float32, graphed: train and sampling 64 images
+#   6. the same with --profile (train only): kernels, host launch calls, GPU busy fraction
+#   7. bf16 networks, graphed: train and sampling
+#   8. IWBO k=16 at B=16 (graphed)
+#   9. torch.compile(mode="reduce-overhead") next to the hand-made graph, if time is left
 # The eager float32 step is timed in 2 (the train_step copies) and was profiled on 2026-11-29
 # (46,621 kernels, docs/benchmarks.md), so it is not benched again.
 #
 # Time: every step has its own limit, cut to a global deadline ($BUDGET, default 390 s of script,
 # so that with the machine's start the call needs about 8-9 of the 15 device minutes). Expected
 # durations (from the 2026-11-29 run: a B=64 bench process took about 40 s, the parity tests 37 s):
-# 20 + 70 + 40 + 45 + 40 + 45 + 30 s = about 290 s before step 8.
+# 20 + 70 + 45 + 40 + 45 + 40 + 45 + 30 s = about 335 s before step 9.
 #
-# How to run (the device tool sends the session's own checkout: merge branch graph into it first):
+# How to run (the device tool sends the session's own checkout):
 #   mkdir -p .devshared && cp -r ../shared/parity .devshared/ && echo /.devshared/ >> .git/info/exclude
 #   run(command="bash scripts/device_check.sh", carry=[".devshared"], timeout_s=450)
-# Raw JSON and the log land in $OUT (8 files at most: log.txt, graph_tiny.json,
-# graph_cifar10.json, bench_float32.json, bench_profile.json, bench_bf16.json, bench_iwbo.json,
-# bench_compile.json; the profiler's table is appended to log.txt). Keep them under
+# Raw JSON and the log land in $OUT (9 files at most: log.txt, graph_tiny.json,
+# graph_cifar10.json, inference_cifar10.json, bench_float32.json, bench_profile.json,
+# bench_bf16.json, bench_iwbo.json, bench_compile.json; the profiler's table is appended to log.txt). Keep them under
 # docs/benchmarks/h200-<date>/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +62,8 @@ step 60 "graph check, tiny, 2 chunks" $PY scripts/graph_check.py --preset tiny -
     --chunks 2 --steps 4 --json "$OUT/graph_tiny.json"
 step 150 "graph check, DenseFlow-74-10 B=64" $PY scripts/graph_check.py --preset cifar10 \
     --batch-size 64 --steps 5 --json "$OUT/graph_cifar10.json"
+step 75 "inference graphs, DenseFlow-74-10 B=64" $PY scripts/inference_check.py --preset cifar10 \
+    --batch-size 64 --json "$OUT/inference_cifar10.json"
 step 90 "parity and precision tests on CUDA" $PY -m pytest -q -x -rs -p no:cacheprovider \
     tests/test_parity.py tests/test_precision.py
 bench 90 float32 "${B64[@]}" --what train,sample

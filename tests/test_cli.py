@@ -416,3 +416,25 @@ def test_convert_official_on_files_that_are_not_official_checkpoints(tmp_path):
     torch.save({"model": {"blocks.0.weight": torch.zeros(1)}}, tmp_path / "ours.pt")
     with pytest.raises(ckpt.CheckpointError, match="has no counterpart"):
         convert_official(tmp_path / "ours.pt", flags)
+
+
+def test_evaluate_and_sample_pass_no_cuda_graph_on(tiny_run, tmp_path, monkeypatch):
+    """`--no-cuda-graph` reaches the code that picks graphed or eager calls (on the CPU both are
+    the model's calls); without it, graphs are asked for."""
+    from denseflow import evaluate, graph, sample
+
+    asked = []
+
+    def recording(model, cuda_graph=True, say=None):
+        asked.append(cuda_graph)
+        return graph.inference(model, cuda_graph, say)
+
+    monkeypatch.setattr(evaluate, "inference", recording)
+    monkeypatch.setattr(sample, "inference", recording)
+    final = str(tiny_run / "final.pt")
+    for extra in ([], ["--no-cuda-graph"]):
+        argv = ["evaluate", "--checkpoint", final, "--limit", "4", "--k", "2", "--quiet"]
+        assert main([*argv, "--json", str(tmp_path / "e.json"), *extra]) == 0
+        argv = ["sample", "--checkpoint", final, "--num", "2", "--quiet"]
+        assert main([*argv, "--out", str(tmp_path / "s.png"), *extra]) == 0
+    assert asked == [True, True, True, False, False, False]  # ELBO, IWBO, sample; twice

@@ -22,7 +22,13 @@ from denseflow import checkpoint as ckpt
 from denseflow import graph as graph_module
 from denseflow import runtime
 from denseflow.config import load_config
-from denseflow.graph import GraphedStep, capture_refusal, graphed_step, masked_adamax_
+from denseflow.graph import (
+    GraphedInference,
+    GraphedStep,
+    capture_refusal,
+    graphed_step,
+    masked_adamax_,
+)
 from denseflow.model import DenseFlow
 from denseflow.seeding import stream
 from denseflow.step import train_step
@@ -302,6 +308,16 @@ class _FakeStream:
         pass
 
 
+def _fake_streams(monkeypatch) -> None:
+    """CPU stand-ins for torch.cuda's streams, synchronisation and cache; no cuSOLVER switch."""
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(graph_module, "_cusolver", nullcontext)
+
+
 def _fake_cuda(monkeypatch, step: GraphedStep, total: int, seen: list) -> _FakeGraph:
     graph = _FakeGraph(step, total)
 
@@ -309,14 +325,9 @@ def _fake_cuda(monkeypatch, step: GraphedStep, total: int, seen: list) -> _FakeG
         seen.append(("capture", step.allow.item()))
         return nullcontext()
 
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    _fake_streams(monkeypatch)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: graph)
     monkeypatch.setattr(torch.cuda, "graph", capture)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(graph_module, "_cusolver", nullcontext)
     return graph
 
 
@@ -438,3 +449,186 @@ def test_bench_times_the_step_train_runs(tmp_path):
     assert not off["graphed"] and off["refusal"] == "train.cuda_graph=false"
     assert on["first_steps_s"] > 0 and on["capture_s"] is None
     assert _busy_seconds([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.6)]) == 4e-6
+
+
+# ---------------------------------------------------------------------- evaluation and sampling
+def _eval_model(config) -> DenseFlow:
+    """A data-initialised model whose BatchNorm statistics moved (two train-mode passes), in
+    eval mode."""
+    torch.manual_seed(0)
+    model = runtime.prepare(DenseFlow(config.model), config.train, torch.device("cpu"))
+    images = torch.randint(0, 256, (8, *config.model.image_shape))
+    model.data_init(images, generator=stream(0, "init"))
+    with torch.no_grad():
+        for i in range(2):
+            model.elbo(images, generator=stream(0, "noise", i))
+    return model.eval()
+
+
+class _FakeInferenceGraph:
+    """CPU stand-in for a captured call: a replay reruns the captured function on the static
+    inputs and writes the captured output (a real replay reruns its kernels on that memory)."""
+
+    def __init__(self, owner: GraphedInference) -> None:
+        self.owner, self.replays = owner, 0
+
+    def pool(self) -> str:
+        return "pool"
+
+    def replay(self) -> None:
+        self.replays += 1
+        entry = next(e for e in self.owner._graphs.values() if e.graph is self)
+        entry.output.copy_(entry.fn(entry.inputs))
+
+
+def _fake_inference_cuda(monkeypatch, owner: GraphedInference, captures: list) -> list:
+    graphs: list[_FakeInferenceGraph] = []
+
+    def new_graph():
+        graphs.append(_FakeInferenceGraph(owner))
+        return graphs[-1]
+
+    def capture(g, pool=None):
+        captures.append(pool)
+        return nullcontext()
+
+    _fake_streams(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", new_graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    return graphs
+
+
+def _sampling_noise(model: DenseFlow, n: int, seed: int) -> dict[str, torch.Tensor]:
+    g = stream(seed, "sample")
+    return {
+        name: torch.randn(n, *shape, generator=g) for name, shape in model.sampling_shapes.items()
+    }
+
+
+@pytest.mark.parametrize("capture", [False, True], ids=["static", "captured"])
+@pytest.mark.parametrize("config", [TINY, SMALL], ids=["tiny", "small"])
+def test_graphed_inference_gives_the_models_values_bitwise(monkeypatch, config, capture):
+    """elbo (batches of one size, one smaller), iwbo (passes of 2, 2 and 1 copies) and sample
+    (two temperatures) through GraphedInference equal the model's own calls bit for bit — on
+    static buffers with pre-drawn noises, and with the capture rehearsed (stand-ins for streams
+    and graphs: a call shape is captured at its second call into one shared pool, replayed
+    after)."""
+    model = _eval_model(config)
+    runner = GraphedInference(model, capture=capture)
+    captures: list = []
+    graphs = _fake_inference_cuda(monkeypatch, runner, captures) if capture else []
+    shape = config.model.image_shape
+    for i, size in enumerate([6, 6, 6, 4, 6]):
+        x = torch.randint(0, 256, (size, *shape), generator=torch.Generator().manual_seed(i))
+        want = model.elbo(x, generator=stream(0, "eval", i))
+        assert torch.equal(runner.elbo(x, stream(0, "eval", i)), want), i
+        want = model.iwbo(x, 5, chunk=2, generator=stream(1, "eval", i))
+        assert torch.equal(runner.iwbo(x, 5, chunk=2, generator=stream(1, "eval", i)), want), i
+    for i, temperature in enumerate([1.0, 0.7, 1.0, 0.7, 1.0]):
+        noise = _sampling_noise(model, 4, i)
+        want = model.sample(4, temperature, noise=noise)
+        assert torch.equal(runner.sample(4, temperature, noise=noise), want), i
+    # captured at their second calls, in this order: iwbo's passes of 12 and 6 images (6 is also
+    # elbo's), then of 8 and 4 (the smaller batch), sampling at T=1 and at T=0.7
+    assert runner.graphs == (6 if capture else 0) and not runner.refusal
+    assert captures == ([None] + ["pool"] * 5 if capture else [])
+    assert [g.replays for g in graphs] == ([7, 7, 1, 1, 2, 1] if capture else [])
+    assert capture == (runner.capture_seconds > 0)
+
+
+def test_graphed_inference_follows_the_model(monkeypatch):
+    """Weights changed in place reach the next replay; a replaced parameter makes the call shape
+    be captured again; training-mode calls run eagerly (BatchNorm statistics updated as the
+    model's own call updates them); a failed capture says why once and runs eagerly."""
+    model = _eval_model(TINY)
+    said: list[str] = []
+    runner = GraphedInference(model, capture=True, say=said.append)
+    captures: list = []
+    _fake_inference_cuda(monkeypatch, runner, captures)
+    x = torch.randint(0, 256, (6, *TINY.model.image_shape))
+    for i in range(3):
+        runner.elbo(x, stream(0, "eval", i))
+    assert runner.graphs == 1 and len(captures) == 1
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)
+    assert torch.equal(
+        runner.elbo(x, stream(0, "eval", 3)), model.elbo(x, generator=stream(0, "eval", 3))
+    )
+    model.base.loc = torch.nn.Parameter(model.base.loc.detach() + 0.1)
+    assert torch.equal(
+        runner.elbo(x, stream(0, "eval", 4)), model.elbo(x, generator=stream(0, "eval", 4))
+    )
+    assert len(captures) == 2 and runner.graphs == 1
+    twin = copy.deepcopy(model).train()
+    model.train()
+    assert torch.equal(
+        runner.elbo(x, stream(0, "eval", 5)), twin.elbo(x, generator=stream(0, "eval", 5))
+    )
+    for (name, b), c in zip(model.named_buffers(), twin.buffers(), strict=True):
+        assert torch.equal(b, c), name
+    assert len(captures) == 2
+    model.eval()
+
+    def broken(g, pool=None):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(torch.cuda, "graph", broken)
+    for i in range(3):
+        noise = _sampling_noise(model, 3, i)
+        assert torch.equal(runner.sample(3, noise=noise), model.sample(3, noise=noise))
+    assert "operation not permitted" in runner.refusal and len(said) == 1
+    assert said[0] == f"cuda graph: {runner.refusal}; evaluation and sampling run eagerly"
+    with pytest.raises(KeyError, match="base.eta"):
+        runner.sample(3, noise={})
+
+
+def test_evaluate_and_sample_replay_graphs_with_the_same_values(monkeypatch):
+    """score_images (ELBO and IWBO, a last partial batch) and sample_seeds through graphs (the
+    capture rehearsed) give what they give with cuda_graph=False."""
+    from denseflow import evaluate, sample
+
+    model = _eval_model(TINY)
+    made: list[GraphedInference] = []
+
+    def graphed(model, cuda_graph=True, say=None):
+        made.append(GraphedInference(model, capture=cuda_graph, say=say))
+        _fake_inference_cuda(monkeypatch, made[-1], [])
+        return made[-1]
+
+    images = torch.randint(0, 256, (22, *TINY.model.image_shape), dtype=torch.uint8)
+    eager = {k: evaluate.score_images(model, images, 5, k, 2, progress=False) for k in (None, 3)}
+    seeds = list(range(11))
+    eager_samples = sample.sample_seeds(model, seeds, 0.8, batch_size=4, cuda_graph=False)
+    monkeypatch.setattr(evaluate, "inference", graphed)
+    monkeypatch.setattr(sample, "inference", graphed)
+    for k in (None, 3):
+        assert torch.equal(evaluate.score_images(model, images, 5, k, 2, progress=False), eager[k])
+    assert torch.equal(sample.sample_seeds(model, seeds, 0.8, batch_size=4), eager_samples)
+    assert [r.graphs for r in made] == [1, 2, 1]  # B=5; passes of 10 and 5; sampling 4
+
+
+def test_bench_times_the_sampling_and_iwbo_that_the_cli_runs(monkeypatch):
+    """`denseflow bench --what sample,iwbo` times what `denseflow sample`/`evaluate` run: on the
+    CPU the model's calls; where graphs are made (the capture rehearsed) the replays, with the
+    capture and the first two calls reported apart."""
+    from denseflow import bench as bench_module
+
+    config = TINY
+    plain = bench_module.bench(config, 4, steps=2, warmup=0, what=("sample", "iwbo"), k=4, kbs=2)
+    for item in ("sample", "iwbo"):
+        assert plain[item]["calls"].keys() == {"graphed", "first_calls_s"}
+        assert not plain[item]["calls"]["graphed"] and plain[item]["calls"]["first_calls_s"] > 0
+
+    def graphed(model, cuda_graph=True, say=None):
+        runner = GraphedInference(model, capture=cuda_graph, say=say)
+        _fake_inference_cuda(monkeypatch, runner, [])
+        return runner
+
+    monkeypatch.setattr(bench_module, "inference", graphed)
+    report = bench_module.bench(config, 4, steps=2, warmup=0, what=("sample", "iwbo"), k=4, kbs=2)
+    for item in ("sample", "iwbo"):
+        calls = report[item]["calls"]
+        assert calls["graphed"] and calls["graphs"] == 1 and calls["refusal"] is None
+        assert 0 < calls["capture_s"] < calls["first_calls_s"]
+        assert f"{item}: 1 CUDA graph(s), captured in" in bench_module.format_report(report)

@@ -30,6 +30,12 @@ from torch import Tensor, nn
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+def capturing(t: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (``t`` on a GPU): values
+    cannot be read on the host, and what is computed is replayed later on other values."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def sum_except_batch(x: Tensor) -> Tensor:
     """Sum over every axis but the first: (B, ...) -> (B,)."""
     return x.reshape(x.shape[0], -1).sum(1)

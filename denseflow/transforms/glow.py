@@ -12,7 +12,14 @@ from torch import Tensor, nn
 
 from ..nets.recompute import Recomputable
 from ..nets.runner import NetRunner
-from .base import FlowSequence, Noise, Transform, bounded_log_scale, sum_except_batch
+from .base import (
+    FlowSequence,
+    Noise,
+    Transform,
+    bounded_log_scale,
+    capturing,
+    sum_except_batch,
+)
 
 
 class ActNorm(Transform):
@@ -119,8 +126,9 @@ class Conv1x1(Transform):
         """``W⁻¹``, inverted in ``dtype``; without autograd it is cached until the parameters
         (address, version) or ``dtype`` change (sampling, decoding). A CUDA graph's replay changes
         them behind autograd's version counters, so :class:`denseflow.graph.GraphedStep` calls
-        :meth:`forget_inverse` after each replay."""
-        if torch.is_grad_enabled():
+        :meth:`forget_inverse` after each replay; while a graph is captured the inverse is
+        computed afresh and not cached (each replay of a sampling graph inverts the current W)."""
+        if torch.is_grad_enabled() or capturing(next(self.parameters())):
             return inverse(self.matrix(dtype)[0])
         params = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
         key = (params, dtype)
