@@ -38,6 +38,7 @@ from .config import ConfigError, DataConfig, EvalConfig, ModelConfig, RunConfig,
 from .data import load_images
 from .evaluate import evaluate_images
 from .model import DenseFlow
+from .runlog import logged_train_seconds
 from .runtime import prepare, resolve_device
 from .sample import sample_seeds, save_grid
 from .step import train_step
@@ -292,6 +293,8 @@ def _run_one(
     summary = train(config, run_dir, data_dir, resume=resume, progress=progress)
     train_s = time.perf_counter() - tic
     model, _ = ckpt.load_model(run_dir / "final.pt", resolve_device(config.train.device))
+    if config.train.channels_last:  # the layout train() evaluated in: the same kernels, values
+        model = model.to(memory_format=torch.channels_last)
     model.eval()
     seed = config.train.seed
     tic = time.perf_counter()
@@ -321,7 +324,10 @@ def _run_one(
         "params": sum(p.numel() for p in model.parameters()),
         "steps": summary["step"],
         "images_seen": images_seen(len_train, config.train.batch_size, summary["step"]),
-        "train_seconds": summary["train_seconds"],
+        # a resumed run's own clock saw only its last part: the log's estimate covers them all
+        "train_seconds": logged_train_seconds(run_dir, config.train)
+        if resume
+        else summary["train_seconds"],
         "resumed": resume is not None,
         "run_seconds": train_s,
         "eval_seconds": eval_s,

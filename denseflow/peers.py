@@ -42,7 +42,7 @@ from .data import load_images
 from .evaluate import evaluate_images
 from .experiment import _machine
 from .pretrained import open_model
-from .runlog import read_records
+from .runlog import logged_train_seconds
 from .runtime import resolve_device
 from .sample import save_grid
 from .seeding import stream
@@ -196,14 +196,6 @@ def sample_health(z: torch.Tensor) -> dict[str, float]:
         "broken_values": bad.double().mean().item(),
         "clamped_values": clamped.double().mean().item(),
     }
-
-
-def logged_train_seconds(run: Path, cfg) -> float:
-    """A run's training time across interruptions: the sum over its logged intervals of the
-    images trained in the interval divided by the interval's images/s."""
-    per_interval = cfg.log_every * cfg.batch_size
-    records = [r for r in read_records(run / "metrics.jsonl") if r.get("kind") == "train"]
-    return sum(per_interval / r["img_per_s"] for r in records)
 
 
 def _once(path: Path, identity: dict[str, Any], compute) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import RunConfig
+from .config import RunConfig, TrainConfig
 from .errors import DenseFlowError
 from .model import DenseFlow
 from .recalibrate import describe
@@ -264,6 +264,14 @@ class LayerMonitor:
         """The values gathered since the last call."""
         values, self.values = self.values, {}
         return values
+
+
+def logged_train_seconds(run: Path, cfg: TrainConfig) -> float:
+    """A run's training time across interruptions, from its metrics log: the sum over its logged
+    intervals of the images trained in the interval divided by the interval's images/s."""
+    per_interval = cfg.log_every * cfg.batch_size
+    records = [r for r in read_records(run / "metrics.jsonl") if r.get("kind") == "train"]
+    return sum(per_interval / r["img_per_s"] for r in records)
 
 
 def plot_bpd_curve(records: list[dict[str, Any]], path: Path) -> bool:

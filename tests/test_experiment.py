@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from denseflow.cli import main
+from denseflow.config import RunConfig
 from denseflow.experiment import BASE, VARIANTS, images_seen, matched_config, num_params
 from denseflow.model import DenseFlow
 from denseflow.nets.attention import NystromAttention
 from denseflow.nets.coupling import GlowCouplingNet, LearnedGaussianNoise, NoiseNet
+from denseflow.runlog import logged_train_seconds
 from denseflow.transforms.cross_unit import CrossUnitCoupling
 from denseflow.transforms.dequantization import UniformDequantization, VariationalDequantization
 
@@ -123,6 +125,17 @@ def test_quick_ablation_runs_end_to_end_and_continues(tmp_path, capsys):
     assert main(["experiment", "ablation", "--quick", "--out", str(out), "--quiet"]) == 0
     assert capsys.readouterr().out.count("done before, kept") == 2 * len(VARIANTS)
     assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]
+    # a run stopped after training, before its result: its time is the logged one, not the resumed
+    # call's own (which trained nothing)
+    run = out / "seed1" / "glow"
+    (run / "result.json").unlink()
+    assert main(["experiment", "ablation", "--quick", "--out", str(out), "--quiet"]) == 0
+    rerun = json.loads((run / "result.json").read_text())
+    config = RunConfig.from_dict(rerun["config"])
+    assert rerun["resumed"] and rerun["train_seconds"] == logged_train_seconds(run, config.train)
+    (before,) = [r for r in results["runs"] if (r["variant"], r["seed"]) == ("glow", 1)]
+    assert rerun["train_seconds"] > 0.1 * before["train_seconds"] > 0
+    assert rerun["elbo_bpd"] == before["elbo_bpd"]
 
 
 def test_experiment_errors_are_one_line(tmp_path, capsys):
