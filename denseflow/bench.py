@@ -15,6 +15,9 @@ Measurements (each on random 8-bit images of the preset's shape):
             graphs (:class:`denseflow.graph.GraphedInference`, unless ``train.cuda_graph`` is
             off), else the model's own methods; their first two calls (recording, capture) are
             timed apart (``first_calls_s``, ``capture_s``).
+``ops``     (opt-in) the operators one forward and backward pass of a training step runs below
+            autograd, by name, views and allocations excluded: a device-independent proxy for
+            the kernels a GPU launches (the optimizer's, device-specific, left out).
 ``convs``   the kernel ceiling (opt-in): every convolution of one training step at batch B,
             grouped by shape, each shape timed alone on random data (forward, then both backward
             products); the sum is what the step's convolutions cost at isolated-kernel speed,
@@ -44,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import ConfigError, RunConfig
@@ -57,10 +61,10 @@ from .graph import (
 )
 from .model import DenseFlow, eager
 from .runtime import prepare
-from .step import train_step
+from .step import backpropagate, train_step
 
 TIMED = ("train", "sample", "iwbo")  # the measurements with a row of timings
-MEASUREMENTS = (*TIMED, "convs")
+MEASUREMENTS = (*TIMED, "convs", "ops")
 
 
 def _rss() -> int:
@@ -195,6 +199,33 @@ def _summary(times: list[float], images: int, flops: int, memory: PeakMemory) ->
     if memory.reserved is not None:
         summary["peak_reserved_gib"] = memory.reserved / 2**30
     return summary
+
+
+#: operators that allocate or read metadata, and launch no kernel on a GPU
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "set_"}
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts every operator that reaches the kernels, below autograd (backward ops included),
+    views and allocations excluded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in _NO_KERNEL and not name.startswith("_local_scalar"):
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], Any]) -> Counter[str]:
+    """The operators one call of ``fn`` runs below autograd, by name: a device-independent
+    proxy for the kernels a GPU launches (one or a few per operator)."""
+    with _OpCounter() as counter:
+        fn()
+    return counter.counts
 
 
 ConvCall = tuple  # input shape, weight shape, has bias, stride, padding, dilation, groups
@@ -408,6 +439,12 @@ def bench(
                 result["loop_no_grad_median_s"] / result["median_s"]
             )
             report["iwbo"] = result
+        elif item == "ops":  # the model's part of a step; the optimizer's is device-specific
+            model.train()
+            model.zero_grad(set_to_none=True)
+            counts = count_ops(lambda: backpropagate(model, [(x, generator)], batch_size))
+            report["ops"] = {"total": sum(counts.values()), "by_op": dict(counts.most_common(12))}
+            continue
         else:  # convs
             model.train()
             census = conv_census(lambda: train_step(model, optimizer, [(x, generator)], 1e-3))
@@ -488,6 +525,10 @@ def format_report(report: dict[str, Any]) -> str:
             f"{r['k']} elbo calls, "
             f"{r['speedup_vs_no_grad_elbo_loop']:.2f}x the same loop under torch.no_grad()"
         )
+    if "ops" in report:
+        r = report["ops"]
+        top = ", ".join(f"{name} {n:,}" for name, n in list(r["by_op"].items())[:6])
+        rows.append(f"ops: a forward and backward pass runs {r['total']:,} operators ({top}, ...)")
     if "convs" in report:
         r = report["convs"]
         line = (

@@ -219,7 +219,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--what",
         default="train,sample,iwbo",
-        help="comma-separated: train, sample, iwbo, convs (its convolutions alone)",
+        help="comma-separated: train, sample, iwbo, convs (its convolutions alone), ops (the "
+        "operators of a forward and backward pass: a proxy for GPU kernel launches)",
     )
     p.add_argument("--k", type=int, default=16, help="importance samples for the iwbo measurement")
     p.add_argument(

@@ -438,3 +438,17 @@ def test_evaluate_and_sample_pass_no_cuda_graph_on(tiny_run, tmp_path, monkeypat
         argv = ["sample", "--checkpoint", final, "--num", "2", "--quiet"]
         assert main([*argv, "--out", str(tmp_path / "s.png"), *extra]) == 0
     assert asked == [True, True, True, False, False, False]  # ELBO, IWBO, sample; twice
+
+
+def test_bench_counts_the_operators_of_a_pass(tmp_path, capsys):
+    """`--what ops` counts what a forward and backward pass runs below autograd: as many
+    convolutions (and their backward) as the profiler's census of a training step finds."""
+    out = tmp_path / "ops.json"
+    argv = ["bench", "--preset", "tiny", "--batch-size", "2", "--what", "ops,convs"]
+    assert main([*argv, "--device", "cpu", "--json", str(out)]) == 0
+    assert "ops: a forward and backward pass runs" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    ops = report["ops"]
+    assert ops["by_op"]["convolution"] == report["convs"]["calls"] > 0
+    assert ops["by_op"]["convolution_backward"] == report["convs"]["calls"]
+    assert ops["total"] > 2 * report["convs"]["calls"] and "view" not in ops["by_op"]

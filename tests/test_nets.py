@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from denseflow.bench import count_ops
 from denseflow.nets.attention import NystromAttention, iterative_pinv, segment_means
 from denseflow.nets.dense import DenseBlock, concat_conv
 
@@ -25,6 +26,33 @@ def test_pinv_scaling_is_per_matrix():
     a = torch.softmax(torch.randn(2, 4, 4, dtype=DT), dim=-2)
     big = torch.cat([a, 50 * a[:1]])
     torch.testing.assert_close(iterative_pinv(big)[:2], iterative_pinv(a), rtol=0, atol=0)
+
+
+def test_pinv_is_the_nystromformer_iteration_in_few_operators():
+    """The batched-GEMM form computes ``Z ← ¼·Z·(13I − AZ(15I − AZ(7I − AZ)))`` (written out
+    plainly here) to float64 rounding, for one head and for several; forward and backward it
+    runs 149 operators for 6 iterations (the plain form: 216), a proxy for the kernels a GPU
+    launches in each of DenseFlow-74-10's 74 attentions."""
+    for shape in ((2, 1, 4, 4), (3, 2, 5, 5)):
+        a = torch.softmax(torch.randn(shape, dtype=DT), dim=-2)
+        abs_a = a.abs()
+        col = abs_a.sum(dim=-2).amax(dim=-1, keepdim=True).unsqueeze(-1)
+        row = abs_a.sum(dim=-1).amax(dim=-1, keepdim=True).unsqueeze(-1)
+        z = a.transpose(-1, -2) / (col * row)
+        eye = torch.eye(shape[-1], dtype=DT)
+        for _ in range(6):
+            az = a @ z
+            z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+        torch.testing.assert_close(iterative_pinv(a), z, rtol=1e-12, atol=1e-12)
+    a = torch.softmax(torch.randn(2, 1, 4, 4), dim=-1).requires_grad_()
+    assert sum(count_ops(lambda: iterative_pinv(a).sum().backward()).values()) <= 150
+
+
+def test_segment_means_are_one_reduction_when_the_groups_are_equal():
+    x = torch.randn(2, 3, 12, 5, dtype=DT, requires_grad=True)
+    groups = torch.stack([part.mean(dim=-2) for part in x.tensor_split(4, dim=-2)], dim=-2)
+    torch.testing.assert_close(segment_means(x, 4), groups, rtol=1e-15, atol=1e-15)
+    assert sum(count_ops(lambda: segment_means(x, 4).sum().backward()).values()) <= 4
 
 
 def test_segment_means_handle_uneven_groups():
