@@ -53,7 +53,7 @@ def sample_seeds(
     drawn from the stream ``(seeds[i], "sample")`` alone, and the model is in eval mode, so the
     image does not depend on the other seeds or on the batch size. In a process group every rank
     calls this with the same seeds and samples every ``W``-th of them; all ranks get all images.
-    On a GPU the batches after the first replay a CUDA graph
+    On a GPU every batch of a size already seen once replays a CUDA graph
     (:class:`denseflow.graph.GraphedInference`, the same images) unless ``cuda_graph`` is False."""
     rank, world = distributed.rank(), distributed.world_size()
     sampler = inference(model, cuda_graph, say=distributed.say)
