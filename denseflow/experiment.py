@@ -133,9 +133,15 @@ def matched_config(name: str, base: ModelConfig = BASE) -> ModelConfig:
 def run_config(
     name: str, seed: int, steps: int, batch_size: int, limits: dict[str, int | None]
 ) -> RunConfig:
-    """The configuration of one run: a variant's matched model, the shared recipe, a seed."""
+    """The configuration of one run: a variant's matched model, the shared recipe, a seed. A
+    checkpoint every 1,000 steps at most, so that a long run stopped midway (a session's end)
+    continues from its last one."""
     train = dataclasses.replace(
-        RECIPE, max_steps=steps, batch_size=batch_size, seed=seed, checkpoint_every=steps
+        RECIPE,
+        max_steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        checkpoint_every=min(steps, 1000),
     )
     data = DataConfig(dataset="fashion_mnist", augmentation="none", **limits)
     return RunConfig(

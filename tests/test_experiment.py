@@ -10,7 +10,14 @@ import torch
 
 from denseflow.cli import main
 from denseflow.config import RunConfig
-from denseflow.experiment import BASE, VARIANTS, images_seen, matched_config, num_params
+from denseflow.experiment import (
+    BASE,
+    VARIANTS,
+    images_seen,
+    matched_config,
+    num_params,
+    run_config,
+)
 from denseflow.model import DenseFlow
 from denseflow.nets.attention import NystromAttention
 from denseflow.nets.coupling import GlowCouplingNet, LearnedGaussianNoise, NoiseNet
@@ -96,6 +103,14 @@ def test_unconditional_noise_does_not_depend_on_the_input():
     model.elbo(x2, noise=noise)
     for name, (a, b) in seen.items():
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_long_runs_keep_checkpoints_to_continue_from():
+    """A run of the default 800 steps checkpoints at its end (the configuration the stored runs
+    hold); a 300,000-image run every 1,000 steps, so a stop loses at most 1,000 steps."""
+    limits = {"train_limit": None, "test_limit": None}
+    assert run_config("denseflow", 0, 800, 64, limits).train.checkpoint_every == 800
+    assert run_config("glow", 1, 4688, 64, limits).train.checkpoint_every == 1000
 
 
 def test_images_seen_counts_partial_batches():
