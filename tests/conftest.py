@@ -10,10 +10,13 @@ and skip the tests that need them with one reason saying so.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY_ENV = "DENSEFLOW_PARITY_DIR"
@@ -36,3 +39,18 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@contextmanager
+def gloo_group(rank: int, init: Path, world: int) -> Iterator[None]:
+    """A spawned test worker's gloo process group, one thread per rank. When the worker's body
+    succeeds the ranks meet at a barrier before they tear the group down, so that no rank
+    destroys it while a peer is still using it (once, on a loaded machine, a rank was aborted in
+    that teardown: "terminate called without an active exception", 2026-12-02)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

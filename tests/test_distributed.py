@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from denseflow import checkpoint as ckpt
@@ -21,6 +20,8 @@ from denseflow.config import RunConfig, load_config
 from denseflow.evaluate import evaluate_images, score_images
 from denseflow.model import DenseFlow
 from denseflow.sample import sample_seeds
+
+from .conftest import gloo_group
 
 WORLD = 2
 CONFIG = load_config("tiny").override(
@@ -34,17 +35,11 @@ CONFIG = load_config("tiny").override(
 )
 
 
-def _join(rank: int, init: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD)
-
-
 def _train_worker(
     rank: int, init: Path, config: dict, run_dir: Path, stop_after: int | None, out: Path
 ) -> None:
     """train() on this rank; records the ActNorm values right after the data-dependent init and
     every parameter after the last step."""
-    _join(rank, init)
     original_init, original_step = DenseFlow.data_init, train_module.train_step
     seen = {}
 
@@ -60,15 +55,13 @@ def _train_worker(
         return loss
 
     DenseFlow.data_init, train_module.train_step = data_init, train_step
-    try:
+    with gloo_group(rank, init, WORLD):
         summary = train_module.train(
             RunConfig.from_dict(config), run_dir, progress=False, stop_after=stop_after
         )
         torch.save(seen, out / f"rank{rank}.pt")
         if rank == 0:
             (out / "summary.json").write_text(json.dumps(summary))
-    finally:
-        dist.destroy_process_group()
 
 
 def _spawn(fn, tmp_path: Path, *args) -> None:
@@ -166,8 +159,7 @@ def _images() -> torch.Tensor:
 
 
 def _eval_worker(rank: int, init: Path, out: Path) -> None:
-    _join(rank, init)
-    try:
+    with gloo_group(rank, init, WORLD):
         model, images = _perturbed_model(), _images()
         result = {
             "elbo": evaluate_images(model, images, batch_size=8, seed=3, progress=False)["bpd"],
@@ -178,8 +170,6 @@ def _eval_worker(rank: int, init: Path, out: Path) -> None:
             "scores": score_images(model, images, batch_size=8, k=3, kbs=2, seed=3, progress=False),
         }
         torch.save(result, out / f"eval{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_distributed_evaluation_of_an_odd_sized_set_equals_one_process(tmp_path):
@@ -212,7 +202,6 @@ def test_batch_chunks_must_split_every_batch():
 def _rollback_worker(rank: int, init: Path, config: dict, run_dir: Path, out: Path) -> None:
     """Training steps 6 and 7 are non-finite on every rank; rank 1 may not read the run folder
     itself (its load_newest fails), so the rollback must restore what rank 0 chose."""
-    _join(rank, init)
     original = DenseFlow.forward
     calls = []
 
@@ -234,11 +223,9 @@ def _rollback_worker(rank: int, init: Path, config: dict, run_dir: Path, out: Pa
     DenseFlow.forward, train_module.train_step = poisoned, train_step
     if rank == 1:
         ckpt.load_newest = no_reading
-    try:
+    with gloo_group(rank, init, WORLD):
         summary = train_module.train(RunConfig.from_dict(config), run_dir, progress=False)
         torch.save({"summary": summary, "final": final}, out / f"rollback{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_rollback_under_ddp_restores_the_checkpoint_rank_0_chose_on_every_rank(tmp_path):

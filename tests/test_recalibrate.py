@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from denseflow import checkpoint as ckpt
@@ -13,6 +12,8 @@ from denseflow.config import load_config
 from denseflow.model import DenseFlow
 from denseflow.recalibrate import batchnorms, describe, recalibrate_batchnorm, recalibrated
 from denseflow.train import train
+
+from .conftest import gloo_group
 
 CONFIG = load_config("tiny")
 
@@ -100,16 +101,12 @@ def test_recalibrated_evaluation_leaves_training_and_resume_bitwise_unchanged(tm
 
 
 def _worker(rank: int, init: Path, out: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, init, 2):
         model = _model()
         recalibrate_batchnorm(model, _images(), 3, 16, seed=2)
         torch.save(
             {k: v for k, v in model.state_dict().items() if "running" in k}, out / f"{rank}.pt"
         )
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_compute_the_single_process_statistics(tmp_path):
