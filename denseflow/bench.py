@@ -16,7 +16,7 @@ Measurements (each on random 8-bit images of the preset's shape):
             off), else the model's own methods; their first two calls (recording, capture) are
             timed apart (``first_calls_s``, ``capture_s``).
 ``ops``     (opt-in) the operators one forward and backward pass of a training step runs below
-            autograd, by name, views and allocations excluded: a device-independent proxy for
+            autograd, by name, views, copy-free reshapes and allocations excluded: a proxy for
             the kernels a GPU launches (the optimizer's, device-specific, left out).
 ``convs``   the kernel ceiling (opt-in): every convolution of one training step at batch B,
             grouped by shape, each shape timed alone on random data (forward, then both backward
@@ -202,12 +202,21 @@ def _summary(times: list[float], images: int, flops: int, memory: PeakMemory) ->
 
 
 #: operators that allocate or read metadata, and launch no kernel on a GPU
-_NO_KERNEL = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "set_"}
+_NO_KERNEL = {
+    "empty",
+    "empty_strided",
+    "empty_like",
+    "detach",
+    "alias",
+    "lift_fresh",
+    "set_",
+    "_unsafe_view",
+}
 
 
 class _OpCounter(TorchDispatchMode):
     """Counts every operator that reaches the kernels, below autograd (backward ops included),
-    views and allocations excluded."""
+    views, copy-free reshapes and allocations excluded."""
 
     def __init__(self) -> None:
         super().__init__()

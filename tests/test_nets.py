@@ -31,7 +31,7 @@ def test_pinv_scaling_is_per_matrix():
 def test_pinv_is_the_nystromformer_iteration_in_few_operators():
     """The batched-GEMM form computes ``Z ← ¼·Z·(13I − AZ(15I − AZ(7I − AZ)))`` (written out
     plainly here) to float64 rounding, for one head and for several; forward and backward it
-    runs 149 operators for 6 iterations (the plain form: 216), a proxy for the kernels a GPU
+    runs 149 operators for 6 iterations (the plain form: 192), a proxy for the kernels a GPU
     launches in each of DenseFlow-74-10's 74 attentions."""
     for shape in ((2, 1, 4, 4), (3, 2, 5, 5)):
         a = torch.softmax(torch.randn(shape, dtype=DT), dim=-2)
