@@ -49,7 +49,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 from .config import TrainConfig
 from .model import DenseFlow
 from .step import backpropagate, gradient_norm
-from .transforms.base import recorded_draws
+from .transforms.base import recorded_draws, standard_normal
 from .transforms.glow import Conv1x1
 
 #: elements per group of :func:`masked_adamax_` (at least one tensor each): on a GPU a bound on
@@ -74,17 +74,14 @@ def _cusolver() -> Iterator[None]:
 
 
 def draw_noises(
-    order: Sequence[tuple[str, tuple[int, ...]]], generator: torch.Generator | None, device
+    order: Sequence[tuple[str, tuple[int, ...]]],
+    generator: torch.Generator | None,
+    device: torch.device,
 ) -> dict[str, Tensor]:
     """The standard normals a pass draws fresh, in its order (``(name, shape)``, as
-    :func:`~denseflow.transforms.base.recorded_draws` recorded them), drawn before the pass:
-    bitwise what :class:`~denseflow.transforms.base.Noise` would draw (float32, from
-    ``generator``, or from ``device``'s default generator)."""
-    where = device if generator is None else generator.device
-    return {
-        name: torch.randn(shape, generator=generator, device=where, dtype=torch.float32)
-        for name, shape in order
-    }
+    :func:`~denseflow.transforms.base.recorded_draws` recorded them), drawn before the pass with
+    the function :class:`~denseflow.transforms.base.Noise` draws with: the same values."""
+    return {name: standard_normal(shape, generator, device) for name, shape in order}
 
 
 def _failure(err: Exception) -> str:

@@ -36,6 +36,16 @@ def capturing(t: Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def standard_normal(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    """A fresh float32 standard normal, from ``generator`` on its device (or from ``device``'s
+    default generator): how every named noise is drawn, whatever the working dtype, so that a
+    float64 pass or a graph's pre-drawn buffers see the same values."""
+    where = device if generator is None else generator.device
+    return torch.randn(shape, generator=generator, device=where, dtype=torch.float32)
+
+
 def sum_except_batch(x: Tensor) -> Tensor:
     """Sum over every axis but the first: (B, ...) -> (B,)."""
     return x.reshape(x.shape[0], -1).sum(1)
@@ -106,12 +116,9 @@ class Noise:
                     f"noise {name!r} has shape {tuple(given.shape)}, expected {tuple(shape)}"
                 )
             return given.to(device=like.device, dtype=like.dtype)
-        # drawn in float32 whatever the working dtype, so that a float64 evaluation sees the same
-        # noise
         if _recording is not None:
             _recording.append((self.generator, name, tuple(shape)))
-        device = like.device if self.generator is None else self.generator.device
-        out = torch.randn(shape, generator=self.generator, device=device, dtype=torch.float32)
+        out = standard_normal(shape, self.generator, like.device)
         return out.to(device=like.device, dtype=like.dtype)
 
 
