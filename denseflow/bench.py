@@ -524,8 +524,8 @@ def format_report(report: dict[str, Any]) -> str:
             kind = "the model's own calls"
             if r.get("graphs"):
                 kind = f"{r['graphs']} CUDA graph(s), captured in {r['capture_s']:.1f} s"
-            elif r["graphed"]:
-                kind = f"static buffers, eager ({r['refusal'] or 'not captured off CUDA'})"
+            elif r["graphed"]:  # on CUDA, but the capture failed
+                kind = f"the model's own calls ({r['refusal']})"
             rows.append(f"{item}: {kind}; first two calls {r['first_calls_s']:.2f} s")
     if "iwbo" in report:
         r = report["iwbo"]
