@@ -637,8 +637,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = COMMANDS[args.command]
     joined = distributed.init_from_env()  # under torchrun: one process per rank
+    finished = False
     try:
-        return command(args)
+        code = command(args)
+        finished = True
+        return code
     except KeyboardInterrupt:
         print("denseflow: interrupted", file=sys.stderr)
         return 130
@@ -658,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if joined:
-            torch.distributed.destroy_process_group()
+            distributed.leave(finished)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ and skip the tests that need them with one reason saying so.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+
+from denseflow import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY_ENV = "DENSEFLOW_PARITY_DIR"
@@ -43,14 +46,15 @@ def _seed():
 
 @contextmanager
 def gloo_group(rank: int, init: Path, world: int) -> Iterator[None]:
-    """A spawned test worker's gloo process group, one thread per rank. When the worker's body
-    succeeds the ranks meet at a barrier before they tear the group down, so that no rank
-    destroys it while a peer is still using it (once, on a loaded machine, a rank was aborted in
-    that teardown: "terminate called without an active exception", 2026-12-02)."""
+    """A spawned test worker's gloo process group, one thread per rank, left as the command
+    line leaves its group (:func:`denseflow.distributed.leave`: a barrier after success). A
+    SIGABRT in the worker prints the Python stacks (faulthandler) before the process dies."""
+    faulthandler.enable()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    finished = False
     try:
         yield
-        dist.barrier()
+        finished = True
     finally:
-        dist.destroy_process_group()
+        distributed.leave(finished)

@@ -241,3 +241,42 @@ def test_a_rollback_under_ddp_restores_the_checkpoint_rank_0_chose_on_every_rank
         assert torch.equal(value, results[1]["final"][name]), name
     state = ckpt.load(run)
     assert state["rollbacks"] == 1 and state["skipped_steps"] == 1  # as saved at step 6
+
+
+def _leave_worker(rank: int, init: Path, out: Path, failed_rank: int | None) -> None:
+    """Both ranks leave after their work; rank 1 arrives 0.5 s late. ``failed_rank`` leaves as
+    after an error (no barrier) at once."""
+    import time
+
+    import torch.distributed as dist
+
+    from denseflow import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD)
+    dist.barrier()  # the group is fully connected before anyone leaves
+    if rank == 1:
+        time.sleep(0.5)
+    arrived = time.monotonic()
+    distributed.leave(finished=rank != failed_rank)
+    left = time.monotonic()
+    (out / f"leave{rank}.json").write_text(
+        json.dumps({"arrived": arrived, "left": left, "still": dist.is_initialized()})
+    )
+
+
+def test_ranks_that_finished_leave_the_group_together(tmp_path):
+    """A finished rank destroys the group only when its peer has finished too (CLOCK_MONOTONIC
+    is one clock for every process of the machine)."""
+    _spawn(_leave_worker, tmp_path, tmp_path, None)
+    ranks = [json.loads((tmp_path / f"leave{r}.json").read_text()) for r in range(WORLD)]
+    assert ranks[0]["left"] >= ranks[1]["arrived"] > ranks[0]["arrived"] + 0.4
+    assert not ranks[0]["still"] and not ranks[1]["still"]
+
+
+def test_a_finished_rank_leaves_without_error_when_its_peer_failed(tmp_path):
+    """Rank 0 left after an error (no barrier) and is gone: rank 1's barrier fails, which
+    leave() absorbs, and the group is torn down."""
+    _spawn(_leave_worker, tmp_path, tmp_path, 0)
+    ranks = [json.loads((tmp_path / f"leave{r}.json").read_text()) for r in range(WORLD)]
+    assert ranks[0]["left"] < ranks[1]["arrived"]  # rank 0 did not wait
+    assert not ranks[0]["still"] and not ranks[1]["still"]

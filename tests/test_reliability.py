@@ -26,6 +26,8 @@ ARGS = [
     "train.checkpoint_every=2",
     "--quiet",
 ]
+#: one thread per process; a process that aborts prints its Python stacks first
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 def _train(run, resume: bool) -> subprocess.Popen:
@@ -36,7 +38,7 @@ def _train(run, resume: bool) -> subprocess.Popen:
         argv,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=ENV,
     )
 
 
@@ -145,8 +147,7 @@ def _torchrun(run) -> subprocess.Popen:
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     argv += ["--max-restarts=1", "-m", "denseflow", "train", *ARGS, "--out", str(run)]
     argv += ["--resume", "auto", "--set", "train.batch_chunks=2", "--set", "train.epochs=4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
 
 
 def _workers(pid: int) -> list[int]:
@@ -159,7 +160,7 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_bitwise_the_sam
     resumes from the newest good checkpoint by itself (--resume auto), and the final weights
     and statistics equal an uninterrupted 2-rank run's bitwise."""
     reference = _torchrun(tmp_path / "reference")
-    assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()[-3000:]
+    assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()[-6000:]
     run = tmp_path / "killed"
     process = _torchrun(run)
     deadline = time.time() + 120
@@ -168,7 +169,7 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_bitwise_the_sam
     ranks = _workers(process.pid)
     assert process.poll() is None and len(ranks) == 2 and _logged_step(run) < 16
     os.kill(ranks[-1], signal.SIGKILL)
-    assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-3000:]
+    assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-6000:]
     assert not Path(f"/proc/{ranks[-1]}").exists()
     a = ckpt.load(tmp_path / "reference" / "final.pt")["model"]
     b = ckpt.load(run / "final.pt")["model"]
