@@ -234,7 +234,8 @@ class TrainConfig:
     e.g. ``cudagraphs`` to capture each net's kernels without code generation; ``compile_mode``:
     inductor's mode, e.g. ``reduce-overhead``). ``cuda_graph``: the whole step on static buffers
     (:class:`denseflow.graph.GraphedStep`), captured as one CUDA graph and replayed on a GPU; the
-    same numbers as the eager step on the CPU; setups it cannot capture (DDP, ``compile``,
+    same numbers as the eager step on the CPU; under ``torchrun`` each rank's step, with one
+    all-reduce between its two halves instead of DDP; setups it cannot capture (``compile``,
     ``low_memory``, ``monitor_every``) say why and run the eager step. ``bn_recalibrate`` > 0:
     every evaluation, sample grid and export of the run uses BatchNorm statistics recomputed over
     that many training batches (:mod:`denseflow.recalibrate`); the training state keeps its

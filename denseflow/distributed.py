@@ -5,7 +5,9 @@ A training step's global batch of ``B`` images is split into ``train.batch_chunk
 its own BatchNorm batch statistics and its own noise stream ``(seed, "noise", step, j)`` —
 and contributes ``Σ_chunk bpd / B`` to the loss, so the gradient is the global batch mean
 whatever the chunk sizes. Rank ``r`` of ``W`` runs chunks ``r·B_c/W … (r+1)·B_c/W − 1`` with
-gradient accumulation; DistributedDataParallel averages over the ranks. Hence a run on ``W``
+gradient accumulation; one all-reduce sums the gradients over the ranks (the graphed step's own,
+:class:`denseflow.graph.GraphedStep` with ``reduce=all_sum``, or DistributedDataParallel's
+average where the step is not graphed). Hence a run on ``W``
 ranks computes what one process computes with the same ``batch_chunks``, and checkpoints move
 freely between the two.
 
@@ -66,6 +68,15 @@ def init_from_env() -> bool:
     store = dist.PrefixStore(f"denseflow/attempt{attempt}", agent)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     return True
+
+
+def share_buffers(module: torch.nn.Module) -> None:
+    """Every rank takes rank 0's buffers (the BatchNorm running statistics). Each rank's own
+    chunks move its statistics apart from rank 0's, and rank 0's are the ones its checkpoints
+    hold: evaluated with them, every rank scores as the saved model scores."""
+    if world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def leave(finished: bool) -> None:

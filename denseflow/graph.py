@@ -25,6 +25,9 @@ form a CUDA graph can hold:
 On the CPU the same step function runs eagerly and gives bitwise the weights, Adamax state and
 BatchNorm statistics of ``train_step`` (tests/test_graph.py). On CUDA the step is captured once,
 whole — every chunk's forward and backward, the norm, the guard and the update — and replayed.
+Under data parallelism (``reduce``) it is captured in two halves, and the gradients and loss,
+packed into one flat buffer by the first, are summed over the ranks by one all-reduce run
+between the two replays (collectives stay outside the graphs; no DDP).
 
 :class:`GraphedInference` does the same for ``elbo``, ``iwbo`` and ``sample`` in eval mode:
 one graph per call shape, the noises drawn before each call into its buffers.
@@ -46,6 +49,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
+from . import distributed
 from .config import TrainConfig
 from .model import DenseFlow
 from .step import backpropagate, gradient_norm
@@ -154,6 +158,9 @@ class GraphedStep:
     and BatchNorm statistics as they were). Until a graph is captured, a call of another shape
     records again; once one is, calls of other shapes (an epoch's last, partial batch) run
     eagerly with the same arithmetic.
+    ``reduce``: a function summing a tensor over the data-parallel ranks in place
+    (:func:`denseflow.distributed.all_sum`), called once a step on the flat buffer of every
+    gradient and the loss, between the step's two halves (two graphs on CUDA); None: one process.
     :attr:`capture_seconds` says how long the warm-up and capture took; a capture that fails says
     why (``say``, :attr:`refusal`) and the step runs eagerly from then on.
 
@@ -168,6 +175,7 @@ class GraphedStep:
         capture: bool | None = None,
         warmups: int = 3,
         say: Callable[[str], None] | None = None,
+        reduce: Callable[[Tensor], object] | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Adamax):
             raise TypeError(f"GraphedStep: needs torch.optim.Adamax, got {type(optimizer)}")
@@ -182,7 +190,7 @@ class GraphedStep:
         self.model, self.optimizer, self.grad_clip = model, optimizer, float(grad_clip)
         device = next(model.parameters()).device
         self.capture = device.type == "cuda" if capture is None else capture
-        self.warmups, self.say = warmups, say or (lambda message: None)
+        self.warmups, self.say, self.reduce = warmups, say or (lambda message: None), reduce
         self.neg_step_size = torch.zeros((), device=device)
         self.allow = torch.ones((), dtype=torch.bool, device=device)  # False: warm-up, no update
         self.capture_seconds: float | None = None
@@ -192,8 +200,11 @@ class GraphedStep:
         self._draws: list[list[tuple[str, tuple[int, ...]]]] = []  # per chunk, in draw order
         self._images: list[Tensor] = []
         self._noises: list[dict[str, Tensor]] = []
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graphs: list[torch.cuda.CUDAGraph] = []  # the step, or its two halves (reduce)
         self._out: tuple[Tensor, Tensor] | None = None  # the captured (loss, keep)
+        self._packed: list[Tensor] = []  # reduce: the parameters whose gradients are packed
+        self._flat: Tensor | None = None  # reduce: their gradients and the loss, in one buffer
+        self._views: list[Tensor] = []  # reduce: the buffer's view for each of them
         self._updated: list[Tensor] = []  # the parameters the last update touched
         self._captured: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # p, grad, m, u
         optimizer.register_load_state_dict_post_hook(lambda opt: self._rebind())
@@ -201,7 +212,7 @@ class GraphedStep:
     @property
     def captured(self) -> bool:
         """Whether the step replays a captured CUDA graph."""
-        return self._graph is not None
+        return bool(self._graphs)
 
     # ------------------------------------------------------------------ the step
     def __call__(
@@ -213,13 +224,13 @@ class GraphedStep:
     ) -> Tensor:
         """One step on ``chunks`` at learning rate ``lr``; returns the loss (as ``train_step``)."""
         if ddp is not None:
-            raise ValueError("GraphedStep: DDP steps run denseflow.step.train_step")
+            raise ValueError("GraphedStep: DDP steps run denseflow.step.train_step (or reduce=)")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = batch_size or sum(len(x) for x, _ in chunks)
         key = (total, tuple((tuple(x.shape), x.dtype, x.device) for x, _ in chunks))
         self._set_step_size(lr)
-        if self._key is None or key != self._key and self._graph is None:
+        if self._key is None or key != self._key and not self._graphs:
             # eager, recording the draws of this batch shape (the first shape that comes twice in
             # a row is captured: a run resumed at an epoch's last, smaller batch is not stuck)
             generators = [g for _, g in chunks]
@@ -237,10 +248,13 @@ class GraphedStep:
             return self._finish(loss, keep)
         self._fill(chunks)
         static = list(zip(self._images, self._noises, strict=True))
-        if self.capture and self._graph is None and self.refusal is None:
+        if self.capture and not self._graphs and self.refusal is None:
             self._capture(static, total)
-        if self._graph is not None:
-            self._graph.replay()
+        if self._graphs:
+            self._graphs[0].replay()
+            if self.reduce is not None:  # between the halves, outside any graph
+                self.reduce(self._flat)
+                self._graphs[1].replay()
             for conv in self._convs:  # replays change W behind autograd's version counters
                 conv.forget_inverse()
             return self._finish(*self._out)
@@ -248,8 +262,52 @@ class GraphedStep:
 
     def _body(self, chunks: Sequence[tuple[Tensor, object]], total: int) -> tuple[Tensor, Tensor]:
         """The step itself, free of host synchronisation: (loss, whether the update was kept)."""
+        loss = self._backward(chunks, total)
+        if self.reduce is not None:
+            self.reduce(self._flat)
+        return self._update(loss)
+
+    def _backward(self, chunks: Sequence[tuple[Tensor, object]], total: int) -> Tensor:
+        """Every chunk's forward and backward pass: this process's share of the loss. With
+        ``reduce``, the gradients and that share are then copied into one flat buffer, so that
+        one all-reduce sums them over the ranks."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = backpropagate(self.model, chunks, total)
+        if self.reduce is not None:
+            if self._flat is None:
+                self._pack_layout(loss)
+            torch._foreach_copy_(self._views, [p.grad for p in self._packed] + [loss])
+        return loss
+
+    def _pack_layout(self, loss: Tensor) -> None:
+        """The flat buffer and its views, each view laid out as its tensor (dense strides: the
+        multi-tensor copies run on matching layouts)."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        unused = [n for n, p in named if p.grad is None]
+        if unused:
+            raise ValueError(
+                f"GraphedStep: {unused[0]} got no gradient; data-parallel steps need every "
+                "parameter used"
+            )
+        self._packed = [p for _, p in named]
+        tensors = [p.grad for p in self._packed] + [loss]
+        if len({t.dtype for t in tensors}) > 1:
+            raise ValueError("GraphedStep: reduce= needs gradients and loss of one dtype")
+        self._flat = torch.empty(
+            sum(t.numel() for t in tensors), dtype=loss.dtype, device=loss.device
+        )
+        offset, self._views = 0, []
+        for t in tensors:
+            stride = torch.empty_like(t, device="meta").stride()
+            self._views.append(self._flat.as_strided(t.shape, stride, offset))
+            offset += t.numel()
+
+    def _update(self, loss: Tensor) -> tuple[Tensor, Tensor]:
+        """Norm, guard, clipping and the masked Adamax update: (loss, whether it was kept). With
+        ``reduce``, on the summed gradients and loss unpacked from the flat buffer."""
+        if self.reduce is not None:
+            torch._foreach_copy_([p.grad for p in self._packed], self._views[:-1])
+            loss = self._views[-1]
         params, norm = gradient_norm(self.model)
         bad = loss + norm
         keep = torch.isfinite(bad) & self.allow
@@ -334,7 +392,9 @@ class GraphedStep:
     def _capture(self, static: list[tuple[Tensor, dict[str, Tensor]]], total: int) -> None:
         """Warm up on a side stream (updates masked, BatchNorm statistics restored), then capture
         the whole step — every chunk's forward and backward, the guard and the update — in one
-        graph whose gradients live in its private memory pool. **Not yet run on a GPU.**"""
+        graph whose gradients live in its private memory pool; with ``reduce``, in two graphs
+        sharing that pool (forward, backward and packing; unpacking and update), the all-reduce
+        running between their replays. **Not yet run on a GPU.**"""
         device = self.neg_step_size.device
         began = time.perf_counter()
         buffers = {name: b.clone() for name, b in self.model.named_buffers()}
@@ -348,10 +408,17 @@ class GraphedStep:
                         self._body(static, total)
                 torch.cuda.current_stream(device).wait_stream(side)
                 self.optimizer.zero_grad(set_to_none=True)  # captured backward allocates .grad
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    self._out = self._body(static, total)
-            self._graph = graph
+                graphs = [torch.cuda.CUDAGraph()]
+                if self.reduce is None:
+                    with torch.cuda.graph(graphs[0]):
+                        self._out = self._body(static, total)
+                else:
+                    with torch.cuda.graph(graphs[0]):
+                        loss = self._backward(static, total)
+                    graphs.append(torch.cuda.CUDAGraph())
+                    with torch.cuda.graph(graphs[1], pool=graphs[0].pool()):
+                        self._out = self._update(loss)
+            self._graphs = graphs
             self._captured = [
                 (p, p.grad, self.optimizer.state[p]["exp_avg"], self.optimizer.state[p]["exp_inf"])
                 for p in self._updated
@@ -366,7 +433,7 @@ class GraphedStep:
                 b.copy_(buffers[name])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-        if self._graph is not None:
+        if self._graphs:
             torch.cuda.empty_cache()  # the warm-ups' cached blocks; the graph keeps its own pool
             self.capture_seconds = time.perf_counter() - began
             self.say(f"train.cuda_graph: step captured in {self.capture_seconds:.1f} s")
@@ -555,12 +622,10 @@ def inference(
     return model
 
 
-def capture_refusal(cfg: TrainConfig, world: int = 1) -> str | None:
+def capture_refusal(cfg: TrainConfig) -> str | None:
     """Why the step of this setup cannot be a :class:`GraphedStep` (one line), or None."""
     if not cfg.cuda_graph:
         return "train.cuda_graph=false"
-    if world > 1:
-        return "DDP: each rank would replay its own graph around the all-reduce; not built yet"
     if cfg.compile:
         return "train.compile: torch.compile makes its own graphs (compile_mode=reduce-overhead)"
     if cfg.low_memory:
@@ -584,10 +649,15 @@ def graphed_step(
     """The :class:`GraphedStep` that :func:`denseflow.train.train` runs and ``denseflow bench``
     times for this setup (captured on CUDA; on the CPU eager, with ``train_step``'s numbers), or
     None where :func:`capture_refusal` says why not: then they run ``train_step``, and on CUDA the
-    reason is said in one line through ``say``."""
-    refusal = capture_refusal(cfg, world)
+    reason is said in one line through ``say``. On ``world`` > 1 ranks each rank runs its own
+    step, the gradients and loss summed by one all-reduce between its two halves
+    (:func:`denseflow.distributed.all_sum`) instead of DDP."""
+    refusal = capture_refusal(cfg)
     if refusal is None:
-        return GraphedStep(model, optimizer, cfg.grad_clip, device.type == "cuda", say=say)
+        reduce = distributed.all_sum if world > 1 else None
+        return GraphedStep(
+            model, optimizer, cfg.grad_clip, device.type == "cuda", say=say, reduce=reduce
+        )
     if say is not None and device.type == "cuda" and cfg.cuda_graph:
         say(f"train.cuda_graph: not captured: {refusal}; the steps run train_step")
     return None

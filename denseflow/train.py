@@ -146,8 +146,10 @@ def rollback(
 def evaluation(model: DenseFlow, config: RunConfig, train_images: torch.Tensor):
     """The model as a run evaluates and exports it, inside the block: eval mode, float32
     networks (bf16 trains only), BatchNorm statistics recalibrated over ``train.bn_recalibrate``
-    training batches; on exit the training state is exactly as before."""
+    training batches; on exit the training state is exactly as before. Under data parallelism
+    every rank first takes rank 0's BatchNorm statistics, the ones its checkpoints hold."""
     cfg = config.train
+    distributed.share_buffers(model)
     model.set_net_precision(None)
     try:
         with recalibrated(model, train_images, cfg.bn_recalibrate, cfg.batch_size, cfg.seed):
@@ -247,7 +249,7 @@ def train(
             if state.step == 0:  # on the global batch, the same on every rank
                 init_noise = stream(cfg.seed, "init", device=device)
                 model.data_init(x.to(device).long(), generator=init_noise)
-            if world > 1 and ddp is None:
+            if world > 1 and ddp is None and graphed is None:  # a graphed step all-reduces itself
                 ddp = runtime.wrap_ddp(model, device)
             first = state.batch == 0
             lr = (

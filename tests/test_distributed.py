@@ -18,6 +18,7 @@ from denseflow import checkpoint as ckpt
 from denseflow import train as train_module
 from denseflow.config import RunConfig, load_config
 from denseflow.evaluate import evaluate_images, score_images
+from denseflow.graph import GraphedStep
 from denseflow.model import DenseFlow
 from denseflow.sample import sample_seeds
 
@@ -41,6 +42,7 @@ def _train_worker(
     """train() on this rank; records the ActNorm values right after the data-dependent init and
     every parameter after the last step."""
     original_init, original_step = DenseFlow.data_init, train_module.train_step
+    original_graphed = GraphedStep.__call__
     seen = {}
 
     def data_init(model, *args, **kwargs):
@@ -52,9 +54,17 @@ def _train_worker(
     def train_step(model, *args, **kwargs):
         loss = original_step(model, *args, **kwargs)
         seen["final"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        seen["kind"] = "ddp"
+        return loss
+
+    def graphed_step(step, *args, **kwargs):
+        loss = original_graphed(step, *args, **kwargs)
+        seen["final"] = {n: p.detach().clone() for n, p in step.model.named_parameters()}
+        seen["kind"] = "graphed"
         return loss
 
     DenseFlow.data_init, train_module.train_step = data_init, train_step
+    GraphedStep.__call__ = graphed_step
     with gloo_group(rank, init, WORLD):
         summary = train_module.train(
             RunConfig.from_dict(config), run_dir, progress=False, stop_after=stop_after
@@ -92,10 +102,16 @@ def _params(path: Path) -> dict[str, torch.Tensor]:
     return dict(ckpt.load(path)["model"])
 
 
-def test_two_ranks_train_what_one_process_trains(tmp_path, single):
+@pytest.mark.parametrize("cuda_graph", [True, False], ids=["graphed-step", "ddp-step"])
+def test_two_ranks_train_what_one_process_trains(tmp_path, single, cuda_graph):
+    """Each rank's step on static buffers with one all-reduce of gradients and loss between its
+    halves (train.cuda_graph, the default), or torch's DDP (train.cuda_graph=false): both the
+    single process's parameters, bitwise."""
     run = tmp_path / "ddp"
-    _spawn(_train_worker, tmp_path, CONFIG.to_dict(), run, None, tmp_path)
+    config = CONFIG.override([f"train.cuda_graph={cuda_graph}"])
+    _spawn(_train_worker, tmp_path, config.to_dict(), run, None, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert ranks[0]["kind"] == ranks[1]["kind"] == ("graphed" if cuda_graph else "ddp")
     # ActNorm init on the global first batch: identical on both ranks (before DDP broadcasts
     # anything)
     assert ranks[0]["init"].keys() and ranks[0]["init"].keys() == ranks[1]["init"].keys()
@@ -280,3 +296,26 @@ def test_a_finished_rank_leaves_without_error_when_its_peer_failed(tmp_path):
     ranks = [json.loads((tmp_path / f"leave{r}.json").read_text()) for r in range(WORLD)]
     assert ranks[0]["left"] < ranks[1]["arrived"]  # rank 0 did not wait
     assert not ranks[0]["still"] and not ranks[1]["still"]
+
+
+@pytest.mark.parametrize("cuda_graph", [True, False], ids=["graphed-step", "ddp-step"])
+def test_every_rank_evaluates_with_the_statistics_the_checkpoint_holds(tmp_path, cuda_graph):
+    """``bn_recalibrate=0``: the running statistics, which each rank's own chunks move apart.
+    The evaluations inside the run use rank 0's on every rank (those its files hold), so the
+    exported model, evaluated in one process, scores the run's test bpd exactly."""
+    config = CONFIG.override(["train.bn_recalibrate=0", f"train.cuda_graph={cuda_graph}"])
+    run = tmp_path / "run"
+    _spawn(_train_worker, tmp_path, config.to_dict(), run, None, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    model, saved = ckpt.load_model(run / "final.pt")
+    _, testset = train_module.load_datasets(saved)
+    with _one_thread():
+        result = evaluate_images(
+            model.to(memory_format=torch.channels_last),
+            testset.images,
+            saved.eval.batch_size,
+            seed=saved.train.seed,
+            progress=False,
+        )
+    assert summary["batchnorm"] == ckpt.RUNNING_STATISTICS
+    assert result["bpd"] == summary["test_bpd"]

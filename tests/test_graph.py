@@ -181,12 +181,17 @@ def _assert_same(eager, graphed, where: str) -> None:
         pytest.param(SMALL, 2, [7] * 4, 0.0, "float32", id="small-channels_last"),
     ],
 )
-def test_static_step_equals_train_step_bitwise(config, chunks, sizes, grad_clip, precision):
+@pytest.mark.parametrize("packed", [False, True], ids=["", "packed"])
+def test_static_step_equals_train_step_bitwise(config, chunks, sizes, grad_clip, precision, packed):
     """Step after step (the first one eager and recording, the later ones on static buffers; a
     batch of another size on the eager path): the same losses, parameters, Adamax state
-    (exp_avg, exp_inf, step) and BatchNorm statistics as ``train_step``, bit for bit."""
+    (exp_avg, exp_inf, step) and BatchNorm statistics as ``train_step``, bit for bit. ``packed``:
+    gradients and loss go through the flat buffer of data parallelism, which one rank's
+    all-reduce leaves as it is (two ranks: tests/test_distributed.py)."""
     eager, graphed = _pair(config, precision)
-    step = GraphedStep(*graphed, grad_clip=grad_clip)
+    reduced = []
+    reduce = reduced.append if packed else None
+    step = GraphedStep(*graphed, grad_clip=grad_clip, reduce=reduce)
     for t, size in enumerate(sizes):
         lr = 1e-3 * (t + 1) / len(sizes)
         a = train_step(*eager, _batch(config, t, size, chunks), lr, grad_clip)
@@ -194,6 +199,14 @@ def test_static_step_equals_train_step_bitwise(config, chunks, sizes, grad_clip,
         assert torch.equal(a, b) and math.isfinite(b.item()), t
         _assert_same(eager, graphed, f"step {t}")
     assert step._key is not None and not step.captured
+    assert len(reduced) == (len(sizes) if packed else 0)  # one all-reduce a step
+    if packed:  # one buffer: every gradient, laid out as the gradient, then the loss
+        parameters = list(graphed[0].parameters())
+        assert reduced[0].numel() == sum(p.numel() for p in parameters) + 1
+        assert len(step._views) == len(parameters) + 1 and step._views[-1].shape == ()
+        for p, view in zip(parameters, step._views, strict=False):
+            assert view.shape == p.shape and view.stride() == p.grad.stride()
+            assert view.untyped_storage().data_ptr() == reduced[0].untyped_storage().data_ptr()
     assert graphed[1].param_groups[0]["lr"] == eager[1].param_groups[0]["lr"]
     if grad_clip:  # both clipped their gradients to the norm grad_clip
         for model, _ in (eager, graphed):
@@ -368,6 +381,60 @@ def test_capture_path_rehearsed_on_the_cpu(monkeypatch):
         assert torch.equal(u, saved["state"][index[id(p)]]["exp_inf"])
 
 
+def test_capture_in_two_halves_around_the_all_reduce_rehearsed(monkeypatch):
+    """With ``reduce`` (data parallelism): the warm-ups reduce as eager steps do, the capture
+    makes two graphs, the second in the first's memory pool, and each step replays the first
+    (forward, backward, packing), reduces the flat buffer outside any graph, and replays the
+    second (unpacking, guard, update): train_step's numbers, bitwise (one rank: the reduce
+    leaves the buffer as it is)."""
+    eager, graphed = _pair(TINY)
+    events: list = []
+    step = GraphedStep(*graphed, capture=True, reduce=lambda flat: events.append("reduce"))
+    halves: list = []
+
+    class Half:  # a replay reruns what the half holds on the same tensors
+        def __init__(self) -> None:
+            self.index = len(halves)
+            halves.append(self)
+
+        def pool(self) -> tuple:
+            return ("pool", self.index)
+
+        def replay(self) -> None:
+            events.append(f"replay{self.index}")
+            if self.index == 0:
+                step._backward(list(zip(step._images, step._noises, strict=True)), 12)
+            else:
+                for out, value in zip(step._out, step._update(step._views[-1]), strict=True):
+                    out.copy_(value)
+
+    _fake_streams(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Half)
+    monkeypatch.setattr(torch.cuda, "graph", _recording_capture(events))
+    for t in range(4):
+        events.clear()
+        a = train_step(*eager, _batch(TINY, t, 12, 2), 1e-3)
+        b = step(_batch(TINY, t, 12, 2), 1e-3)
+        assert torch.equal(a, b), t
+        _assert_same(eager, graphed, f"step {t}")
+        expected = {
+            0: ["reduce"],  # eager, recording the draws
+            1: ["reduce"] * 3 + [(0, None), (1, ("pool", 0)), "replay0", "reduce", "replay1"],
+        }
+        assert events == expected.get(t, ["replay0", "reduce", "replay1"]), t
+    assert step.captured and len(halves) == 2
+
+
+def _recording_capture(events: list):
+    """A stand-in for ``torch.cuda.graph`` that notes (graph index, pool) and runs the block."""
+
+    def capture(g, pool=None):
+        events.append((g.index, pool))
+        return nullcontext()
+
+    return capture
+
+
 def test_a_failed_capture_says_why_and_runs_eagerly(monkeypatch):
     eager, graphed = _pair(TINY)
     messages = []
@@ -398,8 +465,9 @@ def test_uncapturable_setups_say_why_and_run_train_step():
         ({"monitor_every": 2}, "monitor"),
     ):
         assert words in capture_refusal(dataclasses.replace(cfg, **change))
-    assert "DDP" in capture_refusal(cfg, world=2)
     (model, optimizer), _ = _pair(TINY)
+    parallel = graphed_step(model, optimizer, cfg, torch.device("cpu"), world=2)
+    assert parallel.reduce is graph_module.distributed.all_sum  # data parallelism: no DDP
     said = []
     low = dataclasses.replace(cfg, low_memory=True)
     assert graphed_step(model, optimizer, low, torch.device("cuda"), say=said.append) is None
