@@ -19,7 +19,8 @@ exact totals, no padded duplicates, the single-process value.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from typing import Any
 
@@ -70,13 +71,30 @@ def init_from_env() -> bool:
     return True
 
 
-def share_buffers(module: torch.nn.Module) -> None:
-    """Every rank takes rank 0's buffers (the BatchNorm running statistics). Each rank's own
-    chunks move its statistics apart from rank 0's, and rank 0's are the ones its checkpoints
-    hold: evaluated with them, every rank scores as the saved model scores."""
-    if world_size() > 1:
-        for buffer in module.buffers():
-            dist.broadcast(buffer, src=0)
+def from_rank_0(tensors: Iterable[torch.Tensor]) -> None:
+    """Overwrite ``tensors`` on every rank with rank 0's values (one broadcast per dtype and
+    device; every rank must pass the same tensors in the same order)."""
+    if world_size() == 1:
+        return
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+    with torch.no_grad():
+        for group in groups.values():
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.broadcast(flat, src=0)
+            for t, part in zip(group, flat.split([t.numel() for t in group]), strict=True):
+                t.copy_(part.view(t.shape))
+
+
+def batchnorm_statistics(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The running statistics of every BatchNorm in ``module`` (the buffers that move)."""
+    return [
+        buffer
+        for m in module.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        for buffer in m.buffers()
+    ]
 
 
 def leave(finished: bool) -> None:
@@ -89,8 +107,9 @@ def leave(finished: bool) -> None:
     try:
         if finished and world_size() > 1:
             dist.barrier()
-    except RuntimeError:
-        pass  # the peer is gone, and its own exit status says why
+    except RuntimeError as err:  # a peer is gone; its own exit status says why
+        first = (str(err).splitlines() or [""])[0]
+        print(f"denseflow: rank {rank()}: the closing barrier failed ({first})", file=sys.stderr)
     finally:
         dist.destroy_process_group()
 

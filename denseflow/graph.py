@@ -394,21 +394,24 @@ class GraphedStep:
         the whole step — every chunk's forward and backward, the guard and the update — in one
         graph whose gradients live in its private memory pool; with ``reduce``, in two graphs
         sharing that pool (forward, backward and packing; unpacking and update), the all-reduce
-        running between their replays. **Not yet run on a GPU.**"""
+        running between their replays. The warm-ups make no collective call, and the ranks then
+        agree (one all-reduce): if any rank's capture failed, every rank runs eagerly, so the
+        ranks' all-reduces stay paired. **Not yet run on a GPU.**"""
         device = self.neg_step_size.device
         began = time.perf_counter()
         buffers = {name: b.clone() for name, b in self.model.named_buffers()}
         self.allow.fill_(False)
+        graphs: list[torch.cuda.CUDAGraph] = []
         try:
             with _cusolver():
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
-                    for _ in range(self.warmups):
-                        self._body(static, total)
+                    for _ in range(self.warmups):  # masked; no all-reduce, which is never
+                        self._update(self._backward(static, total))  # captured: ranks stay in step
                 torch.cuda.current_stream(device).wait_stream(side)
                 self.optimizer.zero_grad(set_to_none=True)  # captured backward allocates .grad
-                graphs = [torch.cuda.CUDAGraph()]
+                graphs.append(torch.cuda.CUDAGraph())
                 if self.reduce is None:
                     with torch.cuda.graph(graphs[0]):
                         self._out = self._body(static, total)
@@ -418,25 +421,31 @@ class GraphedStep:
                     graphs.append(torch.cuda.CUDAGraph())
                     with torch.cuda.graph(graphs[1], pool=graphs[0].pool()):
                         self._out = self._update(loss)
-            self._graphs = graphs
-            self._captured = [
-                (p, p.grad, self.optimizer.state[p]["exp_avg"], self.optimizer.state[p]["exp_inf"])
-                for p in self._updated
-            ]
         except Exception as err:  # any failure: say why, run eagerly
-            self.refusal = _failure(err)
-            self.say(f"train.cuda_graph: {self.refusal}; the step runs eagerly")
-            self.optimizer.zero_grad(set_to_none=True)
+            graphs, self.refusal = [], _failure(err)
         finally:
             self.allow.fill_(True)
             for name, b in self.model.named_buffers():
                 b.copy_(buffers[name])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-        if self._graphs:
-            torch.cuda.empty_cache()  # the warm-ups' cached blocks; the graph keeps its own pool
-            self.capture_seconds = time.perf_counter() - began
-            self.say(f"train.cuda_graph: step captured in {self.capture_seconds:.1f} s")
+        if self.reduce is not None:  # every rank replays its graphs, or none does
+            failures = torch.tensor(float(not graphs), device=device)
+            self.reduce(failures)
+            if failures.item() and graphs:
+                graphs, self.refusal = [], "capture failed on another rank"
+        if not graphs:
+            self.say(f"train.cuda_graph: {self.refusal}; the step runs eagerly")
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        self._graphs = graphs
+        self._captured = [
+            (p, p.grad, self.optimizer.state[p]["exp_avg"], self.optimizer.state[p]["exp_inf"])
+            for p in self._updated
+        ]
+        torch.cuda.empty_cache()  # the warm-ups' cached blocks; the graph keeps its own pool
+        self.capture_seconds = time.perf_counter() - began
+        self.say(f"train.cuda_graph: step captured in {self.capture_seconds:.1f} s")
 
     def _rebind(self) -> None:
         """After ``optimizer.load_state_dict`` (resume, rollback): the captured graph reads and

@@ -146,10 +146,11 @@ def rollback(
 def evaluation(model: DenseFlow, config: RunConfig, train_images: torch.Tensor):
     """The model as a run evaluates and exports it, inside the block: eval mode, float32
     networks (bf16 trains only), BatchNorm statistics recalibrated over ``train.bn_recalibrate``
-    training batches; on exit the training state is exactly as before. Under data parallelism
-    every rank first takes rank 0's BatchNorm statistics, the ones its checkpoints hold."""
+    training batches; on exit the training state is as before, except that under data
+    parallelism every rank has first taken rank 0's BatchNorm running statistics (those its
+    checkpoints hold: each rank's own chunks move them apart, and only evaluation reads them)."""
     cfg = config.train
-    distributed.share_buffers(model)
+    distributed.from_rank_0(distributed.batchnorm_statistics(model))
     model.set_net_precision(None)
     try:
         with recalibrated(model, train_images, cfg.bn_recalibrate, cfg.batch_size, cfg.seed):
@@ -241,7 +242,8 @@ def train(
     monitor = LayerMonitor(model) if cfg.monitor_every else None
     batches = Batches(trainset.images, cfg, config.data.augmentation)
 
-    ddp, test_bpd, bad_in_a_row, eval_seconds, started = None, None, 0, 0.0, time.perf_counter()
+    ddp, synced, test_bpd, bad_in_a_row = None, False, None, 0
+    eval_seconds, started = 0.0, time.perf_counter()
     model.train()
     with stop_requests() as stop, runtime.ddp_warnings_scope():
         while state.step < plan.total_steps:
@@ -249,8 +251,12 @@ def train(
             if state.step == 0:  # on the global batch, the same on every rank
                 init_noise = stream(cfg.seed, "init", device=device)
                 model.data_init(x.to(device).long(), generator=init_noise)
-            if world > 1 and ddp is None and graphed is None:  # a graphed step all-reduces itself
-                ddp = runtime.wrap_ddp(model, device)
+            if world > 1 and not synced:  # every rank from rank 0's state (DDP does it itself)
+                if graphed is None:
+                    ddp = runtime.wrap_ddp(model, device)
+                else:
+                    distributed.from_rank_0([*model.parameters(), *model.buffers()])
+                synced = True
             first = state.batch == 0
             lr = (
                 learning_rate(cfg, state.step, state.epoch, first, plan.main_steps) * state.lr_scale

@@ -37,10 +37,17 @@ CONFIG = load_config("tiny").override(
 
 
 def _train_worker(
-    rank: int, init: Path, config: dict, run_dir: Path, stop_after: int | None, out: Path
+    rank: int,
+    init: Path,
+    config: dict,
+    run_dir: Path,
+    stop_after: int | None,
+    out: Path,
+    perturb: bool = False,
 ) -> None:
     """train() on this rank; records the ActNorm values right after the data-dependent init and
-    every parameter after the last step."""
+    every parameter after the last step. ``perturb``: rank 1's weights are moved right after
+    the init (a rank whose start differs, e.g. by another GPU's rounding)."""
     original_init, original_step = DenseFlow.data_init, train_module.train_step
     original_graphed = GraphedStep.__call__
     seen = {}
@@ -50,6 +57,10 @@ def _train_worker(
         seen["init"] = {
             n: p.detach().clone() for n, p in model.named_parameters() if ".actnorm." in n
         }
+        if perturb and rank == 1:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.01)
 
     def train_step(model, *args, **kwargs):
         loss = original_step(model, *args, **kwargs)
@@ -133,6 +144,20 @@ def test_two_ranks_train_what_one_process_trains(tmp_path, single, cuda_graph):
     assert (run / "samples").is_dir() and (run / "metrics.jsonl").read_text().count(
         '"kind": "train"'
     ) == 4
+
+
+@pytest.mark.parametrize("cuda_graph", [True, False], ids=["graphed-step", "ddp-step"])
+def test_every_rank_starts_from_rank_0s_weights(tmp_path, single, cuda_graph):
+    """Rank 1's weights differ after the init: both ranks still end with the single process's
+    parameters, bitwise (rank 0's state is broadcast before the first step; DDP does it
+    itself)."""
+    config = CONFIG.override([f"train.cuda_graph={cuda_graph}"])
+    _spawn(_train_worker, tmp_path, config.to_dict(), tmp_path / "run", None, tmp_path, True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    reference = _params(single[0] / "final.pt")
+    for name, value in ranks[0]["final"].items():
+        assert torch.equal(value, ranks[1]["final"][name]), name
+        assert torch.equal(value, reference[name]), name
 
 
 def test_ddp_checkpoint_resumes_in_one_process(tmp_path, single):

@@ -17,6 +17,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from denseflow import checkpoint as ckpt
 from denseflow import graph as graph_module
@@ -35,6 +36,8 @@ from denseflow.step import train_step
 from denseflow.train import train
 from denseflow.transforms.base import recorded_draws
 from denseflow.transforms.glow import Conv1x1, inverse, log_abs_det
+
+from .conftest import gloo_group
 
 TINY = load_config("tiny")
 #: a small 3-channel model unlike the tiny preset: uniform dequantization, multi-head attention,
@@ -186,27 +189,29 @@ def test_static_step_equals_train_step_bitwise(config, chunks, sizes, grad_clip,
     """Step after step (the first one eager and recording, the later ones on static buffers; a
     batch of another size on the eager path): the same losses, parameters, Adamax state
     (exp_avg, exp_inf, step) and BatchNorm statistics as ``train_step``, bit for bit. ``packed``:
-    gradients and loss go through the flat buffer of data parallelism, which one rank's
-    all-reduce leaves as it is (two ranks: tests/test_distributed.py)."""
+    gradients and loss go through the flat buffer of data parallelism and an all-reduce that
+    adds an identical second rank, doubling them exactly: ``train_step``'s numbers with half
+    the batch size (two real ranks: tests/test_distributed.py)."""
     eager, graphed = _pair(config, precision)
-    reduced = []
-    reduce = reduced.append if packed else None
+    reduced: list = []
+    reduce = _second_rank(reduced) if packed else None
     step = GraphedStep(*graphed, grad_clip=grad_clip, reduce=reduce)
     for t, size in enumerate(sizes):
         lr = 1e-3 * (t + 1) / len(sizes)
-        a = train_step(*eager, _batch(config, t, size, chunks), lr, grad_clip)
+        half = size / 2 if packed else None  # divides the loss by size/2: exactly twice as much
+        a = train_step(*eager, _batch(config, t, size, chunks), lr, grad_clip, half)
         b = step(_batch(config, t, size, chunks), lr)
         assert torch.equal(a, b) and math.isfinite(b.item()), t
         _assert_same(eager, graphed, f"step {t}")
     assert step._key is not None and not step.captured
-    assert len(reduced) == (len(sizes) if packed else 0)  # one all-reduce a step
+    assert reduced == (["reduce"] * len(sizes) if packed else [])  # one all-reduce a step
     if packed:  # one buffer: every gradient, laid out as the gradient, then the loss
         parameters = list(graphed[0].parameters())
-        assert reduced[0].numel() == sum(p.numel() for p in parameters) + 1
+        assert step._flat.numel() == sum(p.numel() for p in parameters) + 1
         assert len(step._views) == len(parameters) + 1 and step._views[-1].shape == ()
         for p, view in zip(parameters, step._views, strict=False):
             assert view.shape == p.shape and view.stride() == p.grad.stride()
-            assert view.untyped_storage().data_ptr() == reduced[0].untyped_storage().data_ptr()
+            assert view.untyped_storage().data_ptr() == step._flat.untyped_storage().data_ptr()
     assert graphed[1].param_groups[0]["lr"] == eager[1].param_groups[0]["lr"]
     if grad_clip:  # both clipped their gradients to the norm grad_clip
         for model, _ in (eager, graphed):
@@ -381,21 +386,16 @@ def test_capture_path_rehearsed_on_the_cpu(monkeypatch):
         assert torch.equal(u, saved["state"][index[id(p)]]["exp_inf"])
 
 
-def test_capture_in_two_halves_around_the_all_reduce_rehearsed(monkeypatch):
-    """With ``reduce`` (data parallelism): the warm-ups reduce as eager steps do, the capture
-    makes two graphs, the second in the first's memory pool, and each step replays the first
-    (forward, backward, packing), reduces the flat buffer outside any graph, and replays the
-    second (unpacking, guard, update): train_step's numbers, bitwise (one rank: the reduce
-    leaves the buffer as it is)."""
-    eager, graphed = _pair(TINY)
-    events: list = []
-    step = GraphedStep(*graphed, capture=True, reduce=lambda flat: events.append("reduce"))
-    halves: list = []
+def _half_graphs(step: GraphedStep, total: int, made: list, events: list):
+    """A CPU stand-in class for torch.cuda.CUDAGraph in the two-half capture: the first graph
+    made replays the step's first half (forward, backward, packing), the second its second
+    half (unpacking, update) into the captured outputs — what the recorded kernels would do on
+    the same tensors. Graphs made go to ``made``, replays to ``events``."""
 
-    class Half:  # a replay reruns what the half holds on the same tensors
+    class Half:
         def __init__(self) -> None:
-            self.index = len(halves)
-            halves.append(self)
+            self.index = len(made)
+            made.append(self)
 
         def pool(self) -> tuple:
             return ("pool", self.index)
@@ -403,26 +403,98 @@ def test_capture_in_two_halves_around_the_all_reduce_rehearsed(monkeypatch):
         def replay(self) -> None:
             events.append(f"replay{self.index}")
             if self.index == 0:
-                step._backward(list(zip(step._images, step._noises, strict=True)), 12)
+                step._backward(list(zip(step._images, step._noises, strict=True)), total)
             else:
                 for out, value in zip(step._out, step._update(step._views[-1]), strict=True):
                     out.copy_(value)
 
+    return Half
+
+
+def _second_rank(events: list):
+    """A stand-in all-reduce over two ranks whose gradients and loss equal this one's: the sum
+    doubles the buffer (exactly). It notes each call: "agree" for the capture's one-element
+    vote, else "reduce"."""
+
+    def reduce(tensor: torch.Tensor) -> None:
+        events.append("agree" if tensor.numel() == 1 else "reduce")
+        tensor.mul_(2)
+
+    return reduce
+
+
+def test_capture_in_two_halves_around_the_all_reduce_rehearsed(monkeypatch):
+    """With ``reduce`` (data parallelism): the warm-ups make no collective call, the capture
+    makes two graphs, the second in the first's memory pool, the ranks agree on the outcome,
+    and each step replays the first (forward, backward, packing), reduces the flat buffer
+    outside any graph, and replays the second (unpacking, guard, update). The reduce here adds
+    an identical second rank, so the loss and gradients are exactly twice this rank's: the
+    numbers of ``train_step`` with half the batch size (its loss and gradients exactly double),
+    bitwise."""
+    eager, graphed = _pair(TINY)
+    events: list = []
+    step = GraphedStep(*graphed, capture=True, reduce=_second_rank(events))
+    halves: list = []
     _fake_streams(monkeypatch)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", Half)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _half_graphs(step, 12, halves, events))
     monkeypatch.setattr(torch.cuda, "graph", _recording_capture(events))
     for t in range(4):
         events.clear()
-        a = train_step(*eager, _batch(TINY, t, 12, 2), 1e-3)
+        a = train_step(*eager, _batch(TINY, t, 12, 2), 1e-3, batch_size=6)
         b = step(_batch(TINY, t, 12, 2), 1e-3)
         assert torch.equal(a, b), t
         _assert_same(eager, graphed, f"step {t}")
         expected = {
             0: ["reduce"],  # eager, recording the draws
-            1: ["reduce"] * 3 + [(0, None), (1, ("pool", 0)), "replay0", "reduce", "replay1"],
+            1: [(0, None), (1, ("pool", 0)), "agree", "replay0", "reduce", "replay1"],
         }
         assert events == expected.get(t, ["replay0", "reduce", "replay1"]), t
     assert step.captured and len(halves) == 2
+
+
+def _capture_vote_worker(rank: int, init, out) -> None:
+    """One of two gloo ranks stepping its chunk with ``reduce=all_sum`` and the capture
+    rehearsed; rank 1's capture fails."""
+    with gloo_group(rank, init, 2):
+        _, graphed = _pair(TINY)
+        step = GraphedStep(*graphed, capture=True, reduce=graph_module.distributed.all_sum)
+
+        def capture(g, pool=None):
+            if rank == 1:
+                raise RuntimeError("stand-in capture failure")
+            return nullcontext()
+
+        torch.cuda.Stream = torch.cuda.current_stream = lambda device=None: _FakeStream()
+        torch.cuda.stream, graph_module._cusolver = lambda s: nullcontext(), nullcontext
+        torch.cuda.synchronize = torch.cuda.empty_cache = lambda *a: None
+        torch.cuda.CUDAGraph = _half_graphs(step, 12, [], [])
+        torch.cuda.graph = capture
+        for t in range(4):
+            step(_batch(TINY, t, 12, 2)[rank : rank + 1], 1e-3, batch_size=12)
+        parameters = {n: p.detach().clone() for n, p in graphed[0].named_parameters()}
+        result = {"refusal": step.refusal, "captured": step.captured, "parameters": parameters}
+        torch.save(result, out / f"vote{rank}.pt")
+
+
+def test_a_capture_that_fails_on_one_rank_runs_every_rank_eagerly(tmp_path):
+    """The ranks vote after the capture: rank 1's failed, so rank 0 drops its graphs too and
+    says why; both run the same eager steps, one all-reduce each, and end with the single
+    process's parameters, bitwise."""
+    mp.spawn(_capture_vote_worker, args=(tmp_path / "pg", tmp_path), nprocs=2, join=True)
+    eager, _ = _pair(TINY)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: the same kernels and summation order
+    try:
+        for t in range(4):
+            train_step(*eager, _batch(TINY, t, 12, 2), 1e-3)
+    finally:
+        torch.set_num_threads(threads)
+    ranks = [torch.load(tmp_path / f"vote{r}.pt") for r in range(2)]
+    assert ranks[0]["refusal"] == "capture failed on another rank" and not ranks[0]["captured"]
+    assert "stand-in capture failure" in ranks[1]["refusal"] and not ranks[1]["captured"]
+    for name, value in eager[0].named_parameters():
+        for r in range(2):
+            assert torch.equal(ranks[r]["parameters"][name], value), (r, name)
 
 
 def _recording_capture(events: list):
