@@ -204,7 +204,7 @@ def masked_replay(step, model: DenseFlow, optimizer, chunks: list) -> dict:
     first = next(iter(step._noises[0]))
     step._noises[0][first].view(-1)[0] = float("nan")
     before = snapshot(model, optimizer)
-    step._graph.replay()
+    step._graphs[0].replay()  # one process: the whole step is one graph
     keep = bool(step._out[1])
     after = snapshot(model, optimizer)
     same = all(
