@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import math
 from contextlib import nullcontext
 
@@ -37,7 +38,7 @@ from denseflow.train import train
 from denseflow.transforms.base import recorded_draws
 from denseflow.transforms.glow import Conv1x1, inverse, log_abs_det
 
-from .conftest import gloo_group
+from .conftest import REPO, gloo_group
 
 TINY = load_config("tiny")
 #: a small 3-channel model unlike the tiny preset: uniform dequantization, multi-head attention,
@@ -505,6 +506,23 @@ def _recording_capture(events: list):
         return nullcontext()
 
     return capture
+
+
+def test_the_device_checks_planted_nan_replay_rehearsed(monkeypatch):
+    """scripts/graph_check.py's masked replay (a NaN planted in a noise buffer, one replay),
+    run with the capture's stand-ins: the update is dropped and nothing changes, as the H200
+    check expects of a real graph."""
+    spec = importlib.util.spec_from_file_location("graph_check", REPO / "scripts/graph_check.py")
+    graph_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(graph_check)
+    _, graphed = _pair(TINY)
+    step = GraphedStep(*graphed, capture=True)
+    _fake_cuda(monkeypatch, step, 6, [])
+    for t in range(2):  # recorded, then captured and replayed
+        step(_batch(TINY, t, 6, 1), 1e-3)
+    assert step.captured
+    result = graph_check.masked_replay(step, *graphed, _batch(TINY, 2, 6, 1))
+    assert result["untouched"] and result["keep_flag"] is False, result
 
 
 def test_a_failed_capture_says_why_and_runs_eagerly(monkeypatch):
