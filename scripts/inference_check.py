@@ -58,10 +58,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cifar10")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=5, help=">= 3: 1 records, 2 captures")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
     parser.add_argument("--json", required=True)
     a = parser.parse_args()
+    if a.calls < 3:
+        parser.error("--calls must be at least 3 (the first records, the second captures)")
     device = torch.device(a.device)
     config = load_config(a.preset)
     torch.manual_seed(0)
