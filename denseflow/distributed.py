@@ -87,23 +87,14 @@ def from_rank_0(tensors: Iterable[torch.Tensor]) -> None:
                 t.copy_(part.view(t.shape))
 
 
-def batchnorm_statistics(module: torch.nn.Module) -> list[torch.Tensor]:
-    """The running statistics of every BatchNorm in ``module`` (the buffers that move)."""
-    return [
-        buffer
-        for m in module.modules()
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-        for buffer in m.buffers()
-    ]
-
-
 def leave(finished: bool) -> None:
     """Tear the process group down. When this rank ``finished`` its work normally, the ranks
     first meet at a barrier, so that no rank closes its connections while a peer still reads
-    from them (gloo aborts the peer's process: "terminate called without an active exception",
-    seen twice in CI on 2 cores, once in a test's teardown and once at the end of a torchrun
-    run). After an error there is no barrier: the peers may never arrive (and a peer that failed
-    while this rank waits ends the barrier with a connection error, which changes nothing here)."""
+    from them (gloo can abort the peer's process: "terminate called without an active
+    exception", seen twice in CI on 2 cores, once in a test's teardown and once in a rank that
+    torchrun had restarted, where in its run unknown). After an error there is no barrier: the
+    peers may never arrive (and a peer that failed while this rank waits ends the barrier with
+    a connection error, which is reported and changes nothing else)."""
     try:
         if finished and world_size() > 1:
             dist.barrier()

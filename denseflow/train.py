@@ -34,7 +34,7 @@ from .data import ImageSet, load_images
 from .errors import DenseFlowError
 from .evaluate import evaluate_images
 from .model import DenseFlow
-from .recalibrate import recalibrated
+from .recalibrate import batchnorms, recalibrated
 from .runlog import LayerMonitor, RunOutputs, all_stop, stop_requests
 from .sample import sample_seeds, save_grid
 from .schedule import Plan, learning_rate
@@ -150,7 +150,7 @@ def evaluation(model: DenseFlow, config: RunConfig, train_images: torch.Tensor):
     parallelism every rank has first taken rank 0's BatchNorm running statistics (those its
     checkpoints hold: each rank's own chunks move them apart, and only evaluation reads them)."""
     cfg = config.train
-    distributed.from_rank_0(distributed.batchnorm_statistics(model))
+    distributed.from_rank_0([b for m in batchnorms(model) for b in m.buffers()])
     model.set_net_precision(None)
     try:
         with recalibrated(model, train_images, cfg.bn_recalibrate, cfg.batch_size, cfg.seed):
