@@ -327,14 +327,15 @@ class _FakeStream:
         pass
 
 
-def _fake_streams(monkeypatch) -> None:
-    """CPU stand-ins for torch.cuda's streams, synchronisation and cache; no cuSOLVER switch."""
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(graph_module, "_cusolver", nullcontext)
+def _fake_streams(set_attribute) -> None:
+    """CPU stand-ins for torch.cuda's streams, synchronisation and cache; no cuSOLVER switch.
+    ``set_attribute``: ``monkeypatch.setattr``, or ``setattr`` in a spawned worker process."""
+    set_attribute(torch.cuda, "Stream", lambda device=None: _FakeStream())
+    set_attribute(torch.cuda, "current_stream", lambda device=None: _FakeStream())
+    set_attribute(torch.cuda, "stream", lambda s: nullcontext())
+    set_attribute(torch.cuda, "synchronize", lambda device=None: None)
+    set_attribute(torch.cuda, "empty_cache", lambda: None)
+    set_attribute(graph_module, "_cusolver", nullcontext)
 
 
 def _fake_cuda(monkeypatch, step: GraphedStep, total: int, seen: list) -> _FakeGraph:
@@ -344,7 +345,7 @@ def _fake_cuda(monkeypatch, step: GraphedStep, total: int, seen: list) -> _FakeG
         seen.append(("capture", step.allow.item()))
         return nullcontext()
 
-    _fake_streams(monkeypatch)
+    _fake_streams(monkeypatch.setattr)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: graph)
     monkeypatch.setattr(torch.cuda, "graph", capture)
     return graph
@@ -436,7 +437,7 @@ def test_capture_in_two_halves_around_the_all_reduce_rehearsed(monkeypatch):
     events: list = []
     step = GraphedStep(*graphed, capture=True, reduce=_second_rank(events))
     halves: list = []
-    _fake_streams(monkeypatch)
+    _fake_streams(monkeypatch.setattr)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _half_graphs(step, 12, halves, events))
     monkeypatch.setattr(torch.cuda, "graph", _recording_capture(events))
     for t in range(4):
@@ -465,9 +466,7 @@ def _capture_vote_worker(rank: int, init, out) -> None:
                 raise RuntimeError("stand-in capture failure")
             return nullcontext()
 
-        torch.cuda.Stream = torch.cuda.current_stream = lambda device=None: _FakeStream()
-        torch.cuda.stream, graph_module._cusolver = lambda s: nullcontext(), nullcontext
-        torch.cuda.synchronize = torch.cuda.empty_cache = lambda *a: None
+        _fake_streams(setattr)  # this worker process's own torch.cuda
         torch.cuda.CUDAGraph = _half_graphs(step, 12, [], [])
         torch.cuda.graph = capture
         for t in range(4):
@@ -650,7 +649,7 @@ def _fake_inference_cuda(monkeypatch, owner: GraphedInference, captures: list) -
         captures.append(pool)
         return nullcontext()
 
-    _fake_streams(monkeypatch)
+    _fake_streams(monkeypatch.setattr)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", new_graph)
     monkeypatch.setattr(torch.cuda, "graph", capture)
     return graphs
