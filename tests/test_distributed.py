@@ -7,14 +7,17 @@ different thread counts the kernels sum in another order: ~1e-6 after 4 Adamax s
 from __future__ import annotations
 
 import json
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from denseflow import checkpoint as ckpt
+from denseflow import distributed
 from denseflow import train as train_module
 from denseflow.config import RunConfig, load_config
 from denseflow.evaluate import evaluate_images, score_images
@@ -287,12 +290,6 @@ def test_a_rollback_under_ddp_restores_the_checkpoint_rank_0_chose_on_every_rank
 def _leave_worker(rank: int, init: Path, out: Path, failed_rank: int | None) -> None:
     """Both ranks leave after their work; rank 1 arrives 0.5 s late. ``failed_rank`` leaves as
     after an error (no barrier) at once."""
-    import time
-
-    import torch.distributed as dist
-
-    from denseflow import distributed
-
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD)
     dist.barrier()  # the group is fully connected before anyone leaves
     if rank == 1:
