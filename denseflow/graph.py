@@ -14,7 +14,9 @@ form a CUDA graph can hold:
   graph;
 * Adamax is :func:`masked_adamax_`: torch's arithmetic, op for op, with the step size
   ``-lr / (1 - beta1**t)`` computed on the host in float64 as torch does and filled into a 0-dim
-  device tensor before each step;
+  device tensor before each step, run over flat buffers that hold every parameter, gradient and
+  Adamax state tensor (:class:`FlatState`): about 50 kernels for DenseFlow-74-10 instead of a few
+  per tensor;
 * the non-finite guard is decided on the device: the update is kept or dropped element-wise
   with ``torch.where`` (parameters and Adamax state bitwise untouched by a non-finite step), and
   the host reads the flag only after the step, to count Adamax's steps (CPU tensors, as torch
@@ -52,13 +54,13 @@ from torch.optim.optimizer import _get_scalar_dtype
 from . import distributed
 from .config import TrainConfig
 from .model import DenseFlow
-from .step import backpropagate, gradient_norm
+from .step import backpropagate
 from .transforms.base import recorded_draws, standard_normal
 from .transforms.glow import Conv1x1
 
-#: elements per group of :func:`masked_adamax_` (at least one tensor each): on a GPU a bound on
-#: its temporaries (4 x 128 MiB in float32) with few launches; on the CPU, where foreach ops loop
-#: over the tensors anyway, cache-sized groups (2.4x torch's Adamax time instead of 5x)
+#: elements per group of :func:`masked_adamax_`: on a GPU a bound on its temporaries (3 x 128 MiB
+#: in float32) with few launches; on the CPU cache-sized groups (the chain of operations on a group
+#: stays in cache)
 GROUP_ELEMENTS = {"cuda": 1 << 25, "cpu": 1 << 16}
 
 Chunks = Sequence[tuple[Tensor, torch.Generator]]
@@ -94,52 +96,125 @@ def _failure(err: Exception) -> str:
     return f"capture failed ({type(err).__name__}: {first_line})"
 
 
-def _groups(sizes: list[int], budget: int) -> list[slice]:
-    """Consecutive index ranges whose sizes add up to at most ``budget`` (at least one each)."""
-    groups, start, filled = [], 0, 0
-    for i, n in enumerate(sizes):
-        if filled and filled + n > budget:
-            groups.append(slice(start, i))
-            start, filled = i, 0
-        filled += n
-    return [*groups, slice(start, len(sizes))] if sizes else []
+#: entries a view of a flat buffer starts at a multiple of (256 bytes in float32): the parameters'
+#: data keeps the alignment of a tensor of its own, which vectorised CPU and GPU kernels rely on
+ALIGNMENT = 64
+
+
+def _offsets(like: Sequence[Tensor]) -> list[int]:
+    """Where each tensor of ``like`` starts in a flat buffer (aligned), and its end last."""
+    offsets = [0]
+    for t in like:
+        offsets.append(-(-(offsets[-1] + t.numel()) // ALIGNMENT) * ALIGNMENT)
+    return offsets
+
+
+def _views(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Views of ``flat``, one per tensor of ``like`` at :func:`_offsets`, each laid out as that
+    tensor (its dense strides: channels-last stays channels-last)."""
+    return [
+        flat.as_strided(t.shape, torch.empty_like(t, device="meta").stride(), offset)
+        for t, offset in zip(like, _offsets(like), strict=False)
+    ]
+
+
+class FlatState:
+    """The parameters an update touches, their gradients and their Adamax state, each kind in
+    one contiguous buffer: a parameter's entries are the same range of :attr:`param`,
+    :attr:`grad`, :attr:`exp_avg` and :attr:`exp_inf`, laid out as the parameter and starting
+    at a multiple of :data:`ALIGNMENT`. The parameters' data, their ``.grad`` after a step and
+    their Adamax state tensors are views of these buffers, so the update is a few kernels over
+    whole buffers instead of a few per tensor (3,423 tensors in DenseFlow-74-10). :attr:`grad`
+    holds one more entry, :attr:`loss`: one all-reduce sums the gradients and the loss
+    together."""
+
+    def __init__(self, params: list[Tensor], dtype: torch.dtype, device: torch.device) -> None:
+        n = _offsets(params)[-1]  # the gaps' zero gradients leave their zero parameters at 0
+        self.params = params
+        self.param, self.exp_avg, self.exp_inf = (
+            torch.zeros(n, dtype=dtype, device=device) for _ in range(3)
+        )
+        self.grad = torch.zeros(n + 1, dtype=dtype, device=device)
+        self.loss = self.grad[n]
+        self.views = {
+            kind: _views(getattr(self, kind), params)
+            for kind in ("param", "grad", "exp_avg", "exp_inf")
+        }
+        with torch.no_grad():
+            for p, view in zip(params, self.views["param"], strict=True):
+                view.copy_(p)
+                p.data = view
+        self._addresses = [p.data_ptr() for p in params]
+
+    def adopt_parameters(self) -> None:
+        """Bring back into :attr:`param` a parameter whose data was replaced (``p.data = ...``;
+        ``load_state_dict`` copies in place and needs nothing)."""
+        if [p.data_ptr() for p in self.params] == self._addresses:
+            return
+        with torch.no_grad():
+            for p, view in zip(self.params, self.views["param"], strict=True):
+                if p.data_ptr() != view.data_ptr():
+                    view.copy_(p)
+                    p.data = view
+
+    def adopt_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make every parameter's Adamax state (created as torch.optim.Adamax creates it, or
+        copied from the tensors ``load_state_dict`` made) the views of the flat buffers."""
+        views = zip(self.params, self.views["exp_avg"], self.views["exp_inf"], strict=True)
+        for p, avg, inf in views:
+            state = optimizer.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                avg.zero_()
+                inf.zero_()
+            elif state["exp_avg"] is not avg:
+                avg.copy_(state["exp_avg"])
+                inf.copy_(state["exp_inf"])
+            state["exp_avg"], state["exp_inf"] = avg, inf
+
+    def gather_grads(self, loss: Tensor) -> None:
+        """The parameters' gradients and ``loss`` into :attr:`grad`; each ``.grad`` becomes its
+        view (the autograd-made tensors are released)."""
+        torch._foreach_copy_(self.views["grad"], [p.grad for p in self.params])
+        self.loss.copy_(loss)
+        for p, view in zip(self.params, self.views["grad"], strict=True):
+            p.grad = view
 
 
 @torch.no_grad()
 def masked_adamax_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_infs: list[Tensor],
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_inf: Tensor,
     keep: Tensor,
     neg_step_size: Tensor,
     betas: tuple[float, float],
     eps: float,
 ) -> None:
-    """torch.optim.Adamax's update (no weight decay, minimising) of every parameter where the
-    0-dim bool tensor ``keep`` is True; where it is False, nothing changes, bit for bit.
+    """torch.optim.Adamax's update (no weight decay, minimising) of the flat buffers of
+    :class:`FlatState` where the 0-dim bool tensor ``keep`` is True; where it is False, nothing
+    changes, bit for bit.
 
     ``neg_step_size``: 0-dim tensor ``-lr / (1 - beta1**t)`` for the step ``t`` this update
     makes. The arithmetic is torch's non-capturable Adamax, op for op (``lerp_``, ``mul_``,
-    ``abs().add_(eps)``, ``maximum``, ``addcdiv_`` as ``p + (s·m) / u``), so on the CPU the
-    results equal ``Adamax.step()`` bitwise; the new values are computed out of place (a group
-    of tensors at a time) and selected with ``torch.where``. No host synchronisation.
+    ``abs().add_(eps)``, ``maximum``, ``addcdiv_`` as ``p + (s·m) / u``), element-wise, so on
+    the CPU the results equal ``Adamax.step()`` on the separate tensors bitwise; the new values
+    are computed out of place (a group of :data:`GROUP_ELEMENTS` at a time: 11 kernels each) and
+    selected with ``torch.where``. No host synchronisation.
     """
     beta1, beta2 = betas
-    budget = GROUP_ELEMENTS["cuda" if keep.is_cuda else "cpu"]
-    for part in _groups([p.numel() for p in params], budget):
-        p, g, m, u = params[part], grads[part], exp_avgs[part], exp_infs[part]
-        new_m = torch._foreach_lerp(m, g, 1 - beta1)
-        new_u = torch._foreach_mul(u, beta2)
-        bound = torch._foreach_abs(g)
-        torch._foreach_add_(bound, eps)
-        torch._foreach_maximum_(new_u, bound)
-        new_p = torch._foreach_mul(new_m, neg_step_size)
-        torch._foreach_div_(new_p, new_u)
-        torch._foreach_add_(new_p, p)
-        for olds, news in ((p, new_p), (m, new_m), (u, new_u)):
-            for old, new in zip(olds, news, strict=True):
-                torch.where(keep, new, old, out=old)
+    group = GROUP_ELEMENTS["cuda" if keep.is_cuda else "cpu"]
+    for start in range(0, param.numel(), group):
+        part = slice(start, start + group)
+        p, g, m, u = param[part], grad[part], exp_avg[part], exp_inf[part]
+        new_m = torch.lerp(m, g, 1 - beta1)
+        new_u = u * beta2
+        torch.maximum(new_u, g.abs().add_(eps), out=new_u)
+        new_p = new_m * neg_step_size
+        new_p.div_(new_u).add_(p)
+        for old, new in ((p, new_p), (m, new_m), (u, new_u)):
+            torch.where(keep, new, old, out=old)
 
 
 class GraphedStep:
@@ -149,7 +224,9 @@ class GraphedStep:
     ``(images, noise generator)`` parts of the batch, each chunk with a generator of its own) and
     returns the loss, non-finite when the update was dropped. ``optimizer`` must be a
     ``torch.optim.Adamax`` without weight decay; its state stays the usual per-parameter state
-    (checkpoints, ``load_state_dict`` and rollbacks work unchanged).
+    (checkpoints, ``load_state_dict`` and rollbacks work unchanged). From the first step on, the
+    parameters' data, their gradients and that state are views of flat buffers
+    (:class:`FlatState`), which the update (:func:`masked_adamax_`) runs over whole.
 
     The first call runs the step eagerly and records the noise draws of its batch shape; a second
     call of that shape fills the static buffers and runs the step on them — eagerly on the CPU
@@ -202,12 +279,8 @@ class GraphedStep:
         self._noises: list[dict[str, Tensor]] = []
         self._graphs: list[torch.cuda.CUDAGraph] = []  # the step, or its two halves (reduce)
         self._out: tuple[Tensor, Tensor] | None = None  # the captured (loss, keep)
-        self._packed: list[Tensor] = []  # reduce: the parameters whose gradients are packed
-        self._flat: Tensor | None = None  # reduce: their gradients and the loss, in one buffer
-        self._views: list[Tensor] = []  # reduce: the buffer's view for each of them
-        self._updated: list[Tensor] = []  # the parameters the last update touched
-        self._captured: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # p, grad, m, u
-        optimizer.register_load_state_dict_post_hook(lambda opt: self._rebind())
+        self._flat: FlatState | None = None  # laid out at the first step
+        optimizer.register_load_state_dict_post_hook(lambda opt: self._adopt_state())
 
     @property
     def captured(self) -> bool:
@@ -230,6 +303,8 @@ class GraphedStep:
         total = batch_size or sum(len(x) for x, _ in chunks)
         key = (total, tuple((tuple(x.shape), x.dtype, x.device) for x, _ in chunks))
         self._set_step_size(lr)
+        if self._flat is not None:
+            self._flat.adopt_parameters()
         if self._key is None or key != self._key and not self._graphs:
             # eager, recording the draws of this batch shape (the first shape that comes twice in
             # a row is captured: a run resumed at an epoch's last, smaller batch is not stuck)
@@ -242,10 +317,7 @@ class GraphedStep:
             self._check_steps()
             return self._finish(loss, keep)
         if key != self._key:  # another batch shape than the captured one: eager
-            loss, keep = self._body(chunks, total)
-            for p, grad, _, _ in self._captured:
-                p.grad = grad  # the graph's gradients again (the eager ones freed)
-            return self._finish(loss, keep)
+            return self._finish(*self._body(chunks, total))
         self._fill(chunks)
         static = list(zip(self._images, self._noises, strict=True))
         if self.capture and not self._graphs and self.refusal is None:
@@ -253,7 +325,7 @@ class GraphedStep:
         if self._graphs:
             self._graphs[0].replay()
             if self.reduce is not None:  # between the halves, outside any graph
-                self.reduce(self._flat)
+                self.reduce(self._flat.grad)
                 self._graphs[1].replay()
             for conv in self._convs:  # replays change W behind autograd's version counters
                 conv.forget_inverse()
@@ -262,99 +334,68 @@ class GraphedStep:
 
     def _body(self, chunks: Sequence[tuple[Tensor, object]], total: int) -> tuple[Tensor, Tensor]:
         """The step itself, free of host synchronisation: (loss, whether the update was kept)."""
-        loss = self._backward(chunks, total)
+        self._backward(chunks, total)
         if self.reduce is not None:
-            self.reduce(self._flat)
-        return self._update(loss)
+            self.reduce(self._flat.grad)
+        return self._update()
 
-    def _backward(self, chunks: Sequence[tuple[Tensor, object]], total: int) -> Tensor:
-        """Every chunk's forward and backward pass: this process's share of the loss. With
-        ``reduce``, the gradients and that share are then copied into one flat buffer, so that
-        one all-reduce sums them over the ranks."""
+    def _backward(self, chunks: Sequence[tuple[Tensor, object]], total: int) -> None:
+        """Every chunk's forward and backward pass; the gradients and this process's share of the
+        loss are then copied into the flat buffer (:class:`FlatState`), laid out at the first
+        step over the parameters that received a gradient."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = backpropagate(self.model, chunks, total)
-        if self.reduce is not None:
-            if self._flat is None:
-                self._pack_layout(loss)
-            torch._foreach_copy_(self._views, [p.grad for p in self._packed] + [loss])
-        return loss
+        if self._flat is None:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            dtypes = {p.dtype for p in params} | {loss.dtype}
+            if len(dtypes) > 1:
+                raise ValueError(f"GraphedStep: parameters and loss of one dtype, got {dtypes}")
+            self._flat = FlatState(params, loss.dtype, loss.device)
+            self._adopt_state()
+        self._flat.gather_grads(loss)
 
-    def _pack_layout(self, loss: Tensor) -> None:
-        """The flat buffer and its views, each view laid out as its tensor (dense strides: the
-        multi-tensor copies run on matching layouts)."""
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        unused = [n for n, p in named if p.grad is None]
-        if unused:
-            raise ValueError(
-                f"GraphedStep: {unused[0]} got no gradient; data-parallel steps need every "
-                "parameter used"
-            )
-        self._packed = [p for _, p in named]
-        tensors = [p.grad for p in self._packed] + [loss]
-        if len({t.dtype for t in tensors}) > 1:
-            raise ValueError("GraphedStep: reduce= needs gradients and loss of one dtype")
-        self._flat = torch.empty(
-            sum(t.numel() for t in tensors), dtype=loss.dtype, device=loss.device
-        )
-        offset, self._views = 0, []
-        for t in tensors:
-            stride = torch.empty_like(t, device="meta").stride()
-            self._views.append(self._flat.as_strided(t.shape, stride, offset))
-            offset += t.numel()
-
-    def _update(self, loss: Tensor) -> tuple[Tensor, Tensor]:
-        """Norm, guard, clipping and the masked Adamax update: (loss, whether it was kept). With
-        ``reduce``, on the summed gradients and loss unpacked from the flat buffer."""
-        if self.reduce is not None:
-            torch._foreach_copy_([p.grad for p in self._packed], self._views[:-1])
-            loss = self._views[-1]
-        params, norm = gradient_norm(self.model)
+    def _update(self) -> tuple[Tensor, Tensor]:
+        """Norm, guard, clipping and the masked Adamax update on the flat buffers (with
+        ``reduce``, the gradients and loss summed over the ranks): (loss, whether the update was
+        kept)."""
+        flat = self._flat
+        loss, grads = flat.loss, flat.grad[:-1]
+        norm = torch.nn.utils.get_total_norm(flat.views["grad"])  # as gradient_norm sums it
         bad = loss + norm
         keep = torch.isfinite(bad) & self.allow
-        if self.grad_clip:
-            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
-        states = [self._state(p) for p in params]
+        if self.grad_clip:  # torch.nn.utils.clip_grads_with_norm_'s factor
+            grads.mul_(torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0))
         masked_adamax_(
-            params,
-            [p.grad for p in params],
-            [s["exp_avg"] for s in states],
-            [s["exp_inf"] for s in states],
+            flat.param,
+            grads,
+            flat.exp_avg,
+            flat.exp_inf,
             keep,
             self.neg_step_size,
             self.betas,
             self.eps,
         )
-        self._updated = params
         return torch.where(keep, loss, bad), keep
 
     def _finish(self, loss: Tensor, keep: Tensor) -> Tensor:
         """After the step: the host reads the flag (the step's one synchronisation) and counts
         the Adamax step of every updated parameter, as torch does (CPU tensors)."""
         if bool(keep):
-            steps = [self.optimizer.state[p]["step"] for p in self._updated]
+            steps = [self.optimizer.state[p]["step"] for p in self._flat.params]
             torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)  # torch's fast CPU form
         return loss.clone()
-
-    def _state(self, p: Tensor) -> dict[str, Tensor]:
-        """``p``'s Adamax state, created as torch.optim.Adamax creates it."""
-        state = self.optimizer.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_inf"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
 
     def _set_step_size(self, lr: float) -> None:
         """``-lr / (1 - beta1**t)`` for the step ``t`` about to be made, in float64 on the host as
         torch's Adamax computes it, into the device tensor the update reads."""
-        params = self._updated or self.model.parameters()
+        params = self._flat.params if self._flat else self.model.parameters()
         state = next((s for p in params if (s := self.optimizer.state.get(p))), None)
         t = (float(state["step"]) if state else 0.0) + 1
         self.neg_step_size.fill_(-(lr / (1 - self.betas[0] ** t)))
 
     def _check_steps(self) -> None:
         """One step size serves every parameter: their Adamax step counts must agree."""
-        counts = {float(self.optimizer.state[p]["step"]) for p in self._updated}
+        counts = {float(self.optimizer.state[p]["step"]) for p in self._flat.params}
         if len(counts) > 1:
             raise ValueError(f"GraphedStep: Adamax states at different steps {sorted(counts)}")
 
@@ -392,11 +433,12 @@ class GraphedStep:
     def _capture(self, static: list[tuple[Tensor, dict[str, Tensor]]], total: int) -> None:
         """Warm up on a side stream (updates masked, BatchNorm statistics restored), then capture
         the whole step — every chunk's forward and backward, the guard and the update — in one
-        graph whose gradients live in its private memory pool; with ``reduce``, in two graphs
-        sharing that pool (forward, backward and packing; unpacking and update), the all-reduce
-        running between their replays. The warm-ups make no collective call, and the ranks then
-        agree (one all-reduce): if any rank's capture failed, every rank runs eagerly, so the
-        ranks' all-reduces stay paired. **Not yet run on a GPU.**"""
+        graph whose temporaries live in its private memory pool; with ``reduce``, in two graphs
+        sharing that pool (forward, backward and the gathering of gradients and loss into their
+        flat buffer; norm, guard and update), the all-reduce running between their replays. The
+        warm-ups make no collective call, and the ranks then agree (one all-reduce): if any
+        rank's capture failed, every rank runs eagerly, so the ranks' all-reduces stay paired.
+        **Not yet run on a GPU.**"""
         device = self.neg_step_size.device
         began = time.perf_counter()
         buffers = {name: b.clone() for name, b in self.model.named_buffers()}
@@ -408,7 +450,8 @@ class GraphedStep:
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
                     for _ in range(self.warmups):  # masked; no all-reduce, which is never
-                        self._update(self._backward(static, total))  # captured: ranks stay in step
+                        self._backward(static, total)  # captured: the ranks stay in step
+                        self._update()
                 torch.cuda.current_stream(device).wait_stream(side)
                 self.optimizer.zero_grad(set_to_none=True)  # captured backward allocates .grad
                 graphs.append(torch.cuda.CUDAGraph())
@@ -417,10 +460,10 @@ class GraphedStep:
                         self._out = self._body(static, total)
                 else:
                     with torch.cuda.graph(graphs[0]):
-                        loss = self._backward(static, total)
+                        self._backward(static, total)
                     graphs.append(torch.cuda.CUDAGraph())
                     with torch.cuda.graph(graphs[1], pool=graphs[0].pool()):
-                        self._out = self._update(loss)
+                        self._out = self._update()
         except Exception as err:  # any failure: say why, run eagerly
             graphs, self.refusal = [], _failure(err)
         finally:
@@ -439,28 +482,16 @@ class GraphedStep:
             self.optimizer.zero_grad(set_to_none=True)
             return
         self._graphs = graphs
-        self._captured = [
-            (p, p.grad, self.optimizer.state[p]["exp_avg"], self.optimizer.state[p]["exp_inf"])
-            for p in self._updated
-        ]
         torch.cuda.empty_cache()  # the warm-ups' cached blocks; the graph keeps its own pool
         self.capture_seconds = time.perf_counter() - began
         self.say(f"train.cuda_graph: step captured in {self.capture_seconds:.1f} s")
 
-    def _rebind(self) -> None:
-        """After ``optimizer.load_state_dict`` (resume, rollback): the captured graph reads and
-        writes the Adamax state tensors it was captured with, so the loaded values are copied
-        into those and the state points at them again."""
-        for p, _, avg, inf in self._captured:
-            state = self.optimizer.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-                avg.zero_()
-                inf.zero_()
-            else:
-                avg.copy_(state["exp_avg"])
-                inf.copy_(state["exp_inf"])
-            state["exp_avg"], state["exp_inf"] = avg, inf
+    def _adopt_state(self) -> None:
+        """The Adamax state as views of the flat buffers, which a captured graph reads and
+        writes; after ``optimizer.load_state_dict`` (resume, rollback) the loaded values are
+        copied into them."""
+        if self._flat is not None:
+            self._flat.adopt_state(self.optimizer)
 
 
 class _Captured(NamedTuple):

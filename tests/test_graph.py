@@ -25,6 +25,7 @@ from denseflow import graph as graph_module
 from denseflow import runtime
 from denseflow.config import load_config
 from denseflow.graph import (
+    FlatState,
     GraphedInference,
     GraphedStep,
     capture_refusal,
@@ -100,43 +101,73 @@ def test_a_cached_inverse_must_be_forgotten_when_weights_change_behind_autograd(
 
 
 # ---------------------------------------------------------------------- Adamax, masked
-def test_masked_adamax_is_torch_adamax_bitwise_and_a_dropped_update_changes_nothing(monkeypatch):
-    """Several steps on tensors of many sizes and layouts (groups of 100 elements, so tensors are
-    split over several groups): equal to torch.optim.Adamax; with ``keep`` False nothing moves."""
+def test_masked_adamax_on_flat_buffers_is_torch_adamax_bitwise(monkeypatch):
+    """Several steps on tensors of many sizes and layouts gathered into a FlatState (groups of
+    100 elements, so tensors straddle groups): equal to torch.optim.Adamax on the separate
+    tensors; with ``keep`` False nothing moves. The tensors stay views of the buffers, in their
+    layouts."""
     monkeypatch.setitem(graph_module.GROUP_ELEMENTS, "cpu", 100)
     shapes = [(3,), (17,), (8, 4, 3, 3), (1, 5, 1, 1), (64,), (33, 7)]
-    ours = [torch.randn(s) for s in shapes]
-    ours[2] = ours[2].contiguous(memory_format=torch.channels_last)
-    theirs = [p.clone().requires_grad_() for p in ours]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ours[2].data = ours[2].data.contiguous(memory_format=torch.channels_last)
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
     adamax = torch.optim.Adamax(theirs, lr=2e-3, betas=(0.9, 0.999), eps=1e-8)
-    avgs, infs = [torch.zeros_like(p) for p in ours], [torch.zeros_like(p) for p in ours]
-    step = torch.zeros(())
+    mine = torch.optim.Adamax(ours, lr=2e-3, betas=(0.9, 0.999), eps=1e-8)
+    flat = FlatState(ours, torch.float32, torch.device("cpu"))
+    flat.adopt_state(mine)
+    avgs = [mine.state[p]["exp_avg"] for p in ours]
+    infs = [mine.state[p]["exp_inf"] for p in ours]
     for t in range(1, 6):
         grads = [torch.randn_like(p) * 10.0 ** (t - 3) for p in ours]
-        for p, g in zip(theirs, grads, strict=True):
-            p.grad = g.clone()
+        for p, q, g in zip(theirs, ours, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
         adamax.step()
+        flat.gather_grads(torch.tensor(0.0))
         neg = torch.tensor(-(2e-3 / (1 - 0.9**t)))
         before = [x.clone() for x in (*ours, *avgs, *infs)]
-        masked_adamax_(ours, grads, avgs, infs, torch.tensor(False), neg, (0.9, 0.999), 1e-8)
+        update = flat.param, flat.grad[:-1], flat.exp_avg, flat.exp_inf
+        masked_adamax_(*update, torch.tensor(False), neg, (0.9, 0.999), 1e-8)
         assert all(torch.equal(a, b) for a, b in zip((*ours, *avgs, *infs), before, strict=True))
-        masked_adamax_(ours, grads, avgs, infs, torch.tensor(True), neg, (0.9, 0.999), 1e-8)
-        step += 1
+        masked_adamax_(*update, torch.tensor(True), neg, (0.9, 0.999), 1e-8)
         for i, p in enumerate(theirs):
             state = adamax.state[p]
             assert torch.equal(p.detach(), ours[i]), (t, i)
             assert torch.equal(state["exp_avg"], avgs[i]) and torch.equal(state["exp_inf"], infs[i])
-        assert ours[2].is_contiguous(memory_format=torch.channels_last)
+    assert ours[2].is_contiguous(memory_format=torch.channels_last)
+    for kind, tensors in (("param", ours), ("exp_avg", avgs), ("exp_inf", infs)):
+        buffer = getattr(flat, kind).untyped_storage().data_ptr()
+        assert all(t.untyped_storage().data_ptr() == buffer for t in tensors), kind
+    assert all(q.grad.untyped_storage().data_ptr() == flat.grad.data_ptr() for q in ours)
+    starts = [q.data_ptr() - flat.param.data_ptr() for q in ours]  # aligned as tensors of their own
+    assert starts[0] == 0 and all(start % 256 == 0 for start in starts), starts
+    covered = torch.zeros(flat.param.numel(), dtype=torch.bool)
+    for view in flat.views["param"]:
+        covered[view.data_ptr() // 4 - flat.param.data_ptr() // 4 :][: view.numel()] = True
+    assert not flat.param[~covered].any()  # the gaps between tensors stay zero
 
 
-def test_groups_cover_every_tensor_once():
-    assert graph_module._groups([5, 5, 5, 20, 1], budget=10) == [
-        slice(0, 2),
-        slice(2, 3),
-        slice(3, 4),
-        slice(4, 5),
-    ]
-    assert graph_module._groups([], budget=10) == []
+def test_flat_state_adopts_replaced_parameters_and_loaded_state():
+    """A parameter whose data was replaced is copied back into the buffer; an Adamax state
+    loaded by ``load_state_dict`` (new tensors) is copied into the views, an absent one starts
+    at zero."""
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    optimizer = torch.optim.Adamax(params)
+    flat = FlatState(params, torch.float32, torch.device("cpu"))
+    flat.adopt_state(optimizer)
+    replacement = torch.randn(5)
+    params[1].data = replacement.clone()
+    flat.adopt_parameters()
+    assert torch.equal(flat.param[64:69], replacement)
+    assert params[1].data_ptr() == flat.views["param"][1].data_ptr()
+    saved = {"exp_avg": torch.randn(4, 3), "exp_inf": torch.rand(4, 3), "step": torch.tensor(3.0)}
+    optimizer.load_state_dict(
+        {"state": {0: saved}, "param_groups": optimizer.state_dict()["param_groups"]}
+    )
+    flat.adopt_state(optimizer)
+    assert torch.equal(flat.exp_avg[:12], saved["exp_avg"].reshape(-1))
+    assert torch.equal(flat.exp_inf[:12], saved["exp_inf"].reshape(-1))
+    assert not flat.exp_avg[12:].any() and float(optimizer.state[params[1]]["step"]) == 0.0
+    assert optimizer.state[params[0]]["exp_avg"] is flat.views["exp_avg"][0]
 
 
 # ---------------------------------------------------------------------- the step against train_step
@@ -206,13 +237,18 @@ def test_static_step_equals_train_step_bitwise(config, chunks, sizes, grad_clip,
         _assert_same(eager, graphed, f"step {t}")
     assert step._key is not None and not step.captured
     assert reduced == (["reduce"] * len(sizes) if packed else [])  # one all-reduce a step
-    if packed:  # one buffer: every gradient, laid out as the gradient, then the loss
-        parameters = list(graphed[0].parameters())
-        assert step._flat.numel() == sum(p.numel() for p in parameters) + 1
-        assert len(step._views) == len(parameters) + 1 and step._views[-1].shape == ()
-        for p, view in zip(parameters, step._views, strict=False):
-            assert view.shape == p.shape and view.stride() == p.grad.stride()
-            assert view.untyped_storage().data_ptr() == step._flat.untyped_storage().data_ptr()
+    # one buffer for each kind: every gradient (then the loss), parameter and Adamax state
+    parameters, flat = list(graphed[0].parameters()), step._flat
+    assert flat.grad.numel() == graph_module._offsets(parameters)[-1] + 1 and flat.loss.shape == ()
+    for kind, tensors in (
+        ("grad", [p.grad for p in parameters]),
+        ("param", parameters),
+        ("exp_avg", [graphed[1].state[p]["exp_avg"] for p in parameters]),
+    ):
+        buffer = getattr(flat, kind).untyped_storage().data_ptr()
+        for p, t, view in zip(parameters, tensors, flat.views[kind], strict=True):
+            assert t.shape == p.shape and t.stride() == p.stride() == view.stride()
+            assert t.untyped_storage().data_ptr() == buffer and t.data_ptr() == view.data_ptr()
     assert graphed[1].param_groups[0]["lr"] == eager[1].param_groups[0]["lr"]
     if grad_clip:  # both clipped their gradients to the norm grad_clip
         for model, _ in (eager, graphed):
@@ -379,7 +415,8 @@ def test_capture_path_rehearsed_on_the_cpu(monkeypatch):
             saved = copy.deepcopy(graphed[1].state_dict())
     assert fake.replays == 4
     index = {id(p): i for i, p in enumerate(graphed[0].parameters())}
-    captured = [(p, m, u) for p, _, m, u in step._captured]
+    flat = step._flat
+    captured = list(zip(flat.params, flat.views["exp_avg"], flat.views["exp_inf"], strict=True))
     graphed[1].load_state_dict(saved)  # back to after step 3: the captured tensors stay
     for p, m, u in captured:
         state = graphed[1].state[p]
@@ -407,7 +444,7 @@ def _half_graphs(step: GraphedStep, total: int, made: list, events: list):
             if self.index == 0:
                 step._backward(list(zip(step._images, step._noises, strict=True)), total)
             else:
-                for out, value in zip(step._out, step._update(step._views[-1]), strict=True):
+                for out, value in zip(step._out, step._update(), strict=True):
                     out.copy_(value)
 
     return Half
