@@ -517,7 +517,8 @@ class GraphedInference:
     the same order, so every value is the eager one (bitwise on the CPU, tests/test_graph.py).
     ``iwbo`` is the model's, its passes scored by this ``elbo``; ``sample`` needs every sampling
     noise given (``base.eta`` and each ``transition{t}.eta``), as :func:`denseflow.sample.
-    sample_seeds` gives them. The 1x1 convolutions invert ``W`` inside a sampling graph.
+    sample_seeds` gives them. A sampling graph reads the 1x1 convolutions' cached ``W⁻¹``,
+    brought up to date in place before each replay: nothing is inverted inside the graph.
 
     A graph reads the model's parameters and buffers where they live: updates in place
     (optimizer steps, ``load_state_dict``, BatchNorm recalibration) reach the next replay, and a
@@ -543,6 +544,7 @@ class GraphedInference:
         self._seen: set[tuple] = set()  # call shapes run once (eagerly)
         self._graphs: dict[tuple, _Captured] = {}
         self._pool = None  # one memory pool for every graph: they replay one after another
+        self._convs = [m for m in model.modules() if isinstance(m, Conv1x1)]
 
     @property
     def graphs(self) -> int:
@@ -614,6 +616,9 @@ class GraphedInference:
                 return fn(inputs)
         for name, t in inputs.items():
             entry.inputs[name].copy_(t)
+        if key[0] == "sample":  # the graph reads the cached W⁻¹: up to date first, in place
+            for conv in self._convs:
+                conv.refresh_inverses()
         entry.graph.replay()
         return entry.output.clone()
 

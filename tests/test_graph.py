@@ -14,7 +14,7 @@ import copy
 import dataclasses
 import importlib.util
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -36,6 +36,7 @@ from denseflow.model import DenseFlow
 from denseflow.seeding import stream
 from denseflow.step import train_step
 from denseflow.train import train
+from denseflow.transforms import glow as glow_module
 from denseflow.transforms.base import recorded_draws
 from denseflow.transforms.glow import Conv1x1, inverse, log_abs_det
 
@@ -90,14 +91,17 @@ def test_inverse_is_inv_bitwise(dtype):
 def test_a_cached_inverse_must_be_forgotten_when_weights_change_behind_autograd():
     """A graph replay writes the weights without bumping autograd's version counter (as ``.data``
     writes do here): the cached W⁻¹ is stale until :meth:`Conv1x1.forget_inverse`, which
-    GraphedStep calls after every replay."""
+    GraphedStep calls after every replay; it is then recomputed into the same tensor (which a
+    sampling graph reads)."""
     conv = Conv1x1(6)
     with torch.no_grad():
         first = conv._inverse_matrix(torch.float32)
+        before = first.clone()
         conv.weight.data.mul_(2)  # no version bump, like a replay
-        assert conv._inverse_matrix(torch.float32) is first  # stale
+        assert conv._inverse_matrix(torch.float32) is first and torch.equal(first, before)
         conv.forget_inverse()
-        assert torch.allclose(conv._inverse_matrix(torch.float32), first / 2)
+        assert conv._inverse_matrix(torch.float32) is first
+        assert torch.allclose(first, before / 2)
 
 
 # ---------------------------------------------------------------------- Adamax, masked
@@ -410,7 +414,8 @@ def test_capture_path_rehearsed_on_the_cpu(monkeypatch):
         assert torch.equal(a, b), t
         _assert_same(eager, graphed, f"step {t}")  # the warm-ups left no trace
         replayed = size == 12 and t >= 2
-        assert all((getattr(m, "_cached_key", None) is None) == replayed for m in convs), t
+        stale = [m._inverses[torch.float32][0] is None for m in convs]
+        assert all(forgotten == replayed for forgotten in stale), t
         if t == 3:
             saved = copy.deepcopy(graphed[1].state_dict())
     assert fake.replays == 4
@@ -775,6 +780,82 @@ def test_graphed_inference_follows_the_model(monkeypatch):
     assert said[0] == f"cuda graph: {runner.refusal}; evaluation and sampling run eagerly"
     with pytest.raises(KeyError, match="base.eta"):
         runner.sample(3, noise={})
+
+
+def test_a_sampling_replay_reads_the_cached_inverses_brought_up_to_date(monkeypatch):
+    """A sampling graph inverts nothing: its capture reads the 1x1 convolutions' cached W⁻¹, and
+    before each replay the runner recomputes stale ones in place. Rehearsed with a replay that
+    reads every W⁻¹ from the cache as it stands (what the recorded kernels read): after weights
+    change behind autograd (a training replay, then forget_inverse) and in place (version
+    bumped), the samples equal a fresh copy's; without the refresh they would not."""
+    model = _eval_model(TINY)
+    convs = [m for m in model.modules() if isinstance(m, Conv1x1)]
+    runner = GraphedInference(model, capture=True)
+    graphs = _fake_inference_cuda(monkeypatch, runner, [])
+    phase = {"capturing": False, "replaying": False}
+    inverted_while_capturing: list = []
+    real_inverse, real_inverse_matrix = glow_module.inverse, Conv1x1._inverse_matrix
+
+    def counted_inverse(w):
+        if phase["capturing"]:
+            inverted_while_capturing.append(tuple(w.shape))
+        return real_inverse(w)
+
+    def graph_reads(self, dtype):  # a replay reads the cached tensor, whatever it holds
+        if phase["replaying"]:
+            return self._inverses[dtype][1]
+        return real_inverse_matrix(self, dtype)
+
+    @contextmanager
+    def capture(g, pool=None):
+        phase["capturing"] = True
+        try:
+            yield
+        finally:
+            phase["capturing"] = False
+
+    monkeypatch.setattr(glow_module, "inverse", counted_inverse)
+    monkeypatch.setattr(glow_module, "capturing", lambda t: phase["capturing"])
+    monkeypatch.setattr(Conv1x1, "_inverse_matrix", graph_reads)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    real_replay = _FakeInferenceGraph.replay
+
+    def replay_reading_memory(self) -> None:
+        phase["replaying"] = True
+        try:
+            real_replay(self)
+        finally:
+            phase["replaying"] = False
+
+    monkeypatch.setattr(_FakeInferenceGraph, "replay", replay_reading_memory)
+    noise = _sampling_noise(model, 3, 0)
+    replayed = lambda: runner.sample(3, noise=noise)  # noqa: E731
+
+    runner.sample(3, noise=noise)  # eager; the second call is captured and replayed
+    assert torch.equal(replayed(), model.sample(3, noise=noise))
+    assert runner.graphs == 1 and graphs[0].replays == 1 and inverted_while_capturing == []
+    with torch.no_grad():
+        for change in ("behind autograd", "in place"):
+            for conv in convs:
+                if change == "behind autograd":
+                    conv.weight.data.mul_(1.1)
+                    conv.forget_inverse()
+                else:
+                    conv.weight.mul_(0.95)
+            fresh = copy.deepcopy(model)
+            for conv in fresh.modules():
+                if isinstance(conv, Conv1x1):
+                    conv.forget_inverse()
+            assert torch.equal(replayed(), fresh.sample(3, noise=noise)), change
+        monkeypatch.setattr(Conv1x1, "refresh_inverses", lambda self: None)
+        for conv in convs:
+            conv.weight.mul_(1.05)
+        fresh = copy.deepcopy(model)
+        for conv in fresh.modules():
+            if isinstance(conv, Conv1x1):
+                conv.forget_inverse()
+        assert not torch.equal(replayed(), fresh.sample(3, noise=noise))  # the test can fail
+    assert graphs[0].replays == 4 and inverted_while_capturing == []
 
 
 def test_evaluate_and_sample_replay_graphs_with_the_same_values(monkeypatch):

@@ -258,8 +258,11 @@ def test_conv1x1_inverse_is_cached_per_dtype_and_parameter_version():
             inv32 = conv._inverse_matrix(torch.float32)
             assert inv32.dtype == torch.float32
             assert conv._inverse_matrix(torch.float32) is inv32  # cached
+            stale = inv32.clone()
             next(conv.parameters()).mul_(1.5)  # an optimiser step: in place, version bumped
-            assert not torch.equal(conv._inverse_matrix(torch.float32), inv32)
+            assert conv._inverse_matrix(torch.float32) is inv32  # recomputed in place
+            assert not torch.equal(inv32, stale)
+            assert torch.equal(inv32, torch.linalg.inv(conv.matrix(torch.float32)[0]))
             x = conv.inverse(z)
         assert x.dtype == DT
         torch.testing.assert_close(conv(x)[0], z, rtol=1e-12, atol=1e-12)

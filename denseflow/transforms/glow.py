@@ -123,22 +123,42 @@ class Conv1x1(Transform):
         return F.conv2d(z, self._inverse_matrix(z.dtype)[:, :, None, None])
 
     def _inverse_matrix(self, dtype: torch.dtype) -> Tensor:
-        """``W⁻¹``, inverted in ``dtype``; without autograd it is cached until the parameters
-        (address, version) or ``dtype`` change (sampling, decoding). A CUDA graph's replay changes
-        them behind autograd's version counters, so :class:`denseflow.graph.GraphedStep` calls
-        :meth:`forget_inverse` after each replay; while a graph is captured the inverse is
-        computed afresh and not cached (each replay of a sampling graph inverts the current W)."""
-        if torch.is_grad_enabled() or capturing(next(self.parameters())):
+        """``W⁻¹``, inverted in ``dtype``. Without autograd (sampling, decoding) it is cached per
+        ``dtype`` until the parameters (address, version) change, and then recomputed *in place*:
+        a captured sampling graph reads the cached tensor, and
+        :class:`denseflow.graph.GraphedInference` brings it up to date
+        (:meth:`refresh_inverses`) before each replay, so no replay inverts anything. A training
+        graph's replay changes W behind autograd's version counters: :class:`denseflow.graph.
+        GraphedStep` calls :meth:`forget_inverse` after each. While a graph is captured an
+        up-to-date cached inverse is read; a stale one is computed inside the graph, uncached."""
+        if torch.is_grad_enabled():
             return inverse(self.matrix(dtype)[0])
-        params = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
-        key = (params, dtype)
-        if getattr(self, "_cached_key", None) != key:
-            self._cached_inverse, self._cached_key = inverse(self.matrix(dtype)[0]), key
-        return self._cached_inverse
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        cache = self.__dict__.setdefault("_inverses", {})  # dtype -> [key, W⁻¹]
+        entry = cache.get(dtype)
+        if entry is not None and entry[0] == key:
+            return entry[1]
+        if capturing(next(self.parameters())):
+            return inverse(self.matrix(dtype)[0])
+        with torch.inference_mode(False), torch.no_grad():  # a tensor updatable in place anywhere
+            fresh = inverse(self.matrix(dtype)[0])
+            if entry is None or (entry[1].shape, entry[1].device) != (fresh.shape, fresh.device):
+                cache[dtype] = [key, fresh]
+            else:
+                entry[1].copy_(fresh)
+                entry[0] = key
+        return cache[dtype][1]
+
+    def refresh_inverses(self) -> None:
+        """Recompute, in place, every cached ``W⁻¹`` whose parameters changed."""
+        with torch.no_grad():
+            for dtype in list(self.__dict__.get("_inverses", {})):
+                self._inverse_matrix(dtype)
 
     def forget_inverse(self) -> None:
-        """Drop the cached ``W⁻¹`` (the next inverse pass computes it again)."""
-        self._cached_key = None
+        """Mark every cached ``W⁻¹`` stale (the next use recomputes it, in place)."""
+        for entry in self.__dict__.get("_inverses", {}).values():
+            entry[0] = None
 
 
 class Conv1x1LU(Conv1x1):
