@@ -454,6 +454,8 @@ class GraphedStep:
                         self._update()
                 torch.cuda.current_stream(device).wait_stream(side)
                 self.optimizer.zero_grad(set_to_none=True)  # captured backward allocates .grad
+                # the warm-ups' cached blocks: the capture allocates from a private pool only
+                torch.cuda.empty_cache()
                 graphs.append(torch.cuda.CUDAGraph())
                 if self.reduce is None:
                     with torch.cuda.graph(graphs[0]):
@@ -482,7 +484,6 @@ class GraphedStep:
             self.optimizer.zero_grad(set_to_none=True)
             return
         self._graphs = graphs
-        torch.cuda.empty_cache()  # the warm-ups' cached blocks; the graph keeps its own pool
         self.capture_seconds = time.perf_counter() - began
         self.say(f"train.cuda_graph: step captured in {self.capture_seconds:.1f} s")
 
