@@ -13,21 +13,24 @@
 #   6. the same with --profile (train only): kernels, host launch calls, GPU busy fraction
 #   7. bf16 networks, graphed: train and sampling
 #   8. IWBO k=16 at B=16 (graphed)
-#   9. torch.compile(mode="reduce-overhead") next to the hand-made graph, if time is left
+#   9. a lead: the 79 log-determinants of the 1x1 convolutions one LU per matrix (as the model)
+#      against one batched LU per size, eager and from a graph (scripts/lu_check.py, seconds)
+#  10. torch.compile(mode="reduce-overhead") next to the hand-made graph, if time is left
 # The eager float32 step is timed in 2 (the train_step copies) and was profiled on 2026-11-29
 # (46,621 kernels, docs/benchmarks.md), so it is not benched again.
 #
 # Time: every step has its own limit, cut to a global deadline ($BUDGET, default 390 s of script,
 # so that with the machine's start the call needs about 8-9 of the 15 device minutes). Expected
 # durations (from the 2026-11-29 run: a B=64 bench process took about 40 s, the parity tests 37 s):
-# 20 + 70 + 45 + 40 + 45 + 40 + 45 + 30 s = about 335 s before step 9.
+# 20 + 70 + 45 + 40 + 45 + 40 + 45 + 30 + 15 s = about 350 s before step 10.
 #
 # How to run (the device tool sends the session's own checkout):
 #   mkdir -p .devshared && cp -r ../shared/parity .devshared/ && echo /.devshared/ >> .git/info/exclude
 #   run(command="bash scripts/device_check.sh", carry=[".devshared"], timeout_s=450)
-# Raw JSON and the log land in $OUT (9 files at most: log.txt, graph_tiny.json,
+# Raw JSON and the log land in $OUT (10 files at most: log.txt, graph_tiny.json,
 # graph_cifar10.json, inference_cifar10.json, bench_float32.json, bench_profile.json,
-# bench_bf16.json, bench_iwbo.json, bench_compile.json; the profiler's table is appended to log.txt). Keep them under
+# bench_bf16.json, bench_iwbo.json, lu_check.json, bench_compile.json; the profiler's table is
+# appended to log.txt). Keep them under
 # docs/benchmarks/h200-<date>/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -71,5 +74,7 @@ bench 90 profile --batch-size 64 --steps 2 --warmup 0 --what train --profile /tm
 [ -f /tmp/profile_train.txt ] && { echo "== profiler table, graphed train step"; cat /tmp/profile_train.txt; } >> "$LOG"
 bench 75 bf16 "${B64[@]}" --what train,sample --set train.precision=bfloat16
 bench 60 iwbo --batch-size 16 --steps 3 --warmup 1 --what iwbo
+step 40 "lead: batched LU of the 1x1 log-determinants" $PY scripts/lu_check.py --preset cifar10 \
+    --json "$OUT/lu_check.json"
 bench 300 compile "${B64[@]}" --what train --set train.compile=true --set train.compile_mode=reduce-overhead
 echo "== done at t=${SECONDS}s" | tee -a "$LOG"
