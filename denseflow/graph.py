@@ -15,8 +15,8 @@ form a CUDA graph can hold:
 * Adamax is :func:`masked_adamax_`: torch's arithmetic, op for op, with the step size
   ``-lr / (1 - beta1**t)`` computed on the host in float64 as torch does and filled into a 0-dim
   device tensor before each step, run over flat buffers that hold every parameter, gradient and
-  Adamax state tensor (:class:`FlatState`): about 50 kernels for DenseFlow-74-10 instead of a few
-  per tensor;
+  Adamax state tensor (:class:`FlatState`): with the gathering of the gradients, the norm and
+  the guard, 56 operators for DenseFlow-74-10 instead of three or more per tensor;
 * the non-finite guard is decided on the device: the update is kept or dropped element-wise
   with ``torch.where`` (parameters and Adamax state bitwise untouched by a non-finite step), and
   the host reads the flag only after the step, to count Adamax's steps (CPU tensors, as torch
