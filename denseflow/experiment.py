@@ -28,6 +28,7 @@ import math
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -265,7 +266,7 @@ def run_ablation(
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(markdown_table(results))
     plot(results, out / "ablation.png", log)
-    montage(results, out, "0.7")
+    montage(results, out, "0.7", log)
     return results
 
 
@@ -445,14 +446,24 @@ def plot(results: dict[str, Any], path: Path, log=print) -> None:
     plt.close(fig)
 
 
-def montage(results: dict[str, Any], out: Path, temperature: str) -> Path:
-    """``samples_t{T}.png``: the first seed's sample grid of every variant side by side,
-    labelled."""
+def montage(
+    results: dict[str, Any], out: Path, temperature: str, log: Callable[[str], None] = print
+) -> Path | None:
+    """``samples_t{T}.png``: every variant's sample grid of its first seed that has one on disk,
+    side by side, labelled (a kept run may have only its ``result.json``). None if no grid is
+    left."""
     from PIL import Image, ImageDraw
 
     first = {}
     for run in results["runs"]:
-        first.setdefault(run["variant"], out / run["samples"][temperature])
+        path = out / run["samples"][temperature]
+        if path.is_file():
+            first.setdefault(run["variant"], path)
+    missing = sorted({run["variant"] for run in results["runs"]} - set(first))
+    if missing:
+        log(f"samples_t{temperature}.png: no sample grid on disk for {', '.join(missing)}")
+    if not first:
+        return None
     grids = {name: Image.open(path).convert("L") for name, path in first.items()}
     width, height = next(iter(grids.values())).size
     columns = min(3, len(grids))

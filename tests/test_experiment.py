@@ -151,6 +151,17 @@ def test_quick_ablation_runs_end_to_end_and_continues(tmp_path, capsys):
     (before,) = [r for r in results["runs"] if (r["variant"], r["seed"]) == ("glow", 1)]
     assert rerun["train_seconds"] > 0.1 * before["train_seconds"] > 0
     assert rerun["elbo_bpd"] == before["elbo_bpd"]
+    # kept runs reduced to their result.json: the montage takes the next seed's grid, says which
+    # variant has none left, and the call still succeeds
+    for seed in (0, 1):
+        for grid in (out / f"seed{seed}" / "glow").glob("samples_t*.png"):
+            grid.unlink()
+    (out / "seed0" / "denseflow" / "samples_t0.7.png").unlink()
+    (out / "samples_t0.7.png").unlink()
+    capsys.readouterr()
+    assert main(["experiment", "ablation", "--quick", "--out", str(out), "--quiet"]) == 0
+    assert "no sample grid on disk for glow" in capsys.readouterr().out
+    assert (out / "samples_t0.7.png").stat().st_size > 1000
 
 
 def test_experiment_errors_are_one_line(tmp_path, capsys):
