@@ -21,6 +21,9 @@ form a CUDA graph can hold:
   with ``torch.where`` (parameters and Adamax state bitwise untouched by a non-finite step), and
   the host reads the flag only after the step, to count Adamax's steps (CPU tensors, as torch
   keeps them) and for the loop's skip and rollback logic;
+* with bf16 networks (``train.precision``) their convolution weights are cast from the flat
+  buffer once a step, and their gradients back in one kernel (:class:`_NetWeights`), instead of
+  one cast per weight each way by autocast: the same values, 6,084 fewer operators;
 * the 1x1 convolutions' log-determinants use :func:`denseflow.transforms.glow.log_abs_det`
   (slogdet's own factorisation and gradient without an error check: bitwise slogdet on the CPU).
 
@@ -54,6 +57,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 from . import distributed
 from .config import TrainConfig
 from .model import DenseFlow
+from .nets.runner import NetRunner
 from .step import backpropagate
 from .transforms.base import recorded_draws, standard_normal
 from .transforms.glow import Conv1x1
@@ -109,13 +113,19 @@ def _offsets(like: Sequence[Tensor]) -> list[int]:
     return offsets
 
 
-def _views(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    """Views of ``flat``, one per tensor of ``like`` at :func:`_offsets`, each laid out as that
-    tensor (its dense strides: channels-last stays channels-last)."""
+def _layout(like: Sequence[Tensor]) -> list[tuple[torch.Size, tuple[int, ...], int]]:
+    """``(shape, strides, offset)`` of each tensor of ``like`` in a flat buffer: at
+    :func:`_offsets`, laid out as that tensor (its dense strides: channels-last stays
+    channels-last)."""
     return [
-        flat.as_strided(t.shape, torch.empty_like(t, device="meta").stride(), offset)
+        (t.shape, torch.empty_like(t, device="meta").stride(), offset)
         for t, offset in zip(like, _offsets(like), strict=False)
     ]
+
+
+def _views(flat: Tensor, layout: Sequence[tuple[torch.Size, tuple[int, ...], int]]) -> list[Tensor]:
+    """Views of ``flat`` at the places of :func:`_layout`."""
+    return [flat.as_strided(shape, strides, offset) for shape, strides, offset in layout]
 
 
 class FlatState:
@@ -136,8 +146,9 @@ class FlatState:
         )
         self.grad = torch.zeros(n + 1, dtype=dtype, device=device)
         self.loss = self.grad[n]
+        self.layout = _layout(params)
         self.views = {
-            kind: _views(getattr(self, kind), params)
+            kind: _views(getattr(self, kind), self.layout)
             for kind in ("param", "grad", "exp_avg", "exp_inf")
         }
         with torch.no_grad():
@@ -179,6 +190,30 @@ class FlatState:
         self.loss.copy_(loss)
         for p, view in zip(self.params, self.views["grad"], strict=True):
             p.grad = view
+
+
+class _NetWeights(torch.autograd.Function):
+    """The networks' convolution weights in the autocast dtype, as autocast would cast them one
+    by one, from one cast of the flat parameter buffer; backward: their gradients copied into one
+    low-precision buffer (a multi-tensor copy), cast back in one kernel, each parameter's
+    gradient a view of it (autograd stores such a gradient without copying it). The same values
+    as autocast's casts, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, flat: FlatState, layout: list, dtype: torch.dtype, *params: Tensor):
+        ctx.flat, ctx.layout = flat, layout
+        return tuple(_views(flat.param.to(dtype), layout))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None):
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if not present:
+            return (None,) * (3 + len(grads))
+        low = ctx.flat.param.new_empty(ctx.flat.param.shape, dtype=grads[present[0]].dtype)
+        views = _views(low, ctx.layout)  # the gaps and other parameters' places are not read
+        torch._foreach_copy_([views[i] for i in present], [grads[i] for i in present])
+        wide = _views(low.to(ctx.flat.param.dtype), ctx.layout)
+        return None, None, None, *(wide[i] if g is not None else None for i, g in enumerate(grads))
 
 
 @torch.no_grad()
@@ -273,6 +308,7 @@ class GraphedStep:
         self.capture_seconds: float | None = None
         self.refusal: str | None = None
         self._convs = [m for m in model.modules() if isinstance(m, Conv1x1)]
+        self._runners = [m for m in model.modules() if isinstance(m, NetRunner)]
         self._key: tuple | None = None  # the batch shape the noise draws were recorded for
         self._draws: list[list[tuple[str, tuple[int, ...]]]] = []  # per chunk, in draw order
         self._images: list[Tensor] = []
@@ -280,6 +316,7 @@ class GraphedStep:
         self._graphs: list[torch.cuda.CUDAGraph] = []  # the step, or its two halves (reduce)
         self._out: tuple[Tensor, Tensor] | None = None  # the captured (loss, keep)
         self._flat: FlatState | None = None  # laid out at the first step
+        self._conv_weights: tuple[list, list] | None = None  # what _NetWeights casts
         optimizer.register_load_state_dict_post_hook(lambda opt: self._adopt_state())
 
     @property
@@ -344,7 +381,8 @@ class GraphedStep:
         loss are then copied into the flat buffer (:class:`FlatState`), laid out at the first
         step over the parameters that received a gradient."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = backpropagate(self.model, chunks, total)
+        with self._net_weights():
+            loss = backpropagate(self.model, chunks, total)
         if self._flat is None:
             params = [p for p in self.model.parameters() if p.grad is not None]
             dtypes = {p.dtype for p in params} | {loss.dtype}
@@ -353,6 +391,34 @@ class GraphedStep:
             self._flat = FlatState(params, loss.dtype, loss.device)
             self._adopt_state()
         self._flat.gather_grads(loss)
+
+    @contextmanager
+    def _net_weights(self) -> Iterator[None]:
+        """With the networks under autocast (``train.precision``) and the flat buffers laid out:
+        their convolution weights cast once for the step's passes (:class:`_NetWeights`, read
+        by :meth:`~denseflow.nets.runner.NetRunner.run_net`) instead of one by one where each is
+        used: the same values, 6,084 fewer operators a step in DenseFlow-74-10."""
+        runners = self._runners
+        dtypes = {r.net_dtype for r in runners}
+        if self._flat is None or len(dtypes) != 1 or None in dtypes:
+            yield
+            return
+        flat = self._flat
+        if self._conv_weights is None:  # the networks' convolution parameters, their places
+            convs = [m for m in self.model.modules() if isinstance(m, torch.nn.Conv2d)]
+            ids = {id(p) for m in convs for p in m.parameters(recurse=False)}
+            picks = [i for i, p in enumerate(flat.params) if id(p) in ids]
+            self._conv_weights = [flat.params[i] for i in picks], [flat.layout[i] for i in picks]
+        params, layout = self._conv_weights
+        weights = _NetWeights.apply(flat, layout, dtypes.pop(), *params)
+        table = {id(p): w for p, w in zip(params, weights, strict=True)}
+        for runner in runners:
+            runner.net_weights = table
+        try:
+            yield
+        finally:
+            for runner in runners:
+                runner.net_weights = None
 
     def _update(self) -> tuple[Tensor, Tensor]:
         """Norm, guard, clipping and the masked Adamax update on the flat buffers (with

@@ -14,7 +14,8 @@
 #   7. bf16 networks, graphed: train and sampling
 #   8. IWBO k=16 at B=16 (graphed)
 #   9. a lead: the 79 log-determinants of the 1x1 convolutions one LU per matrix (as the model)
-#      against one batched LU per size, eager and from a graph (scripts/lu_check.py, seconds)
+#      against one batched LU per size and one for all padded to the largest, eager and from a
+#      graph (scripts/lu_check.py, seconds)
 #  10. torch.compile(mode="reduce-overhead") next to the hand-made graph, if time is left
 # The eager float32 step is timed in 2 (the train_step copies) and was profiled on 2026-11-29
 # (46,621 kernels, docs/benchmarks.md), so it is not benched again.

@@ -65,10 +65,12 @@ def test_inference_check_dry_run(tmp_path):
 
 @pytest.mark.parametrize("preset", ["tiny", "demo"])
 def test_lu_check_dry_run(tmp_path, preset):
-    """One LU per matrix against one per size: the same log-determinants and gradients to float32
-    rounding."""
+    """One LU per matrix against one per size and one for all, padded: the same log-determinants
+    and gradients to float32 rounding."""
     code, report = _script("lu_check", tmp_path, "--preset", preset, "--calls", "2")
     assert code == 0 and report["matrices"] == sum(report["sizes"].values()) > 0
-    assert report["batched_vs_single"]["value_abs"] < 1e-4
-    assert report["batched_vs_single"]["grad_rel_max"] < 1e-4
-    assert set(report["eager_ms"]) == {"single", "batched"} and "replay_ms" not in report
+    for way in ("batched", "padded"):
+        assert report[f"{way}_vs_single"]["value_abs"] < 1e-4
+        assert report[f"{way}_vs_single"]["grad_rel_max"] < 1e-4
+    assert set(report["eager_ms"]) == {"single", "batched", "padded"}
+    assert "replay_ms" not in report

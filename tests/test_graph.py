@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from denseflow import checkpoint as ckpt
 from denseflow import graph as graph_module
 from denseflow import runtime
+from denseflow.bench import count_ops
 from denseflow.config import load_config
 from denseflow.graph import (
     FlatState,
@@ -218,6 +219,7 @@ def _assert_same(eager, graphed, where: str) -> None:
         pytest.param(TINY, 1, [6] * 4, 0.05, "float32", id="tiny-gradclip"),
         pytest.param(TINY, 2, [6] * 4, 0.0, "bfloat16", id="tiny-bf16"),
         pytest.param(SMALL, 2, [7] * 4, 0.0, "float32", id="small-channels_last"),
+        pytest.param(SMALL, 1, [7] * 3, 0.0, "bfloat16", id="small-channels_last-bf16"),
     ],
 )
 @pytest.mark.parametrize("packed", [False, True], ids=["", "packed"])
@@ -258,6 +260,25 @@ def test_static_step_equals_train_step_bitwise(config, chunks, sizes, grad_clip,
         for model, _ in (eager, graphed):
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             assert torch.nn.utils.get_total_norm(grads).item() == pytest.approx(grad_clip, 1e-4)
+
+
+@pytest.mark.parametrize("config", [TINY, SMALL], ids=["tiny", "small-channels_last"])
+def test_bf16_networks_cast_their_convolution_weights_once_a_step(config, monkeypatch):
+    """With bf16 networks the static step casts every network convolution's weight and bias in
+    one operator forward and one backward, where autocast casts each tensor once each way: the
+    step has exactly 2·(number of those tensors) − 2 fewer casts (the values are the same:
+    test_static_step_equals_train_step_bitwise, tiny-bf16)."""
+    _, (model, optimizer) = _pair(config, "bfloat16")
+    step = GraphedStep(model, optimizer)
+    for t in range(2):  # the first step lays the flat buffers out
+        step(_batch(config, t, 6, 1), 1e-3)
+    casts = lambda: count_ops(lambda: step(_batch(config, 2, 6, 1), 1e-3))["_to_copy"]  # noqa: E731
+    once = casts()
+    monkeypatch.setattr(step, "_net_weights", nullcontext)
+    each = casts()
+    weights = [p for m in model.modules() if isinstance(m, torch.nn.Conv2d) for p in m.parameters()]
+    assert each - once == 2 * len(weights) - 2 and len(weights) > 20
+    assert all(r.net_weights is None for r in model.modules() if hasattr(r, "net_weights"))
 
 
 def test_each_chunk_needs_a_generator_of_its_own():

@@ -148,7 +148,8 @@ class ContextNet(Recomputable):
         self.dense_out = DenseBlock(width, width, depth, growth)
 
     def _compute(self, x: Tensor) -> Tensor:
-        x = 2 * x.to(self.down.weight.dtype) / self.max_value - 1
+        # float64 with widened weights; float32 under autocast, even where the weights were cast
+        x = 2 * x.to(torch.promote_types(x.dtype, self.down.weight.dtype)) / self.max_value - 1
         return self.dense_out(self.down(self.dense_in(x)))
 
 

@@ -5,6 +5,10 @@ networks run under autocast; their outputs come back in float32, so the bounds
 (``2·tanh(s/2)``), exponentials, log-determinants, the 1x1 convolutions and their inverses, the
 base densities and the bits/dim stay float32.
 
+In :class:`denseflow.graph.GraphedStep` the networks' convolution weights are cast once a step
+for all networks together (:attr:`NetRunner.net_weights`) instead of once per weight by
+autocast: the same values, a few kernels instead of two per weight (forward and backward).
+
 Compiled networks (``train.compile``): nets of one class share their compiled code, each
 distinct input shape being one recompilation of it, so while a compiled net runs (in the forward
 pass, or recomputed in the backward pass in low-memory mode) dynamo's recompile limit is raised
@@ -20,6 +24,7 @@ so there is nothing to invalidate when the parameters change).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from contextlib import nullcontext
 
 import torch
@@ -47,6 +52,10 @@ class NetRunner:
 
     net_dtype: torch.dtype | None = None
     recompile_limit: int = 0
+    #: The convolution weights already in ``net_dtype`` for the pass under way, by ``id`` of the
+    #: parameter (set by :class:`denseflow.graph.GraphedStep` around its passes); None: autocast
+    #: casts each weight where it is used. The same values either way.
+    net_weights: Mapping[int, Tensor] | None = None
 
     def run_net(self, net: nn.Module, *args: torch.Tensor):
         """``net(*args)`` in the step's precision, outputs in float32 or wider; in float64 with
@@ -59,7 +68,12 @@ class NetRunner:
             if self.net_dtype is None:
                 return net(*args)
             with torch.autocast(args[0].device.type, dtype=self.net_dtype):
-                out = net(*args)
+                cast = self.net_weights
+                if cast is None:
+                    out = net(*args)
+                else:
+                    weights = {k: cast[id(p)] for k, p in net.named_parameters() if id(p) in cast}
+                    out = torch.func.functional_call(net, weights, args)
         return (
             tuple(map(at_least_float32, out)) if isinstance(out, tuple) else at_least_float32(out)
         )
