@@ -390,6 +390,7 @@ def bench(
         "channels_last": config.train.channels_last,
         "low_memory": config.train.low_memory,
         "precision": config.train.precision,
+        "batched_logdets": config.train.batched_logdets,
         "compile": config.train.compile
         and f"{config.train.compile_backend}/{config.train.compile_mode}",
     }

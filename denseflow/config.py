@@ -236,7 +236,10 @@ class TrainConfig:
     (:class:`denseflow.graph.GraphedStep`), captured as one CUDA graph and replayed on a GPU; the
     same numbers as the eager step on the CPU; under ``torchrun`` each rank's step, with one
     all-reduce between its two halves instead of DDP; setups it cannot capture (``compile``,
-    ``low_memory``, ``monitor_every``) say why and run the eager step. ``bn_recalibrate`` > 0:
+    ``low_memory``, ``monitor_every``) say why and run the eager step. ``batched_logdets``: the
+    full 1x1 convolutions' log-determinants of each pass from one batched factorisation per
+    matrix size instead of one per convolution (the same values to float rounding; a lead for
+    GPUs, measured by ``denseflow bench``, off until measured). ``bn_recalibrate`` > 0:
     every evaluation, sample grid and export of the run uses BatchNorm statistics recomputed over
     that many training batches (:mod:`denseflow.recalibrate`); the training state keeps its
     running averages, so resuming is unchanged. 0 (the paper presets): the running averages, as
@@ -268,6 +271,7 @@ class TrainConfig:
     compile_backend: str = "inductor"
     compile_mode: str = "default"
     cuda_graph: bool = True
+    batched_logdets: bool = False
     eval_every: int = 1
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2

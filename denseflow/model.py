@@ -32,7 +32,7 @@ from .nets.runner import NetRunner
 from .transforms.base import DiagonalGaussian, Noise, capturing
 from .transforms.cross_unit import InvertibleDenseBlock, coupling_net_factory
 from .transforms.dequantization import UniformDequantization, VariationalDequantization
-from .transforms.glow import ActNorm, squeeze, unsqueeze
+from .transforms.glow import ActNorm, Conv1x1, batched_log_dets, squeeze, unsqueeze
 from .transforms.transition import Transition
 
 NoiseArg = Mapping[str, Tensor] | None
@@ -103,6 +103,7 @@ class DenseFlow(nn.Module):
                 self.latent_shapes[transition.name] = (channels, h, w)
         self.latent_shapes["base"] = (channels, h, w)
         self.base = DiagonalGaussian(channels)
+        self._batched_convs: list[Conv1x1] = []  # set_batched_log_dets
 
     # ------------------------------------------------------------------ noise and input checks
     @property
@@ -159,6 +160,12 @@ class DenseFlow(nn.Module):
         """(log p̂(x), latents): the estimate and every factored-out and final latent, computed
         in ``dtype`` (default: the parameters'; every step follows the dequantizer's output)."""
         self._check_images(x)
+        with batched_log_dets(self._batched_convs) if self._batched_convs else nullcontext():
+            return self._flow(x, noise, dtype)
+
+    def _flow(
+        self, x: Tensor, noise: Noise, dtype: torch.dtype | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         latents: dict[str, Tensor] = {}
         z, total = self.dequantizer(x, noise=noise, dtype=dtype)
         h = squeeze(z - 0.5)
@@ -337,6 +344,14 @@ class DenseFlow(nn.Module):
         for module in self.modules():
             if isinstance(module, Recomputable):
                 module.low_memory = enabled
+        return self
+
+    def set_batched_log_dets(self, enabled: bool = True) -> DenseFlow:
+        """Compute the full 1x1 convolutions' log-determinants of each likelihood pass up front,
+        one batched factorisation per matrix size, instead of one per convolution
+        (:func:`~denseflow.transforms.glow.batched_log_dets`; ``train.batched_logdets``)."""
+        convs = [m for m in self.modules() if type(m) is Conv1x1]
+        self._batched_convs = convs if enabled else []
         return self
 
     def set_net_precision(self, dtype: torch.dtype | None = torch.bfloat16) -> DenseFlow:

@@ -43,11 +43,13 @@ def net_dtype(cfg: TrainConfig) -> torch.dtype | None:
 
 def prepare(model: DenseFlow, cfg: TrainConfig, device: torch.device) -> DenseFlow:
     """Move ``model`` to ``device`` with the speed/memory settings of ``cfg`` (no change to the
-    maths): channels-last memory layout, bf16 networks, compiled networks, low-memory mode."""
+    maths): channels-last memory layout, bf16 networks, batched log-determinants, compiled
+    networks, low-memory mode."""
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.set_net_precision(net_dtype(cfg))
+    model.set_batched_log_dets(cfg.batched_logdets)
     if cfg.compile:
         mode = {} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}
         # dynamic shapes trip inductor on this model (sympy "cannot determine truth value")

@@ -15,28 +15,28 @@
 #   8. IWBO k=16 at B=16 (graphed)
 #   9. a lead: the 79 log-determinants of the 1x1 convolutions one LU per matrix (as the model)
 #      against one batched LU per size and one for all padded to the largest, eager and from a
-#      graph (scripts/lu_check.py, seconds)
+#      graph (scripts/lu_check.py, seconds), and the float32 step of 5 with them batched
+#      (train.batched_logdets=true: is it worth turning on by default?)
 #  10. torch.compile(mode="reduce-overhead") next to the hand-made graph, if time is left
 # The eager float32 step is timed in 2 (the train_step copies) and was profiled on 2026-11-29
 # (46,621 kernels, docs/benchmarks.md), so it is not benched again.
 #
-# Time: every step has its own limit, cut to a global deadline ($BUDGET, default 390 s of script,
-# so that with the machine's start the call needs about 8-9 of the 15 device minutes). Expected
+# Time: every step has its own limit, cut to a global deadline ($BUDGET, default 420 s of script,
+# so that with the machine's start the call needs about 9-10 of the 15 device minutes). Expected
 # durations (from the 2026-11-29 run: a B=64 bench process took about 40 s, the parity tests 37 s):
-# 20 + 70 + 45 + 40 + 45 + 40 + 45 + 30 + 15 s = about 350 s before step 10.
+# 20 + 70 + 45 + 40 + 45 + 40 + 45 + 30 + 15 + 45 s = about 395 s before step 10.
 #
 # How to run (the device tool sends the session's own checkout):
 #   mkdir -p .devshared && cp -r ../shared/parity .devshared/ && echo /.devshared/ >> .git/info/exclude
 #   run(command="bash scripts/device_check.sh", carry=[".devshared"], timeout_s=450)
-# Raw JSON and the log land in $OUT (10 files at most: log.txt, graph_tiny.json,
+# Raw JSON and the log land in $OUT (11 files at most: log.txt, graph_tiny.json,
 # graph_cifar10.json, inference_cifar10.json, bench_float32.json, bench_profile.json,
-# bench_bf16.json, bench_iwbo.json, lu_check.json, bench_compile.json; the profiler's table is
-# appended to log.txt). Keep them under
-# docs/benchmarks/h200-<date>/.
+# bench_bf16.json, bench_iwbo.json, lu_check.json, bench_logdets.json, bench_compile.json; the
+# profiler's table is appended to log.txt). Keep them under docs/benchmarks/h200-<date>/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}
-BUDGET=${BUDGET:-390}
+BUDGET=${BUDGET:-420}
 export DENSEFLOW_PARITY_DIR=${DENSEFLOW_PARITY_DIR:-$PWD/.devshared/parity}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PY=${PY:-python3}
@@ -77,5 +77,6 @@ bench 75 bf16 "${B64[@]}" --what train,sample --set train.precision=bfloat16
 bench 60 iwbo --batch-size 16 --steps 3 --warmup 1 --what iwbo
 step 40 "lead: batched LU of the 1x1 log-determinants" $PY scripts/lu_check.py --preset cifar10 \
     --json "$OUT/lu_check.json"
+bench 60 logdets "${B64[@]}" --what train --set train.batched_logdets=true
 bench 300 compile "${B64[@]}" --what train --set train.compile=true --set train.compile_mode=reduce-overhead
 echo "== done at t=${SECONDS}s" | tee -a "$LOG"

@@ -39,7 +39,7 @@ from denseflow.step import train_step
 from denseflow.train import train
 from denseflow.transforms import glow as glow_module
 from denseflow.transforms.base import recorded_draws
-from denseflow.transforms.glow import Conv1x1, inverse, log_abs_det
+from denseflow.transforms.glow import Conv1x1, batched_log_dets, inverse, log_abs_det
 
 from .conftest import REPO, gloo_group
 
@@ -59,6 +59,9 @@ SMALL = load_config("tiny").override(
         "train.channels_last=true",
     ]
 )
+
+#: the tiny preset with the 1x1 log-determinants of each pass batched by size
+BATCHED = TINY.override(["train.batched_logdets=true"])
 
 
 # ---------------------------------------------------------------------- capture-safe linear algebra
@@ -80,6 +83,59 @@ def test_log_abs_det_is_slogdet_bitwise(dtype, layout):
             reference.backward(grad)
             ours.backward(grad)
             assert torch.equal(reference, ours) and torch.equal(a.grad, b.grad)
+
+
+def test_batched_log_dets_factor_once_per_size_with_the_single_values():
+    """``batched_log_dets``: one factorisation per matrix size (its operator count), each
+    convolution's log|det W| and gradient the single factorisation's to float64 rounding, and
+    nothing left behind after the block."""
+    torch.manual_seed(0)
+    convs = [Conv1x1(c).double() for c in (4, 12, 4, 30, 12, 4)]
+    for conv in convs:  # away from orthogonal, where every log-determinant is about 0
+        with torch.no_grad():
+            conv.weight.add_(torch.randn_like(conv.weight))
+    single = [conv.matrix()[1] for conv in convs]
+    grads = torch.autograd.grad(sum(single), [conv.weight for conv in convs])
+    with batched_log_dets(convs):
+        counts = count_ops(lambda: [conv.matrix()[1] for conv in convs])
+        batched = [conv.matrix()[1] for conv in convs]
+        again = torch.autograd.grad(sum(batched), [conv.weight for conv in convs])
+        assert conv.matrix(torch.float32)[1].dtype == torch.float32  # another dtype: its own
+    assert counts["linalg_lu_factor_ex"] == 0  # factored before the pass, three sizes at once
+
+    def enter_and_leave():
+        with batched_log_dets(convs):
+            pass
+
+    assert count_ops(enter_and_leave)["linalg_lu_factor_ex"] == 3
+    for a, b in zip(single, batched, strict=True):
+        assert abs(a.item()) > 0.05 and b.item() == pytest.approx(a.item(), rel=1e-13, abs=1e-13)
+    for a, b in zip(grads, again, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    assert all("_pass_log_det" not in conv.__dict__ for conv in convs)
+
+
+def test_a_model_with_batched_log_dets_scores_as_without():
+    """``train.batched_logdets``: the same ELBO and gradients to float rounding, in float64
+    to 1e-12, with one factorisation per size instead of one per convolution."""
+    torch.manual_seed(0)
+    model = DenseFlow(TINY.model).double()
+    x = torch.randint(0, 256, (3, *TINY.model.image_shape))
+    model.data_init(x, generator=stream(0, "init"))
+    model.train()
+    values = []
+    for batched in (False, True):
+        model.set_batched_log_dets(batched)
+        model.zero_grad()
+        counts = count_ops(lambda: values.append(model(x, generator=stream(0, "noise", 0))))
+        values[-1].sum().backward()
+        values.append([p.grad.clone() for p in model.parameters()])
+        sizes = {m.weight.shape[0] for m in model.modules() if type(m) is Conv1x1}
+        convs = sum(type(m) is Conv1x1 for m in model.modules())
+        assert counts["linalg_lu_factor_ex"] == (len(sizes) if batched else convs) > 0
+    torch.testing.assert_close(values[2], values[0], rtol=1e-12, atol=0)
+    for a, b in zip(values[1], values[3], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -220,6 +276,7 @@ def _assert_same(eager, graphed, where: str) -> None:
         pytest.param(TINY, 2, [6] * 4, 0.0, "bfloat16", id="tiny-bf16"),
         pytest.param(SMALL, 2, [7] * 4, 0.0, "float32", id="small-channels_last"),
         pytest.param(SMALL, 1, [7] * 3, 0.0, "bfloat16", id="small-channels_last-bf16"),
+        pytest.param(BATCHED, 2, [6] * 3, 0.0, "float32", id="tiny-batched_logdets"),
     ],
 )
 @pytest.mark.parametrize("packed", [False, True], ids=["", "packed"])
