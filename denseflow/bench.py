@@ -15,9 +15,10 @@ Measurements (each on random 8-bit images of the preset's shape):
             graphs (:class:`denseflow.graph.GraphedInference`, unless ``train.cuda_graph`` is
             off), else the model's own methods; their first two calls (recording, capture) are
             timed apart (``first_calls_s``, ``capture_s``).
-``ops``     (opt-in) the operators one forward and backward pass of a training step runs below
-            autograd, by name, views, copy-free reshapes and allocations excluded: a proxy for
-            the kernels a GPU launches (the optimizer's, device-specific, left out).
+``ops``     (opt-in) the operators the forward and backward passes of the training step
+            ``train`` runs (:meth:`denseflow.graph.GraphedStep.passes`, or ``train_step``'s)
+            launch below autograd, by name, views, copy-free reshapes and allocations excluded:
+            a proxy for the kernels a GPU launches (the update's, device-specific, left out).
 ``convs``   the kernel ceiling (opt-in): every convolution of one training step at batch B,
             grouped by shape, each shape timed alone on random data (forward, then both backward
             products); the sum is what the step's convolutions cost at isolated-kernel speed,
@@ -34,6 +35,7 @@ fraction (of the median) to the report.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -449,11 +451,18 @@ def bench(
                 result["loop_no_grad_median_s"] / result["median_s"]
             )
             report["iwbo"] = result
-        elif item == "ops":  # the model's part of a step; the optimizer's is device-specific
+        elif item == "ops":  # the passes of the step train runs; the update's is device-specific
             model.train()
             model.zero_grad(set_to_none=True)
-            counts = count_ops(lambda: backpropagate(model, [(x, generator)], batch_size))
+            chunks = [(x, generator)]
+            step, graphed = _train_call(model, optimizer, config, device, chunks)
+            if graphed is None:
+                counts = count_ops(functools.partial(backpropagate, model, chunks, batch_size))
+            else:  # one step lays the flat buffers out first (and updates the weights once)
+                step()
+                counts = count_ops(functools.partial(graphed.passes, chunks, batch_size))
             report["ops"] = {"total": sum(counts.values()), "by_op": dict(counts.most_common(12))}
+            report["ops"]["step"] = "graphed" if graphed else "train_step"
             continue
         else:  # convs
             model.train()

@@ -371,12 +371,12 @@ class GraphedStep:
 
     def _body(self, chunks: Sequence[tuple[Tensor, object]], total: int) -> tuple[Tensor, Tensor]:
         """The step itself, free of host synchronisation: (loss, whether the update was kept)."""
-        self._backward(chunks, total)
+        self.passes(chunks, total)
         if self.reduce is not None:
             self.reduce(self._flat.grad)
         return self._update()
 
-    def _backward(self, chunks: Sequence[tuple[Tensor, object]], total: int) -> None:
+    def passes(self, chunks: Sequence[tuple[Tensor, object]], total: int) -> None:
         """Every chunk's forward and backward pass; the gradients and this process's share of the
         loss are then copied into the flat buffer (:class:`FlatState`), laid out at the first
         step over the parameters that received a gradient."""
@@ -516,7 +516,7 @@ class GraphedStep:
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
                     for _ in range(self.warmups):  # masked; no all-reduce, which is never
-                        self._backward(static, total)  # captured: the ranks stay in step
+                        self.passes(static, total)  # captured: the ranks stay in step
                         self._update()
                 torch.cuda.current_stream(device).wait_stream(side)
                 self.optimizer.zero_grad(set_to_none=True)  # captured backward allocates .grad
@@ -528,7 +528,7 @@ class GraphedStep:
                         self._out = self._body(static, total)
                 else:
                     with torch.cuda.graph(graphs[0]):
-                        self._backward(static, total)
+                        self.passes(static, total)
                     graphs.append(torch.cuda.CUDAGraph())
                     with torch.cuda.graph(graphs[1], pool=graphs[0].pool()):
                         self._out = self._update()

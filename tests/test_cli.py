@@ -441,7 +441,7 @@ def test_evaluate_and_sample_pass_no_cuda_graph_on(tiny_run, tmp_path, monkeypat
 
 
 def test_bench_counts_the_operators_of_a_pass(tmp_path, capsys):
-    """`--what ops` counts what a forward and backward pass runs below autograd: as many
+    """`--what ops` counts what the passes of train's step run below autograd: as many
     convolutions (and their backward) as the profiler's census of a training step finds."""
     out = tmp_path / "ops.json"
     argv = ["bench", "--preset", "tiny", "--batch-size", "2", "--what", "ops,convs"]
@@ -452,3 +452,12 @@ def test_bench_counts_the_operators_of_a_pass(tmp_path, capsys):
     assert ops["by_op"]["convolution"] == report["convs"]["calls"] > 0
     assert ops["by_op"]["convolution_backward"] == report["convs"]["calls"]
     assert ops["total"] > 2 * report["convs"]["calls"] and "view" not in ops["by_op"]
+    assert ops["step"] == "graphed"  # train's step, GraphedStep on the CPU too
+    # bf16 networks: the step train runs casts the conv weights once, train_step one by one
+    totals = {}
+    for graph in ("true", "false"):
+        bf16 = ["--set", "train.precision=bfloat16", "--set", f"train.cuda_graph={graph}"]
+        argv = ["bench", "--preset", "tiny", "--batch-size", "2", "--what", "ops", *bf16]
+        assert main([*argv, "--device", "cpu", "--json", str(out)]) == 0
+        totals[graph] = json.loads(out.read_text())["ops"]["total"]
+    assert totals["false"] - totals["true"] > 100  # 2·72 − 2 casts fewer, 2 gathering copies more

@@ -525,7 +525,7 @@ def _half_graphs(step: GraphedStep, total: int, made: list, events: list):
         def replay(self) -> None:
             events.append(f"replay{self.index}")
             if self.index == 0:
-                step._backward(list(zip(step._images, step._noises, strict=True)), total)
+                step.passes(list(zip(step._images, step._noises, strict=True)), total)
             else:
                 for out, value in zip(step._out, step._update(), strict=True):
                     out.copy_(value)
