@@ -348,7 +348,8 @@ def _run_one(
     done.write_text(json.dumps(result, indent=1) + "\n")
     log(
         f"{name} seed {seed}: ELBO {elbo['bpd']:.4f} bpd, IWBO-{k} {iwbo['bpd']:.4f} bpd, "
-        f"{train_s / 60:.1f} min"
+        f"{result['train_seconds'] / 60:.1f} min of training"
+        + (f" ({train_s / 60:.1f} in this call)" if resume else "")
     )
     return result
 

@@ -144,8 +144,11 @@ def test_quick_ablation_runs_end_to_end_and_continues(tmp_path, capsys):
     # call's own (which trained nothing)
     run = out / "seed1" / "glow"
     (run / "result.json").unlink()
+    capsys.readouterr()
     assert main(["experiment", "ablation", "--quick", "--out", str(out), "--quiet"]) == 0
     rerun = json.loads((run / "result.json").read_text())
+    said = f"{rerun['train_seconds'] / 60:.1f} min of training ("  # logged time, then the call's
+    assert said in capsys.readouterr().out
     config = RunConfig.from_dict(rerun["config"])
     assert rerun["resumed"] and rerun["train_seconds"] == logged_train_seconds(run, config.train)
     (before,) = [r for r in results["runs"] if (r["variant"], r["seed"]) == ("glow", 1)]
