@@ -547,7 +547,10 @@ def format_report(report: dict[str, Any]) -> str:
     if "ops" in report:
         r = report["ops"]
         top = ", ".join(f"{name} {n:,}" for name, n in list(r["by_op"].items())[:6])
-        rows.append(f"ops: a forward and backward pass runs {r['total']:,} operators ({top}, ...)")
+        rows.append(
+            f"ops: the step's forward and backward passes ({r['step']}) run {r['total']:,} "
+            f"operators ({top}, ...)"
+        )
     if "convs" in report:
         r = report["convs"]
         line = (

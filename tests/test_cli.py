@@ -446,7 +446,7 @@ def test_bench_counts_the_operators_of_a_pass(tmp_path, capsys):
     out = tmp_path / "ops.json"
     argv = ["bench", "--preset", "tiny", "--batch-size", "2", "--what", "ops,convs"]
     assert main([*argv, "--device", "cpu", "--json", str(out)]) == 0
-    assert "ops: a forward and backward pass runs" in capsys.readouterr().out
+    assert "ops: the step's forward and backward passes (graphed) run" in capsys.readouterr().out
     report = json.loads(out.read_text())
     ops = report["ops"]
     assert ops["by_op"]["convolution"] == report["convs"]["calls"] > 0
