@@ -73,7 +73,7 @@ class NetRunner:
                     out = net(*args)
                 else:
                     weights = {k: cast[id(p)] for k, p in net.named_parameters() if id(p) in cast}
-                    out = torch.func.functional_call(net, weights, args)
+                    out = torch.func.functional_call(net, weights, args, tie_weights=False)
         return (
             tuple(map(at_least_float32, out)) if isinstance(out, tuple) else at_least_float32(out)
         )
