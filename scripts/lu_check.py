@@ -36,28 +36,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from denseflow.config import load_config  # noqa: E402
 from denseflow.graph import _cusolver  # noqa: E402
 from denseflow.model import DenseFlow  # noqa: E402
-from denseflow.transforms.glow import Conv1x1, log_abs_det  # noqa: E402
+from denseflow.transforms.glow import Conv1x1, batched_log_dets, log_abs_det  # noqa: E402
 
 
-def single(ws: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def single(convs: list[Conv1x1]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Σ log|det W| one matrix at a time (as the model), and its gradients."""
+    ws = [conv.weight for conv in convs]
     total = torch.stack([log_abs_det(w) for w in ws]).sum()
     return total, list(torch.autograd.grad(total, ws))
 
 
-def batched(ws: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Σ log|det W| with one factorisation per size (matrices stacked), and its gradients."""
-    by_size: dict[int, list[torch.Tensor]] = defaultdict(list)
-    for w in ws:
-        by_size[w.shape[0]].append(w)
-    total = torch.stack([log_abs_det(torch.stack(group)).sum() for group in by_size.values()]).sum()
-    return total, list(torch.autograd.grad(total, ws))
+def batched(convs: list[Conv1x1]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Σ log|det W| with one factorisation per size, as ``train.batched_logdets`` computes it
+    (:func:`~denseflow.transforms.glow.batched_log_dets`), and its gradients."""
+    with batched_log_dets(convs):
+        total = torch.stack([conv.matrix()[1] for conv in convs]).sum()
+    return total, list(torch.autograd.grad(total, [conv.weight for conv in convs]))
 
 
-def padded(ws: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def padded(convs: list[Conv1x1]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Σ log|det W| with one factorisation of all matrices, each padded to the largest size as
     ``[[W, 0], [0, I]]`` (the same determinant; partial pivoting never picks a padding row), and
     its gradients."""
+    ws = [conv.weight for conv in convs]
     n = max(w.shape[0] for w in ws)
     eye = torch.eye(n, dtype=ws[0].dtype, device=ws[0].device)
     tail = torch.stack([eye * (torch.arange(n, device=eye.device) >= w.shape[0]) for w in ws])
@@ -89,24 +90,20 @@ def main() -> int:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     torch.manual_seed(0)
-    model = DenseFlow(load_config(args.preset).model)
-    ws = [
-        m.weight.detach().to(device).clone().requires_grad_()
-        for m in model.modules()
-        if isinstance(m, Conv1x1)
-    ]
+    model = DenseFlow(load_config(args.preset).model).to(device)
+    convs = [m for m in model.modules() if type(m) is Conv1x1]  # the full 1x1 convolutions
     sizes: dict[int, int] = defaultdict(int)
-    for w in ws:
-        sizes[w.shape[0]] += 1
-    report: dict = {"preset": args.preset, "device": str(device), "matrices": len(ws)}
+    for conv in convs:
+        sizes[conv.weight.shape[0]] += 1
+    report: dict = {"preset": args.preset, "device": str(device), "matrices": len(convs)}
     report["sizes"] = dict(sorted(sizes.items()))
     if cuda:
         report["gpu"] = torch.cuda.get_device_name(device)
     report["torch"] = torch.__version__
     with _cusolver() if cuda else nullcontext():
-        value_1, grads_1 = single(ws)
+        value_1, grads_1 = single(convs)
         for name, fn in (("batched", batched), ("padded", padded)):
-            value, grads = fn(ws)
+            value, grads = fn(convs)
             report[f"{name}_vs_single"] = {
                 "value_abs": (value - value_1).abs().item(),  # Σ log|det| of orthogonal W: ~0
                 "grad_rel_max": max(
@@ -115,7 +112,7 @@ def main() -> int:
             }
         ways = (("single", single), ("batched", batched), ("padded", padded))
         report["eager_ms"] = {
-            name: median_ms(lambda fn=fn: fn(ws), args.calls, cuda) for name, fn in ways
+            name: median_ms(lambda fn=fn: fn(convs), args.calls, cuda) for name, fn in ways
         }
         if cuda:
             report["replay_ms"] = {}
@@ -123,11 +120,11 @@ def main() -> int:
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
-                    fn(ws)
+                    fn(convs)
                 torch.cuda.current_stream(device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    fn(ws)
+                    fn(convs)
                 report["replay_ms"][name] = median_ms(graph.replay, args.calls, cuda)
     Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report))
