@@ -125,6 +125,69 @@ def test_concat_conv_gradients_equal_the_plain_concatenation():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def _per_piece(block: DenseBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block's forward pass with concat-convs that return every piece's gradient (autograd
+    adds them up per piece)."""
+    pieces = [x]
+    for layer in block.layers:
+        pieces.append(torch.relu_(layer.conv3(torch.relu_(concat_conv(pieces, layer.conv1)))))
+    a, b, g = concat_conv(pieces, block.gate.conv).chunk(3, dim=1)
+    return x + a + b * torch.sigmoid(g) if block.residual else a + b * torch.sigmoid(g)
+
+
+def _concatenated(block: DenseBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block's forward pass as the official code writes it: each layer's input the previous
+    one's with the new feature map concatenated."""
+    h = x
+    for layer in block.layers:
+        h = torch.cat([h, torch.relu(layer.conv3(torch.relu(layer.conv1(h))))], dim=1)
+    a, b, g = block.gate.conv(h).chunk(3, dim=1)
+    return x + a + b * torch.sigmoid(g) if block.residual else a + b * torch.sigmoid(g)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_block_shared_gradient_is_autograds_sum_bit_for_bit(residual, dtype):
+    """The concat-convs' shared gradient buffer gives every gradient bit for bit as autograd's
+    per-piece sums (float32, and bf16 under autocast with a float32 input), also when the graph
+    is run backward twice and when the input needs no gradient; in float32 without a residual
+    also the official code's growing concatenations bit for bit. 2d - 1 additions instead of
+    d(d+1)/2."""
+    torch.manual_seed(1)
+    depth = 5
+    block = DenseBlock(6, 6, depth=depth, growth=3, residual=residual)
+    x0, w = torch.randn(3, 6, 4, 4), torch.randn(3, 6, 4, 4)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+    def grads(forward, x_grad=True, twice=False):
+        x = (x0 * 1).requires_grad_(x_grad)  # a non-leaf when it needs a gradient
+        leaves = [*block.parameters(), *([x] if x_grad else [])]
+        with autocast:
+            out = forward(block, x)
+        first = torch.autograd.grad((out.float() * w).sum(), leaves, retain_graph=twice)
+        if twice:
+            again = torch.autograd.grad((out.float() * w).sum(), leaves)
+            for a, b in zip(first, again, strict=True):
+                assert torch.equal(a, b)
+        return first
+
+    for x_grad in (True, False):
+        shared = grads(DenseBlock.forward, x_grad, twice=True)
+        references = [grads(_per_piece, x_grad)]
+        if dtype == torch.float32 and not residual:
+            references.append(grads(_concatenated, x_grad))
+        for reference in references:
+            assert len(shared) == len(reference)
+            for a, b in zip(shared, reference, strict=True):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+    x = x0.clone().requires_grad_()
+    leaves = [x, *block.parameters()]
+    counts = count_ops(lambda: torch.autograd.grad(block(x).sum(), leaves))
+    reference = count_ops(lambda: torch.autograd.grad(_per_piece(block, x).sum(), leaves))
+    additions = lambda c: c["add"] + c["add_"]  # noqa: E731
+    assert additions(reference) - additions(counts) == depth * (depth + 1) // 2 - (2 * depth - 1)
+
+
 def test_concat_conv_matches_conv_of_the_concatenation_and_refuses_what_it_cannot_do():
     """The memory-efficient concat-conv gives conv(cat(pieces)) and its gradients, and refuses a
     convolution its custom backward does not handle (stride, dilation, groups, uneven padding)."""
