@@ -36,29 +36,78 @@ def segment_means(x: Tensor, groups: int) -> Tensor:
     return torch.stack([part.mean(dim=-2) for part in x.tensor_split(groups, dim=-2)], dim=-2)
 
 
+def _iterate(neg_a: Tensor, z: Tensor, iters: int, saved: list[Tensor]) -> Tensor:
+    """``iters`` steps ``Z ← ¼·Z·(13I + N(15I + N(7I + N)))`` with ``N = (−A)Z``; appends each
+    step's ``Z, N, Q = 7I + N, P = 15I + NQ, R = 13I + NP`` to ``saved``."""
+    eye = torch.eye(neg_a.shape[-1], dtype=neg_a.dtype, device=neg_a.device)
+    seven, fifteen, thirteen = 7 * eye, 15 * eye, 13 * eye
+    for _ in range(iters):
+        n = torch.bmm(neg_a, z)  # −AZ (negation is exact)
+        q = seven + n
+        p = torch.baddbmm(fifteen, n, q)
+        r = torch.baddbmm(thirteen, n, p)
+        saved += [z, n, q, p, r]
+        z = torch.bmm(z, r).mul_(0.25)
+    return z
+
+
+class _PinvIterations(torch.autograd.Function):
+    """The iterations of :func:`iterative_pinv` from ``(−A, Z₀)``, with a backward pass written
+    out: the gradient ``Ḡ`` of ``Z' = ¼ZR`` gives, with ``H = ZᵀḠ``, ``Hₚ = NᵀH``,
+    ``Hₙ = NᵀHₚ + HₚQᵀ + HPᵀ`` (4x the gradient of N), ``Z̄ = ¼(ḠRᵀ + (−A)ᵀHₙ)`` and
+    ``(−A)̄ += ¼HₙZᵀ``: eight batched GEMMs an iteration, every sum inside one (``baddbmm``), the
+    ¼ in their scalars (exact, a power of two), where autograd runs twelve products and
+    additions and scalings besides. The forward pass runs the same operators as without the
+    function. Differentiated with ``create_graph=True``, the backward pass differentiates the
+    iteration again with autograd (the saved intermediates carry no graph)."""
+
+    @staticmethod
+    def forward(ctx, neg_a: Tensor, z: Tensor, iters: int) -> Tensor:
+        saved: list[Tensor] = []
+        out = _iterate(neg_a, z, iters, saved)
+        ctx.iters = iters
+        ctx.save_for_backward(neg_a, *saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        neg_a, *saved = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a graph of the gradient is wanted
+            inputs = (neg_a, saved[0])
+            out = _iterate(*inputs, ctx.iters, [])
+            wanted = [t for t in inputs if t.requires_grad]
+            grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
+            return *(next(grads) if t.requires_grad else None for t in inputs), None
+        grad_neg_a = None  # 4x the gradient of −A, summed over the iterations
+        for i in reversed(range(0, len(saved), 5)):
+            z, n, q, p, r = saved[i : i + 5]
+            h = torch.bmm(z.mT, grad)
+            h_p = torch.bmm(n.mT, h)
+            h_n = torch.baddbmm(torch.baddbmm(torch.bmm(n.mT, h_p), h_p, q.mT), h, p.mT)
+            grad_neg_a = (
+                torch.bmm(h_n, z.mT) if grad_neg_a is None else torch.baddbmm(grad_neg_a, h_n, z.mT)
+            )
+            grad = torch.baddbmm(torch.bmm(grad, r.mT), neg_a.mT, h_n, beta=0.25, alpha=0.25)
+        return (None if grad_neg_a is None else grad_neg_a * 0.25), grad, None
+
+
 def iterative_pinv(a: Tensor, iters: int = 6) -> Tensor:
     """Moore-Penrose pseudo-inverse of each (m, m) matrix by the Nyströmformer iteration.
 
     ``Z₀ = Aᵀ / (max_j Σ_i |A_ij| · max_i Σ_j |A_ij|)`` with the maxima taken per matrix, then
     ``Z ← ¼·Z·(13I − AZ(15I − AZ(7I − AZ)))``, written with ``N = (−A)Z`` so that each product
-    and the multiple of I it is added to are one batched GEMM (``baddbmm``) whose backward needs
-    no scaling: 149 operators for the 6 iterations forward and backward instead of 192
-    (``denseflow bench --what ops`` counts them; each is a kernel or a few on a GPU). The 74
-    attentions of DenseFlow-74-10 run this every step, a large share of what it launches.
+    and the multiple of I it is added to are one batched GEMM (``baddbmm``), and differentiated
+    by hand (:class:`_PinvIterations`): 121 operators for the 6 iterations forward and backward
+    instead of 192 for the plain formula under autograd (``denseflow bench --what ops`` counts
+    them; each is a kernel or a few on a GPU). The 74 attentions of DenseFlow-74-10 run this
+    every step, a large share of what it launches.
     """
     abs_a = a.abs()
     col = abs_a.sum(dim=-2).amax(dim=-1, keepdim=True).unsqueeze(-1)
     row = abs_a.sum(dim=-1).amax(dim=-1, keepdim=True).unsqueeze(-1)
     z = a.transpose(-1, -2) / (col * row)
     shape, m = a.shape, a.shape[-1]
-    neg_a, z = -a.reshape(-1, m, m), z.reshape(-1, m, m)
-    eye = torch.eye(m, dtype=a.dtype, device=a.device)
-    seven, fifteen, thirteen = 7 * eye, 15 * eye, 13 * eye
-    for _ in range(iters):
-        n = torch.bmm(neg_a, z)  # −AZ (negation is exact)
-        inner = torch.baddbmm(thirteen, n, torch.baddbmm(fifteen, n, seven + n))
-        z = torch.bmm(z, inner).mul_(0.25)
-    return z.reshape(shape)
+    return _PinvIterations.apply(-a.reshape(-1, m, m), z.reshape(-1, m, m), iters).reshape(shape)
 
 
 class NystromAttention(nn.Module):
