@@ -47,7 +47,7 @@ def _iterate(neg_a: Tensor, z: Tensor, iters: int, saved: list[Tensor]) -> Tenso
         p = torch.baddbmm(fifteen, n, q)
         r = torch.baddbmm(thirteen, n, p)
         saved += [z, n, q, p, r]
-        z = torch.bmm(z, r).mul_(0.25)
+        z = torch.baddbmm(z, z, r, beta=0, alpha=0.25)  # ¼·ZR in the GEMM (beta=0: z unread)
     return z
 
 
@@ -57,9 +57,10 @@ class _PinvIterations(torch.autograd.Function):
     ``Hₙ = NᵀHₚ + HₚQᵀ + HPᵀ`` (4x the gradient of N), ``Z̄ = ¼(ḠRᵀ + (−A)ᵀHₙ)`` and
     ``(−A)̄ += ¼HₙZᵀ``: eight batched GEMMs an iteration, every sum inside one (``baddbmm``), the
     ¼ in their scalars (exact, a power of two), where autograd runs twelve products and
-    additions and scalings besides. The forward pass runs the same operators as without the
-    function. Differentiated with ``create_graph=True``, the backward pass differentiates the
-    iteration again with autograd (the saved intermediates carry no graph)."""
+    additions and scalings besides. The forward pass computes the values of the plain products
+    bit for bit (the ¼ in the last GEMM's scalar too). Differentiated with
+    ``create_graph=True``, the backward pass differentiates the iteration again with autograd
+    (the saved intermediates carry no graph)."""
 
     @staticmethod
     def forward(ctx, neg_a: Tensor, z: Tensor, iters: int) -> Tensor:
@@ -97,7 +98,7 @@ def iterative_pinv(a: Tensor, iters: int = 6) -> Tensor:
     ``Z₀ = Aᵀ / (max_j Σ_i |A_ij| · max_i Σ_j |A_ij|)`` with the maxima taken per matrix, then
     ``Z ← ¼·Z·(13I − AZ(15I − AZ(7I − AZ)))``, written with ``N = (−A)Z`` so that each product
     and the multiple of I it is added to are one batched GEMM (``baddbmm``), and differentiated
-    by hand (:class:`_PinvIterations`): 121 operators for the 6 iterations forward and backward
+    by hand (:class:`_PinvIterations`): 115 operators for the 6 iterations forward and backward
     instead of 192 for the plain formula under autograd (``denseflow bench --what ops`` counts
     them; each is a kernel or a few on a GPU). The 74 attentions of DenseFlow-74-10 run this
     every step, a large share of what it launches.

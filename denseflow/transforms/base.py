@@ -159,11 +159,11 @@ class FlowSequence(Transform):
     def forward(
         self, x: Tensor, context: Tensor | None = None, noise: Noise | None = None
     ) -> tuple[Tensor, Tensor]:
-        total = x.new_zeros(x.shape[0])
+        total = None  # the first step's own: no zeros made and added (two kernels a sequence)
         for step in self.children():
             x, delta = step(x, context, noise)
-            total = total + delta
-        return x, total
+            total = delta if total is None else total + delta
+        return x, x.new_zeros(x.shape[0]) if total is None else total
 
     def inverse(
         self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None
