@@ -218,24 +218,63 @@ _NO_KERNEL = {
 
 class _OpCounter(TorchDispatchMode):
     """Counts every operator that reaches the kernels, below autograd (backward ops included),
-    views, copy-free reshapes and allocations excluded."""
+    views, copy-free reshapes and allocations excluded; by name and by source (``sources``: the
+    innermost module whose forward pass runs it, or the autograd node whose backward pass does,
+    see :func:`count_ops`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, modules: list[str] | None = None) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
+        self.sources: Counter[str] = Counter()
+        self.modules = modules
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if not func.is_view and name not in _NO_KERNEL and not name.startswith("_local_scalar"):
             self.counts[name] += 1
+            if self.modules is not None:
+                self.sources[self._source()] += 1
         return func(*args, **(kwargs or {}))
 
+    def _source(self) -> str:
+        current = getattr(torch._C, "_current_autograd_node", None)  # private: guard its absence
+        node = current() if current is not None else None  # the node running backward, if any
+        if node is not None:
+            return f"backward {node.name()}"
+        return f"forward {self.modules[-1]}" if self.modules else "(no module, no node)"
 
-def count_ops(fn: Callable[[], Any]) -> Counter[str]:
+
+def count_ops(fn: Callable[[], Any], sources: Counter[str] | None = None) -> Counter[str]:
     """The operators one call of ``fn`` runs below autograd, by name: a device-independent
-    proxy for the kernels a GPU launches (one or a few per operator)."""
-    with _OpCounter() as counter:
-        fn()
+    proxy for the kernels a GPU launches (one or a few per operator). With ``sources``, also
+    counts them there by where they come from: ``forward <module class>`` (the innermost module
+    running) or ``backward <autograd node>`` (e.g. ``ConvolutionBackward0``, a custom function's
+    ``…Backward``; the sums of gradients autograd makes count with the node that produced them)."""
+    modules: list[str] | None = None if sources is None else []
+    counter = _OpCounter(modules)
+    if modules is None:
+        with counter:
+            fn()
+        return counter.counts
+
+    def enter(module: torch.nn.Module, args: Any) -> None:
+        modules.append(type(module).__name__)
+
+    def leave(module: torch.nn.Module, args: Any, out: Any) -> None:  # None: output unchanged
+        modules.pop()
+
+    register = torch.nn.modules.module
+    handles = [
+        register.register_module_forward_pre_hook(enter),
+        register.register_module_forward_hook(leave),
+    ]
+    try:
+        with counter:
+            fn()
+    finally:
+        for handle in handles:
+            handle.remove()
+    sources.update(counter.sources)
     return counter.counts
 
 
@@ -456,13 +495,19 @@ def bench(
             model.zero_grad(set_to_none=True)
             chunks = [(x, generator)]
             step, graphed = _train_call(model, optimizer, config, device, chunks)
+            sources: Counter[str] = Counter()
             if graphed is None:
-                counts = count_ops(functools.partial(backpropagate, model, chunks, batch_size))
+                passes = functools.partial(backpropagate, model, chunks, batch_size)
             else:  # one step lays the flat buffers out first (and updates the weights once)
                 step()
-                counts = count_ops(functools.partial(graphed.passes, chunks, batch_size))
-            report["ops"] = {"total": sum(counts.values()), "by_op": dict(counts.most_common(12))}
-            report["ops"]["step"] = "graphed" if graphed else "train_step"
+                passes = functools.partial(graphed.passes, chunks, batch_size)
+            counts = count_ops(passes, sources)
+            report["ops"] = {
+                "total": sum(counts.values()),
+                "by_op": dict(counts.most_common(12)),
+                "by_source": dict(sources.most_common(20)),
+                "step": "graphed" if graphed else "train_step",
+            }
             continue
         else:  # convs
             model.train()
@@ -551,6 +596,8 @@ def format_report(report: dict[str, Any]) -> str:
             f"ops: the step's forward and backward passes ({r['step']}) run {r['total']:,} "
             f"operators ({top}, ...)"
         )
+        top = ", ".join(f"{name} {n:,}" for name, n in list(r["by_source"].items())[:6])
+        rows.append(f"ops by source: {top}, ...")
     if "convs" in report:
         r = report["convs"]
         line = (

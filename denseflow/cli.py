@@ -220,7 +220,8 @@ def _parser() -> argparse.ArgumentParser:
         "--what",
         default="train,sample,iwbo",
         help="comma-separated: train, sample, iwbo, convs (its convolutions alone), ops (the "
-        "operators of a forward and backward pass: a proxy for GPU kernel launches)",
+        "operators of a forward and backward pass, a proxy for GPU kernel launches, by name "
+        "and by the module or autograd node running them)",
     )
     p.add_argument("--k", type=int, default=16, help="importance samples for the iwbo measurement")
     p.add_argument(

@@ -76,6 +76,34 @@ def test_pinv_forward_is_the_plain_gemms_bit_for_bit(m):
     assert torch.equal(iterative_pinv(a), z.reshape(a.shape))
 
 
+def test_operator_census_names_where_each_operator_comes_from():
+    """`count_ops(fn, sources)` counts every operator once, under the innermost module running it
+    forward or the autograd node running it backward: a dense layer's forward pass is its
+    concatenation, 1x1 convolution and two ReLUs (the 3x3 convolution is its child's); the
+    pseudo-inverse's written-out backward pass is 8 GEMMs an iteration and one scaling."""
+    from collections import Counter
+
+    torch.manual_seed(0)
+    block = DenseBlock(4, 4, depth=3, growth=2)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    sources: Counter[str] = Counter()
+    counts = count_ops(lambda: block(x).sum().backward(), sources)
+    assert sum(sources.values()) == sum(counts.values())
+    assert sources["forward DenseLayer"] == 4 * 3 and sources["forward Conv2d"] == 3
+    assert sources["backward _ConcatConvBackward"] > 0
+    att = NystromAttention(8, "official", landmarks=4)
+    h = torch.randn(2, 8, 4, 4, requires_grad=True)
+    sources.clear()
+    counts = count_ops(lambda: att(h).sum().backward(), sources)
+    assert sum(sources.values()) == sum(counts.values())
+    assert sources["backward _PinvIterationsBackward"] == 6 * 8 + 1
+    hooks = (
+        torch.nn.modules.module._global_forward_pre_hooks,
+        torch.nn.modules.module._global_forward_hooks,
+    )
+    assert not any(hooks)  # the census removed its module hooks
+
+
 def test_segment_means_are_one_reduction_when_the_groups_are_equal():
     x = torch.randn(2, 3, 12, 5, dtype=DT, requires_grad=True)
     groups = torch.stack([part.mean(dim=-2) for part in x.tensor_split(4, dim=-2)], dim=-2)
