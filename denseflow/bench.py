@@ -218,15 +218,16 @@ _NO_KERNEL = {
 
 class _OpCounter(TorchDispatchMode):
     """Counts every operator that reaches the kernels, below autograd (backward ops included),
-    views, copy-free reshapes and allocations excluded; by name and by source (``sources``: the
-    innermost module whose forward pass runs it, or the autograd node whose backward pass does,
-    see :func:`count_ops`)."""
+    views, copy-free reshapes and allocations excluded; by name and, given the stack of running
+    modules, by source (see :func:`count_ops`)."""
 
     def __init__(self, modules: list[str] | None = None) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
         self.sources: Counter[str] = Counter()
         self.modules = modules
+        # the node whose backward pass runs, if any (a private function: guard its absence)
+        self._current_node = getattr(torch._C, "_current_autograd_node", lambda: None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -237,8 +238,7 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def _source(self) -> str:
-        current = getattr(torch._C, "_current_autograd_node", None)  # private: guard its absence
-        node = current() if current is not None else None  # the node running backward, if any
+        node = self._current_node()
         if node is not None:
             return f"backward {node.name()}"
         return f"forward {self.modules[-1]}" if self.modules else "(no module, no node)"
@@ -251,30 +251,29 @@ def count_ops(fn: Callable[[], Any], sources: Counter[str] | None = None) -> Cou
     running) or ``backward <autograd node>`` (e.g. ``ConvolutionBackward0``, a custom function's
     ``…Backward``; the sums of gradients autograd makes count with the node that produced them)."""
     modules: list[str] | None = None if sources is None else []
+    handles = []
+    if modules is not None:  # the stack of running modules, kept by global module hooks
+
+        def enter(module: torch.nn.Module, args: Any) -> None:
+            modules.append(type(module).__name__)
+
+        def leave(module: torch.nn.Module, args: Any, out: Any) -> None:  # None: output unchanged
+            modules.pop()
+
+        register = torch.nn.modules.module
+        handles = [
+            register.register_module_forward_pre_hook(enter),
+            register.register_module_forward_hook(leave),
+        ]
     counter = _OpCounter(modules)
-    if modules is None:
-        with counter:
-            fn()
-        return counter.counts
-
-    def enter(module: torch.nn.Module, args: Any) -> None:
-        modules.append(type(module).__name__)
-
-    def leave(module: torch.nn.Module, args: Any, out: Any) -> None:  # None: output unchanged
-        modules.pop()
-
-    register = torch.nn.modules.module
-    handles = [
-        register.register_module_forward_pre_hook(enter),
-        register.register_module_forward_hook(leave),
-    ]
     try:
         with counter:
             fn()
     finally:
         for handle in handles:
             handle.remove()
-    sources.update(counter.sources)
+    if sources is not None:
+        sources.update(counter.sources)
     return counter.counts
 
 

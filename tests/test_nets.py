@@ -28,6 +28,14 @@ def test_pinv_scaling_is_per_matrix():
     torch.testing.assert_close(iterative_pinv(big)[:2], iterative_pinv(a), rtol=0, atol=0)
 
 
+def _pinv_start(a: torch.Tensor) -> torch.Tensor:
+    """``Z₀ = Aᵀ / (max column |A| sum · max row |A| sum)``, per matrix, written out."""
+    abs_a = a.abs()
+    col = abs_a.sum(dim=-2).amax(dim=-1, keepdim=True).unsqueeze(-1)
+    row = abs_a.sum(dim=-1).amax(dim=-1, keepdim=True).unsqueeze(-1)
+    return a.transpose(-1, -2) / (col * row)
+
+
 def test_pinv_is_the_nystromformer_iteration_in_few_operators():
     """The batched-GEMM form with its written-out backward pass computes
     ``Z ← ¼·Z·(13I − AZ(15I − AZ(7I − AZ)))`` (written out plainly here, differentiated by
@@ -38,10 +46,7 @@ def test_pinv_is_the_nystromformer_iteration_in_few_operators():
     differences too."""
     for shape in ((2, 1, 4, 4), (3, 2, 5, 5)):
         a = torch.softmax(torch.randn(shape, dtype=DT), dim=-2).requires_grad_()
-        abs_a = a.abs()
-        col = abs_a.sum(dim=-2).amax(dim=-1, keepdim=True).unsqueeze(-1)
-        row = abs_a.sum(dim=-1).amax(dim=-1, keepdim=True).unsqueeze(-1)
-        z = a.transpose(-1, -2) / (col * row)
+        z = _pinv_start(a)
         eye = torch.eye(shape[-1], dtype=DT)
         for _ in range(6):
             az = a @ z
@@ -64,10 +69,7 @@ def test_pinv_forward_is_the_plain_gemms_bit_for_bit(m):
     separate products, sums and a scaling (float32; 4x4 takes the small-matrix kernel on the CPU,
     64x64 the BLAS one)."""
     a = torch.softmax(torch.randn(8, 1, m, m), dim=-2)
-    abs_a = a.abs()
-    col = abs_a.sum(dim=-2).amax(dim=-1, keepdim=True).unsqueeze(-1)
-    row = abs_a.sum(dim=-1).amax(dim=-1, keepdim=True).unsqueeze(-1)
-    z = (a.transpose(-1, -2) / (col * row)).reshape(-1, m, m)
+    z = _pinv_start(a).reshape(-1, m, m)
     neg_a, eye = -a.reshape(-1, m, m), torch.eye(m)
     for _ in range(6):
         n = torch.bmm(neg_a, z)
