@@ -3,7 +3,7 @@
 Measurements (each on random 8-bit images of the preset's shape):
 
 ``train``   the exact step :func:`denseflow.train.train` runs — zero_grad, loss, backward,
-            Adamax — from :func:`denseflow.graph.training_step`: on CUDA one captured graph
+            Adamax — from :func:`denseflow.graph.graphed_step`: on CUDA one captured graph
             (``train.cuda_graph``, default on), else ``train_step``; the first two calls (the
             eager recording step, then the capture and first replay) are timed apart
             (``first_steps_s``, ``capture_s``).

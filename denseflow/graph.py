@@ -37,10 +37,12 @@ between the two replays (collectives stay outside the graphs; no DDP).
 :class:`GraphedInference` does the same for ``elbo``, ``iwbo`` and ``sample`` in eval mode:
 one graph per call shape, the noises drawn before each call into its buffers.
 
-**Not yet run on a GPU.** The capture path (:meth:`GraphedStep._capture`) is written to
-PyTorch's rules for whole-network capture but has never executed (nor has
-:meth:`GraphedInference._capture`): scripts/device_check.sh holds the check that compares replayed
-steps against eager ones on an H200 and times them.
+**Not yet run on a GPU.** The capture paths (:meth:`GraphedStep._capture`,
+:meth:`GraphedInference._capture`) follow PyTorch's rules for whole-network capture and are
+rehearsed on the CPU with a stand-in graph that keeps a graph's rules (tests/graph_tape.py: the
+replays rerun the recorded operators on the recorded memory, the capture fails where the host
+would read a device value); scripts/device_check.sh holds the check that compares replayed steps
+against eager ones on an H200 and times them.
 """
 
 from __future__ import annotations
@@ -670,12 +672,14 @@ class GraphedInference:
     ) -> Tensor:
         """``fn(inputs)``: from the graph of ``key`` (which fixes the inputs' names, shapes and
         dtypes; they are copied into its buffers), else eagerly."""
+        if self.model.training:  # eager: BatchNorm normalises with, and updates, batch statistics
+            return fn(inputs)
         entry = self._graphs.get(key)
         if entry is not None and entry.tensors != self._tensors():
             del self._graphs[key]  # the model's tensors were replaced: capture again
             entry = None
         if entry is None:
-            if key not in self._seen or not self.capture or self.refusal or self.model.training:
+            if key not in self._seen or not self.capture or self.refusal:
                 self._seen.add(key)
                 return fn(inputs)
             entry = self._capture(key, inputs, fn)

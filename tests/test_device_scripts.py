@@ -1,6 +1,7 @@
 """The H200 check (scripts/device_check.sh) runs only in sessions lent a GPU, 15 minutes at a time;
 its scripts' ``--device cpu`` dry runs keep them working in between. On the CPU every comparison
-they make holds bitwise, and the only checks a CPU must fail are those of a captured graph."""
+they make holds bitwise, and the only checks a CPU must fail are those of a captured graph —
+which pass too when the graphs are rehearsed (tests/graph_tape.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,21 @@ import pytest
 
 from .conftest import REPO
 
+#: runs a script with tests/graph_tape.py's stand-ins for CUDA graphs and streams installed
+REHEARSED = (
+    "import runpy, sys; from tests.graph_tape import rehearse; rehearse(); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
-def _script(name: str, tmp_path, *args: str) -> tuple[int, dict]:
+
+def _script(name: str, tmp_path, *args: str, rehearsed: bool = False) -> tuple[int, dict]:
+    """Run scripts/<name>.py on the CPU (``rehearsed``: its graphs captured and replayed by
+    the stand-ins); its exit code and JSON report."""
     out = tmp_path / f"{name}.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, str(REPO / "scripts" / f"{name}.py"), "--device", "cpu"]
+    if rehearsed:
+        command[1:1] = ["-c", REHEARSED]
     done = subprocess.run(
         [*command, "--json", str(out), *args],
         capture_output=True,
@@ -50,6 +61,19 @@ def test_graph_check_dry_run(tmp_path):
     assert "cuSOLVER" in report["capture"]["refusal"]
 
 
+def test_graph_check_rehearsed(tmp_path):
+    """The same check with the capture rehearsed (tests/graph_tape.py: replays rerun what the
+    capture recorded on its memory): every check passes, the replayed copy bitwise the eager
+    ones, the planted NaN replay drops its update."""
+    code, report = _script("graph_check", tmp_path, "--preset", "tiny", "--batch-size", "8",
+                           "--chunks", "2", "--steps", "2", rehearsed=True)  # fmt: skip
+    assert code == 0 and report["all_passed"], report["passed"]
+    assert report["capture"]["captured"] and report["capture"]["capture_s"] > 0
+    for pair in ("G_vs_A", "G_vs_E", "B_vs_A"):
+        assert all(v["bitwise"] for v in report[pair].values()), (pair, report[pair])
+    assert report["masked_replay"]["untouched"] and report["masked_replay"]["keep_flag"] is False
+
+
 def test_inference_check_dry_run(tmp_path):
     code, report = _script("inference_check", tmp_path, "--preset", "tiny", "--batch-size", "8",
                            "--calls", "3")  # fmt: skip
@@ -59,6 +83,14 @@ def test_inference_check_dry_run(tmp_path):
         "sample": True,
         "captured": False,
     }
+    assert max(report["elbo"]["rel_graphed_vs_eager"]) == 0.0
+    assert report["sample"]["differing_pixels"] == [0] * len(report["sample"]["differing_pixels"])
+
+
+def test_inference_check_rehearsed(tmp_path):
+    code, report = _script("inference_check", tmp_path, "--preset", "tiny", "--batch-size", "8",
+                           "--calls", "3", rehearsed=True)  # fmt: skip
+    assert code == 0 and all(report["passed"].values()), report["passed"]
     assert max(report["elbo"]["rel_graphed_vs_eager"]) == 0.0
     assert report["sample"]["differing_pixels"] == [0] * len(report["sample"]["differing_pixels"])
 

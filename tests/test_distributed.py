@@ -25,6 +25,7 @@ from denseflow.graph import GraphedStep
 from denseflow.model import DenseFlow
 from denseflow.sample import sample_seeds
 
+from . import graph_tape
 from .conftest import gloo_group
 
 WORLD = 2
@@ -47,10 +48,15 @@ def _train_worker(
     stop_after: int | None,
     out: Path,
     perturb: bool = False,
+    rehearse: bool = False,
 ) -> None:
     """train() on this rank; records the ActNorm values right after the data-dependent init and
     every parameter after the last step. ``perturb``: rank 1's weights are moved right after
-    the init (a rank whose start differs, e.g. by another GPU's rounding)."""
+    the init (a rank whose start differs, e.g. by another GPU's rounding). ``rehearse``: the
+    step's two graphs captured and replayed as on a GPU (tests/graph_tape.py)."""
+    graphs = graph_tape.install(setattr) if rehearse else []
+    if rehearse:
+        graph_tape.capture_on_cpu(setattr)
     original_init, original_step = DenseFlow.data_init, train_module.train_step
     original_graphed = GraphedStep.__call__
     seen = {}
@@ -83,6 +89,7 @@ def _train_worker(
         summary = train_module.train(
             RunConfig.from_dict(config), run_dir, progress=False, stop_after=stop_after
         )
+        seen["replays"] = [g.replays for g in graphs]
         torch.save(seen, out / f"rank{rank}.pt")
         if rank == 0:
             (out / "summary.json").write_text(json.dumps(summary))
@@ -116,16 +123,23 @@ def _params(path: Path) -> dict[str, torch.Tensor]:
     return dict(ckpt.load(path)["model"])
 
 
-@pytest.mark.parametrize("cuda_graph", [True, False], ids=["graphed-step", "ddp-step"])
-def test_two_ranks_train_what_one_process_trains(tmp_path, single, cuda_graph):
+@pytest.mark.parametrize(
+    "cuda_graph, rehearse",
+    [(True, False), (True, True), (False, False)],
+    ids=["graphed-step", "graphed-step-rehearsed", "ddp-step"],
+)
+def test_two_ranks_train_what_one_process_trains(tmp_path, single, cuda_graph, rehearse):
     """Each rank's step on static buffers with one all-reduce of gradients and loss between its
     halves (train.cuda_graph, the default), or torch's DDP (train.cuda_graph=false): both the
-    single process's parameters, bitwise."""
+    single process's parameters, bitwise. Rehearsed: each rank captures the halves as two
+    graphs and replays them around the all-reduce, as on GPUs."""
     run = tmp_path / "ddp"
     config = CONFIG.override([f"train.cuda_graph={cuda_graph}"])
-    _spawn(_train_worker, tmp_path, config.to_dict(), run, None, tmp_path)
+    _spawn(_train_worker, tmp_path, config.to_dict(), run, None, tmp_path, False, rehearse)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert ranks[0]["kind"] == ranks[1]["kind"] == ("graphed" if cuda_graph else "ddp")
+    # rehearsed: the step's two halves captured at step 2 and replayed at steps 2-4
+    assert ranks[0]["replays"] == ranks[1]["replays"] == ([3, 3] if rehearse else [])
     # ActNorm init on the global first batch: identical on both ranks (before DDP broadcasts
     # anything)
     assert ranks[0]["init"].keys() and ranks[0]["init"].keys() == ranks[1]["init"].keys()

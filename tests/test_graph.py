@@ -3,9 +3,11 @@
 On the CPU :class:`GraphedStep` runs the function a GPU captures, eagerly; every comparison here
 is bitwise (``torch.equal``): parameters, Adamax state, BatchNorm statistics and losses after
 several steps, chunks, channels-last, bf16 networks, gradient clipping, non-finite steps and
-whole ``train()`` runs with resume. The CUDA capture itself is rehearsed with CPU stand-ins for
-``torch.cuda``'s stream and graph objects (its Python path, the masked warm-ups); what a GPU
-does with it is checked by scripts/device_check.sh.
+whole ``train()`` runs with resume. The CUDA capture itself is rehearsed on the CPU with
+stand-ins for ``torch.cuda``'s streams and for its graphs that keep a graph's rules
+(tests/graph_tape.py: a replay reruns the operators the capture recorded, on the memory it
+recorded, without the Python code; the capture fails where the host would read a device value);
+what a GPU does with it is checked by scripts/device_check.sh.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import copy
 import dataclasses
 import importlib.util
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -41,6 +43,7 @@ from denseflow.transforms import glow as glow_module
 from denseflow.transforms.base import recorded_draws
 from denseflow.transforms.glow import Conv1x1, batched_log_dets, inverse, log_abs_det
 
+from . import graph_tape
 from .conftest import REPO, gloo_group
 
 TINY = load_config("tiny")
@@ -423,69 +426,37 @@ def test_optimizer_reload_and_resume_in_the_middle():
 
 
 # ---------------------------------------------------------------------- the capture, rehearsed
-class _FakeGraph:
-    """CPU stand-in for torch.cuda.CUDAGraph: a replay runs the captured step's body again on the
-    static buffers and writes its outputs where the captured ones live (a real replay reruns the
-    recorded kernels on the same memory)."""
-
-    def __init__(self, step: GraphedStep, total: int) -> None:
-        self.step, self.total, self.replays = step, total, 0
-
-    def replay(self) -> None:
-        self.replays += 1
-        step = self.step
-        static = list(zip(step._images, step._noises, strict=True))
-        loss, keep = step._body(static, self.total)
-        step._out[0].copy_(loss)
-        step._out[1].copy_(keep)
-
-
-class _FakeStream:
-    def wait_stream(self, other) -> None:
-        pass
-
-
-def _fake_streams(set_attribute) -> None:
-    """CPU stand-ins for torch.cuda's streams, synchronisation and cache; no cuSOLVER switch.
-    ``set_attribute``: ``monkeypatch.setattr``, or ``setattr`` in a spawned worker process."""
-    set_attribute(torch.cuda, "Stream", lambda device=None: _FakeStream())
-    set_attribute(torch.cuda, "current_stream", lambda device=None: _FakeStream())
-    set_attribute(torch.cuda, "stream", lambda s: nullcontext())
-    set_attribute(torch.cuda, "synchronize", lambda device=None: None)
-    set_attribute(torch.cuda, "empty_cache", lambda: None)
-    set_attribute(graph_module, "_cusolver", nullcontext)
-
-
-def _fake_cuda(monkeypatch, step: GraphedStep, total: int, seen: list) -> _FakeGraph:
-    graph = _FakeGraph(step, total)
-
-    def capture(g):
-        seen.append(("capture", step.allow.item()))
-        return nullcontext()
-
-    _fake_streams(monkeypatch.setattr)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: graph)
-    monkeypatch.setattr(torch.cuda, "graph", capture)
-    return graph
+def _tape_cuda(monkeypatch, events: list | None = None) -> list[graph_tape.TapeGraph]:
+    """Stand-in streams, and graphs that replay what their capture recorded
+    (:func:`tests.graph_tape.install`): the graphs made, in order."""
+    return graph_tape.install(monkeypatch.setattr, events)
 
 
 def test_capture_path_rehearsed_on_the_cpu(monkeypatch):
     """The capture code with CPU stand-ins for streams and graphs: the warm-ups and the capture
     leave parameters, Adamax state and BatchNorm statistics as they were (updates masked,
-    statistics restored), replays then give train_step's numbers bitwise, a partial batch runs
+    statistics restored), replays then give train_step's numbers bitwise at a learning rate
+    that changes every step (a value the capture froze would show), a partial batch runs
     eagerly in between, a reloaded optimizer state is copied into the captured tensors, and each
     replay forgets the cached 1x1 inverses."""
     eager, graphed = _pair(TINY)
     messages, seen = [], []
     step = GraphedStep(*graphed, capture=True, say=messages.append)
-    fake = _fake_cuda(monkeypatch, step, 12, seen)
+    graphs = _tape_cuda(monkeypatch)
+
+    def capture(g, pool=None):
+        seen.append(("capture", step.allow.item()))
+        return graph_tape.capture(g, pool)
+
+    monkeypatch.setattr(torch.cuda, "graph", capture)
     convs = [m for m in graphed[0].modules() if isinstance(m, Conv1x1)]
     saved = None
     for t, size in enumerate([8, 12, 12, 12, 8, 12, 12]):  # resumed at an epoch's last batch
         with torch.no_grad():  # cache every W⁻¹, as sampling does
             [m._inverse_matrix(torch.float32) for m in convs]
-        a = train_step(*eager, _batch(TINY, t, size, 2), 1e-3)
-        b = step(_batch(TINY, t, size, 2), 1e-3)
+        lr = 1e-3 * (t + 1) / 7
+        a = train_step(*eager, _batch(TINY, t, size, 2), lr)
+        b = step(_batch(TINY, t, size, 2), lr)
         if t == 2:  # the capture call: captured with updates masked, then replayed
             assert seen == [("capture", False)] and step.captured and step.allow.item()
             assert messages and "captured" in messages[0] and step.capture_seconds is not None
@@ -496,7 +467,7 @@ def test_capture_path_rehearsed_on_the_cpu(monkeypatch):
         assert all(forgotten == replayed for forgotten in stale), t
         if t == 3:
             saved = copy.deepcopy(graphed[1].state_dict())
-    assert fake.replays == 4
+    assert len(graphs) == 1 and graphs[0].replays == 4
     index = {id(p): i for i, p in enumerate(graphed[0].parameters())}
     flat = step._flat
     captured = list(zip(flat.params, flat.views["exp_avg"], flat.views["exp_inf"], strict=True))
@@ -506,31 +477,6 @@ def test_capture_path_rehearsed_on_the_cpu(monkeypatch):
         assert state["exp_avg"] is m and state["exp_inf"] is u
         assert torch.equal(m, saved["state"][index[id(p)]]["exp_avg"])
         assert torch.equal(u, saved["state"][index[id(p)]]["exp_inf"])
-
-
-def _half_graphs(step: GraphedStep, total: int, made: list, events: list):
-    """A CPU stand-in class for torch.cuda.CUDAGraph in the two-half capture: the first graph
-    made replays the step's first half (forward, backward, packing), the second its second
-    half (unpacking, update) into the captured outputs — what the recorded kernels would do on
-    the same tensors. Graphs made go to ``made``, replays to ``events``."""
-
-    class Half:
-        def __init__(self) -> None:
-            self.index = len(made)
-            made.append(self)
-
-        def pool(self) -> tuple:
-            return ("pool", self.index)
-
-        def replay(self) -> None:
-            events.append(f"replay{self.index}")
-            if self.index == 0:
-                step.passes(list(zip(step._images, step._noises, strict=True)), total)
-            else:
-                for out, value in zip(step._out, step._update(), strict=True):
-                    out.copy_(value)
-
-    return Half
 
 
 def _second_rank(events: list):
@@ -556,10 +502,7 @@ def test_capture_in_two_halves_around_the_all_reduce_rehearsed(monkeypatch):
     eager, graphed = _pair(TINY)
     events: list = []
     step = GraphedStep(*graphed, capture=True, reduce=_second_rank(events))
-    halves: list = []
-    _fake_streams(monkeypatch.setattr)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _half_graphs(step, 12, halves, events))
-    monkeypatch.setattr(torch.cuda, "graph", _recording_capture(events))
+    halves = _tape_cuda(monkeypatch, events)
     for t in range(4):
         events.clear()
         a = train_step(*eager, _batch(TINY, t, 12, 2), 1e-3, batch_size=6)
@@ -584,10 +527,9 @@ def _capture_vote_worker(rank: int, init, out) -> None:
         def capture(g, pool=None):
             if rank == 1:
                 raise RuntimeError("stand-in capture failure")
-            return nullcontext()
+            return graph_tape.capture(g, pool)
 
-        _fake_streams(setattr)  # this worker process's own torch.cuda
-        torch.cuda.CUDAGraph = _half_graphs(step, 12, [], [])
+        graph_tape.install(setattr)  # this worker process's own torch.cuda
         torch.cuda.graph = capture
         for t in range(4):
             step(_batch(TINY, t, 12, 2)[rank : rank + 1], 1e-3, batch_size=12)
@@ -617,26 +559,16 @@ def test_a_capture_that_fails_on_one_rank_runs_every_rank_eagerly(tmp_path):
             assert torch.equal(ranks[r]["parameters"][name], value), (r, name)
 
 
-def _recording_capture(events: list):
-    """A stand-in for ``torch.cuda.graph`` that notes (graph index, pool) and runs the block."""
-
-    def capture(g, pool=None):
-        events.append((g.index, pool))
-        return nullcontext()
-
-    return capture
-
-
 def test_the_device_checks_planted_nan_replay_rehearsed(monkeypatch):
     """scripts/graph_check.py's masked replay (a NaN planted in a noise buffer, one replay),
-    run with the capture's stand-ins: the update is dropped and nothing changes, as the H200
+    run with the graphs' stand-ins: the update is dropped and nothing changes, as the H200
     check expects of a real graph."""
     spec = importlib.util.spec_from_file_location("graph_check", REPO / "scripts/graph_check.py")
     graph_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(graph_check)
     _, graphed = _pair(TINY)
     step = GraphedStep(*graphed, capture=True)
-    _fake_cuda(monkeypatch, step, 6, [])
+    _tape_cuda(monkeypatch)
     for t in range(2):  # recorded, then captured and replayed
         step(_batch(TINY, t, 6, 1), 1e-3)
     assert step.captured
@@ -648,7 +580,7 @@ def test_a_failed_capture_says_why_and_runs_eagerly(monkeypatch):
     eager, graphed = _pair(TINY)
     messages = []
     step = GraphedStep(*graphed, capture=True, say=messages.append)
-    _fake_cuda(monkeypatch, step, 6, [])
+    _tape_cuda(monkeypatch)
 
     def broken(g):
         raise RuntimeError("operation not permitted when stream is capturing\nmore")
@@ -684,23 +616,37 @@ def test_uncapturable_setups_say_why_and_run_train_step():
     assert isinstance(graphed_step(model, optimizer, cfg, torch.device("cpu")), GraphedStep)
 
 
-def test_train_runs_are_bitwise_the_same_with_and_without_the_option(tmp_path):
-    """A whole train() run (2 chunks, an epoch's last batch smaller than the others, evaluations
-    and samples between the steps) gives the same final weights, Adamax state and test bpd with
-    ``train.cuda_graph`` on (the static-buffer step) as off (train_step); stopped after step 4
-    and resumed, it gives them too."""
+def test_train_runs_are_bitwise_the_same_with_and_without_the_option(tmp_path, monkeypatch):
+    """A whole train() run (2 chunks, an epoch's last batch smaller than the others, evaluations,
+    BatchNorm recalibration and samples between the steps) gives the same final weights, Adamax
+    state and test bpd with ``train.cuda_graph`` on (the static-buffer step) as off
+    (train_step); stopped after step 4 and resumed, it gives them too; and with every graph
+    captured and replayed as on a GPU (rehearsed), from the start and resumed."""
     base = TINY.override(["train.batch_size=24", "train.batch_chunks=2", "train.num_samples=2"])
-    runs = {}
-    for name, extra in (("off", ["train.cuda_graph=false"]), ("on", []), ("resumed", [])):
+    runs, made = {}, []
+    for name, extra in (
+        ("off", ["train.cuda_graph=false"]),
+        ("on", []),
+        ("resumed", []),
+        ("rehearsed", []),
+        ("rehearsed-resumed", []),
+    ):
         config = base.override(extra)
-        if name == "resumed":
+        if name.startswith("rehearsed") and not made:
+            made = _tape_cuda(monkeypatch)
+            graph_tape.capture_on_cpu(monkeypatch.setattr)
+        if name.endswith("resumed"):
             train(config, tmp_path / name, progress=False, stop_after=4)
             runs[name] = train(config, tmp_path / name, resume=tmp_path / name, progress=False)
         else:
             runs[name] = train(config, tmp_path / name, progress=False)
+    # per rehearsed run: the step's graph (3 replays; resumed: 2 before the stop, and the resumed
+    # part records at step 5 and ends on an epoch's smaller batch) and each epoch's evaluation
+    # (two test batches: the first records, the second is captured and replayed)
+    assert [g.replays for g in made] == [3, 1, 1, 2, 1, 1]
     final = {n: ckpt.load(tmp_path / n / "checkpoints" / "step_0000006.pt") for n in runs}
-    for name in ("on", "resumed"):
-        assert runs[name]["test_bpd"] == runs["off"]["test_bpd"]
+    for name in runs.keys() - {"off"}:
+        assert runs[name]["test_bpd"] == runs["off"]["test_bpd"], name
         for key, value in final["off"]["model"].items():
             assert torch.equal(final[name]["model"][key], value), (name, key)
         for i, state in final["off"]["optimizer"]["state"].items():
@@ -708,10 +654,11 @@ def test_train_runs_are_bitwise_the_same_with_and_without_the_option(tmp_path):
                 assert torch.equal(final[name]["optimizer"]["state"][i][key], value), (name, key)
 
 
-def test_bench_times_the_step_train_runs(tmp_path):
+def test_bench_times_the_step_train_runs(tmp_path, monkeypatch):
     """`denseflow bench --what train` times the step train() would run: the GraphedStep (here
     eager, on the CPU) or, with train.cuda_graph=false, train_step; the report says which and
-    times the first two calls (the recording step, then the capture on CUDA) apart."""
+    times the first two calls (the recording step, then the capture on CUDA) apart; with the
+    capture rehearsed, the replayed step, profiled."""
     from denseflow.bench import _busy_seconds, bench, format_report
 
     reports = {}
@@ -725,6 +672,13 @@ def test_bench_times_the_step_train_runs(tmp_path):
     assert on["graphed"] and not on["captured"] and on["refusal"] is None
     assert not off["graphed"] and off["refusal"] == "train.cuda_graph=false"
     assert on["first_steps_s"] > 0 and on["capture_s"] is None
+    graphs = _tape_cuda(monkeypatch)
+    graph_tape.capture_on_cpu(monkeypatch.setattr)
+    report = bench(TINY, 4, steps=2, warmup=1, what=("train",), profile=tmp_path / "p")
+    step = report["train"]["step"]
+    assert step["captured"] and step["refusal"] is None and 0 < step["capture_s"]
+    assert "one CUDA graph, captured in" in format_report(report)
+    assert len(graphs) == 1 and graphs[0].replays >= 4  # the capture call, warm-up, 2 timed, 1+
     assert _busy_seconds([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.6)]) == 4e-6
 
 
@@ -742,37 +696,9 @@ def _eval_model(config) -> DenseFlow:
     return model.eval()
 
 
-class _FakeInferenceGraph:
-    """CPU stand-in for a captured call: a replay reruns the captured function on the static
-    inputs and writes the captured output (a real replay reruns its kernels on that memory)."""
-
-    def __init__(self, owner: GraphedInference) -> None:
-        self.owner, self.replays = owner, 0
-
-    def pool(self) -> str:
-        return "pool"
-
-    def replay(self) -> None:
-        self.replays += 1
-        entry = next(e for e in self.owner._graphs.values() if e.graph is self)
-        entry.output.copy_(entry.fn(entry.inputs))
-
-
-def _fake_inference_cuda(monkeypatch, owner: GraphedInference, captures: list) -> list:
-    graphs: list[_FakeInferenceGraph] = []
-
-    def new_graph():
-        graphs.append(_FakeInferenceGraph(owner))
-        return graphs[-1]
-
-    def capture(g, pool=None):
-        captures.append(pool)
-        return nullcontext()
-
-    _fake_streams(monkeypatch.setattr)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", new_graph)
-    monkeypatch.setattr(torch.cuda, "graph", capture)
-    return graphs
+def _captures(events: list) -> list:
+    """The pools the captures noted in ``events`` were given, in order."""
+    return [pool for event in events if isinstance(event, tuple) for pool in event[1:]]
 
 
 def _sampling_noise(model: DenseFlow, n: int, seed: int) -> dict[str, torch.Tensor]:
@@ -792,8 +718,8 @@ def test_graphed_inference_gives_the_models_values_bitwise(monkeypatch, config, 
     after)."""
     model = _eval_model(config)
     runner = GraphedInference(model, capture=capture)
-    captures: list = []
-    graphs = _fake_inference_cuda(monkeypatch, runner, captures) if capture else []
+    events: list = []
+    graphs = _tape_cuda(monkeypatch, events) if capture else []
     shape = config.model.image_shape
     for i, size in enumerate([6, 6, 6, 4, 6]):
         x = torch.randint(0, 256, (size, *shape), generator=torch.Generator().manual_seed(i))
@@ -808,7 +734,7 @@ def test_graphed_inference_gives_the_models_values_bitwise(monkeypatch, config, 
     # captured at their second calls, in this order: iwbo's passes of 12 and 6 images (6 is also
     # elbo's), then of 8 and 4 (the smaller batch), sampling at T=1 and at T=0.7
     assert runner.graphs == (6 if capture else 0) and not runner.refusal
-    assert captures == ([None] + ["pool"] * 5 if capture else [])
+    assert _captures(events) == ([None] + [("pool", 0)] * 5 if capture else [])
     assert [g.replays for g in graphs] == ([7, 7, 1, 1, 2, 1] if capture else [])
     assert capture == (runner.capture_seconds > 0)
 
@@ -820,12 +746,12 @@ def test_graphed_inference_follows_the_model(monkeypatch):
     model = _eval_model(TINY)
     said: list[str] = []
     runner = GraphedInference(model, capture=True, say=said.append)
-    captures: list = []
-    _fake_inference_cuda(monkeypatch, runner, captures)
+    events: list = []
+    _tape_cuda(monkeypatch, events)
     x = torch.randint(0, 256, (6, *TINY.model.image_shape))
     for i in range(3):
         runner.elbo(x, stream(0, "eval", i))
-    assert runner.graphs == 1 and len(captures) == 1
+    assert runner.graphs == 1 and len(_captures(events)) == 1
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.01)
@@ -836,7 +762,7 @@ def test_graphed_inference_follows_the_model(monkeypatch):
     assert torch.equal(
         runner.elbo(x, stream(0, "eval", 4)), model.elbo(x, generator=stream(0, "eval", 4))
     )
-    assert len(captures) == 2 and runner.graphs == 1
+    assert len(_captures(events)) == 2 and runner.graphs == 1
     twin = copy.deepcopy(model).train()
     model.train()
     assert torch.equal(
@@ -844,7 +770,7 @@ def test_graphed_inference_follows_the_model(monkeypatch):
     )
     for (name, b), c in zip(model.named_buffers(), twin.buffers(), strict=True):
         assert torch.equal(b, c), name
-    assert len(captures) == 2
+    assert len(_captures(events)) == 2
     model.eval()
 
     def broken(g, pool=None):
@@ -862,50 +788,23 @@ def test_graphed_inference_follows_the_model(monkeypatch):
 
 def test_a_sampling_replay_reads_the_cached_inverses_brought_up_to_date(monkeypatch):
     """A sampling graph inverts nothing: its capture reads the 1x1 convolutions' cached W⁻¹, and
-    before each replay the runner recomputes stale ones in place. Rehearsed with a replay that
-    reads every W⁻¹ from the cache as it stands (what the recorded kernels read): after weights
-    change behind autograd (a training replay, then forget_inverse) and in place (version
-    bumped), the samples equal a fresh copy's; without the refresh they would not."""
+    before each replay the runner recomputes stale ones in place. With graphs that rerun their
+    recorded operators on the recorded memory (tests/graph_tape.py), after weights change behind
+    autograd (a training replay, then forget_inverse) and in place (version bumped), the samples
+    equal a fresh copy's; without the refresh they would not."""
     model = _eval_model(TINY)
     convs = [m for m in model.modules() if isinstance(m, Conv1x1)]
     runner = GraphedInference(model, capture=True)
-    graphs = _fake_inference_cuda(monkeypatch, runner, [])
-    phase = {"capturing": False, "replaying": False}
+    graphs = _tape_cuda(monkeypatch)
     inverted_while_capturing: list = []
-    real_inverse, real_inverse_matrix = glow_module.inverse, Conv1x1._inverse_matrix
+    real_inverse = glow_module.inverse
 
     def counted_inverse(w):
-        if phase["capturing"]:
+        if graph_tape.is_capturing():
             inverted_while_capturing.append(tuple(w.shape))
         return real_inverse(w)
 
-    def graph_reads(self, dtype):  # a replay reads the cached tensor, whatever it holds
-        if phase["replaying"]:
-            return self._inverses[dtype][1]
-        return real_inverse_matrix(self, dtype)
-
-    @contextmanager
-    def capture(g, pool=None):
-        phase["capturing"] = True
-        try:
-            yield
-        finally:
-            phase["capturing"] = False
-
     monkeypatch.setattr(glow_module, "inverse", counted_inverse)
-    monkeypatch.setattr(glow_module, "capturing", lambda t: phase["capturing"])
-    monkeypatch.setattr(Conv1x1, "_inverse_matrix", graph_reads)
-    monkeypatch.setattr(torch.cuda, "graph", capture)
-    real_replay = _FakeInferenceGraph.replay
-
-    def replay_reading_memory(self) -> None:
-        phase["replaying"] = True
-        try:
-            real_replay(self)
-        finally:
-            phase["replaying"] = False
-
-    monkeypatch.setattr(_FakeInferenceGraph, "replay", replay_reading_memory)
     noise = _sampling_noise(model, 3, 0)
     replayed = lambda: runner.sample(3, noise=noise)  # noqa: E731
 
@@ -946,7 +845,7 @@ def test_evaluate_and_sample_replay_graphs_with_the_same_values(monkeypatch):
 
     def graphed(model, cuda_graph=True, say=None):
         made.append(GraphedInference(model, capture=cuda_graph, say=say))
-        _fake_inference_cuda(monkeypatch, made[-1], [])
+        _tape_cuda(monkeypatch)
         return made[-1]
 
     images = torch.randint(0, 256, (22, *TINY.model.image_shape), dtype=torch.uint8)
@@ -975,7 +874,7 @@ def test_bench_times_the_sampling_and_iwbo_that_the_cli_runs(monkeypatch):
 
     def graphed(model, cuda_graph=True, say=None):
         runner = GraphedInference(model, capture=cuda_graph, say=say)
-        _fake_inference_cuda(monkeypatch, runner, [])
+        _tape_cuda(monkeypatch)
         return runner
 
     monkeypatch.setattr(bench_module, "inference", graphed)
