@@ -276,7 +276,8 @@ class GraphedStep:
     (:func:`denseflow.distributed.all_sum`), called once a step on the flat buffer of every
     gradient and the loss, between the step's two halves (two graphs on CUDA); None: one process.
     :attr:`capture_seconds` says how long the warm-up and capture took; a capture that fails says
-    why (``say``, :attr:`refusal`) and the step runs eagerly from then on.
+    why (``say``, :attr:`refusal`; the exception itself in :attr:`failure`) and the step runs
+    eagerly from then on.
 
     **The CUDA capture has not yet run on a GPU** (see the module docstring).
     """
@@ -309,6 +310,7 @@ class GraphedStep:
         self.allow = torch.ones((), dtype=torch.bool, device=device)  # False: warm-up, no update
         self.capture_seconds: float | None = None
         self.refusal: str | None = None
+        self.failure: BaseException | None = None  # what a failed capture raised (diagnosis)
         self._convs = [m for m in model.modules() if isinstance(m, Conv1x1)]
         self._runners = [m for m in model.modules() if isinstance(m, NetRunner)]
         self._key: tuple | None = None  # the batch shape the noise draws were recorded for
@@ -535,7 +537,7 @@ class GraphedStep:
                     with torch.cuda.graph(graphs[1], pool=graphs[0].pool()):
                         self._out = self._update()
         except Exception as err:  # any failure: say why, run eagerly
-            graphs, self.refusal = [], _failure(err)
+            graphs, self.refusal, self.failure = [], _failure(err), err
         finally:
             self.allow.fill_(True)
             for name, b in self.model.named_buffers():
@@ -592,7 +594,8 @@ class GraphedInference:
     A graph reads the model's parameters and buffers where they live: updates in place
     (optimizer steps, ``load_state_dict``, BatchNorm recalibration) reach the next replay, and a
     graph whose model tensors were replaced is captured again. Calls in training mode, and every
-    call after a capture failed (said once through ``say``, :attr:`refusal`), run eagerly.
+    call after a capture failed (said once through ``say``, :attr:`refusal`; the exception in
+    :attr:`failure`), run eagerly.
     Settings that change the computation (``set_net_precision``, ``set_low_memory``) belong
     before the first call.
     """
@@ -608,6 +611,7 @@ class GraphedInference:
         self.capture = device.type == "cuda" if capture is None else capture
         self.say = say or (lambda message: None)
         self.refusal: str | None = None
+        self.failure: BaseException | None = None  # what a failed capture raised (diagnosis)
         self.capture_seconds = 0.0  # all captures so far, warm-ups included
         self._orders: dict[tuple, list[tuple[str, tuple[int, ...]]]] = {}  # elbo's draws
         self._seen: set[tuple] = set()  # call shapes run once (eagerly)
@@ -716,7 +720,7 @@ class GraphedInference:
                     output = fn(static)
             self._pool = graph.pool()
         except Exception as err:  # any failure: say why, run eagerly
-            self.refusal = _failure(err)
+            self.refusal, self.failure = _failure(err), err
             self.say(f"cuda graph: {self.refusal}; evaluation and sampling run eagerly")
             return None
         finally:

@@ -47,6 +47,7 @@ import math
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -155,6 +156,7 @@ def main() -> int:
         report[f"{name}_losses"], report[f"{name}_step_s"] = losses, seconds
         if name == "G":
             report["capture"] = {"captured": step.captured, "refusal": step.refusal}
+            report["capture"]["traceback"] = failure_trace(step.failure)
             report["capture"]["capture_s"] = step.capture_seconds
             if cuda:
                 report["memory_gib"] = {
@@ -194,6 +196,15 @@ def main() -> int:
     failed = [key for key, ok in passed.items() if not ok]
     print("all passed" if not failed else f"FAILED: {failed}")
     return 0 if not failed else 1
+
+
+def failure_trace(err: BaseException | None) -> str | None:
+    """A failed capture's whole traceback (printed too: the log is what a device run leaves)."""
+    if err is None:
+        return None
+    trace = "".join(traceback.format_exception(err))
+    print(trace)
+    return trace
 
 
 def masked_replay(step, model: DenseFlow, optimizer, chunks: list) -> dict:

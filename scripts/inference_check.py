@@ -28,6 +28,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -128,6 +129,9 @@ def main() -> int:
     # one graph per call shape: elbo's batch, iwbo's pass of 8 copies, sampling
     passed["captured"] = runner.graphs == 3 and runner.refusal is None
     report["graphs"], report["refusal"] = runner.graphs, runner.refusal
+    if runner.failure is not None:  # the whole traceback, in the report and the log
+        report["traceback"] = "".join(traceback.format_exception(runner.failure))
+        print(report["traceback"])
     report["capture_s"] = runner.capture_seconds
     if device.type == "cuda":
         report["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

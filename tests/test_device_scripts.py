@@ -59,6 +59,8 @@ def test_graph_check_dry_run(tmp_path):
     for pair in ("G_vs_A", "G_vs_E", "B_vs_A"):
         assert all(v["bitwise"] for v in report[pair].values()), (pair, report[pair])
     assert "cuSOLVER" in report["capture"]["refusal"]
+    trace = report["capture"]["traceback"]  # where it failed, whole
+    assert trace.startswith("Traceback") and "_cusolver" in trace and "graph.py" in trace
 
 
 def test_graph_check_rehearsed(tmp_path):
@@ -69,6 +71,7 @@ def test_graph_check_rehearsed(tmp_path):
                            "--chunks", "2", "--steps", "2", rehearsed=True)  # fmt: skip
     assert code == 0 and report["all_passed"], report["passed"]
     assert report["capture"]["captured"] and report["capture"]["capture_s"] > 0
+    assert report["capture"]["traceback"] is None
     for pair in ("G_vs_A", "G_vs_E", "B_vs_A"):
         assert all(v["bitwise"] for v in report[pair].values()), (pair, report[pair])
     assert report["masked_replay"]["untouched"] and report["masked_replay"]["keep_flag"] is False
@@ -85,12 +88,14 @@ def test_inference_check_dry_run(tmp_path):
     }
     assert max(report["elbo"]["rel_graphed_vs_eager"]) == 0.0
     assert report["sample"]["differing_pixels"] == [0] * len(report["sample"]["differing_pixels"])
+    assert report["traceback"].startswith("Traceback") and "_cusolver" in report["traceback"]
 
 
 def test_inference_check_rehearsed(tmp_path):
     code, report = _script("inference_check", tmp_path, "--preset", "tiny", "--batch-size", "8",
                            "--calls", "3", rehearsed=True)  # fmt: skip
     assert code == 0 and all(report["passed"].values()), report["passed"]
+    assert "traceback" not in report
     assert max(report["elbo"]["rel_graphed_vs_eager"]) == 0.0
     assert report["sample"]["differing_pixels"] == [0] * len(report["sample"]["differing_pixels"])
 

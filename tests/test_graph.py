@@ -592,6 +592,7 @@ def test_a_failed_capture_says_why_and_runs_eagerly(monkeypatch):
         )
         _assert_same(eager, graphed, f"step {t}")
     assert not step.captured and "operation not permitted" in step.refusal
+    assert isinstance(step.failure, RuntimeError) and step.failure.args[0].endswith("more")
     assert messages == [f"train.cuda_graph: {step.refusal}; the step runs eagerly"]
 
 
@@ -781,6 +782,7 @@ def test_graphed_inference_follows_the_model(monkeypatch):
         noise = _sampling_noise(model, 3, i)
         assert torch.equal(runner.sample(3, noise=noise), model.sample(3, noise=noise))
     assert "operation not permitted" in runner.refusal and len(said) == 1
+    assert isinstance(runner.failure, RuntimeError)
     assert said[0] == f"cuda graph: {runner.refusal}; evaluation and sampling run eagerly"
     with pytest.raises(KeyError, match="base.eta"):
         runner.sample(3, noise={})
