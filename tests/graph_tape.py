@@ -129,6 +129,16 @@ class TapeGraph:
                         old.copy_(new)
 
 
+def tensors_read(graph: TapeGraph) -> list[torch.Tensor]:
+    """The tensors the recorded operators of ``graph`` take as arguments."""
+    return [
+        t
+        for _, args, kwargs, _ in graph.tape
+        for t in tree_flatten((args, kwargs))[0]
+        if isinstance(t, torch.Tensor)
+    ]
+
+
 @contextmanager
 def _versions_kept(tensors: tuple[torch.Tensor, ...]) -> Iterator[None]:
     """Writes that autograd does not see: the version counters as they were before."""

@@ -468,6 +468,10 @@ def test_capture_path_rehearsed_on_the_cpu(monkeypatch):
         if t == 3:
             saved = copy.deepcopy(graphed[1].state_dict())
     assert len(graphs) == 1 and graphs[0].replays == 4
+    # the graph reads no Adamax step count: torch keeps them on the host (CPU tensors) on a GPU
+    steps = {graphed[1].state[p]["step"].data_ptr() for p in graphed[0].parameters()}
+    read = {t.data_ptr() for t in graph_tape.tensors_read(graphs[0])}
+    assert read and not steps & read
     index = {id(p): i for i, p in enumerate(graphed[0].parameters())}
     flat = step._flat
     captured = list(zip(flat.params, flat.views["exp_avg"], flat.views["exp_inf"], strict=True))
