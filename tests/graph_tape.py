@@ -14,9 +14,10 @@ capture's result lives; views and allocations are not rerun (on a GPU they launc
 the tensors' version counters are left as they were (a replay bypasses autograd's bookkeeping).
 During the capture it raises, as a CUDA capture fails, on what a graph cannot hold:
 
-* the host reading a device value (``.item()``, ``bool(t)``, ``torch.equal``, ...): an operator
-  returning a Python number, or one whose output shape depends on the values (``nonzero``,
-  ``unique``, ``masked_select``, the linalg error checks, which read ``info`` on the host);
+* the host reading a device value: ``.item()``, ``int(t)``, ``bool(t)`` (all of them
+  ``_local_scalar_dense``), ``torch.equal``, operators whose output shape depends on the values
+  (``nonzero``, ``unique``, ``masked_select``), the linalg error checks (``info`` read on the
+  host);
 * a random draw (a graph holds the default generator's draws only, not the run's streams);
 * host data entering the graph (``torch.tensor(...)`` inside the capture: its value is frozen
   and on CUDA it is a copy from pageable host memory), and tensors made without a device (on a
@@ -255,9 +256,9 @@ def capture(graph: TapeGraph, pool: object = None, **_: object) -> Iterator[None
     try:
         with recorder, _NO_DEVICE:  # the default device of tensors made without one
             yield
-    finally:
+    finally:  # a failed capture launched nothing either
         _capturing[0] -= 1
-    recorder.undo()
+        recorder.undo()
 
 
 def is_capturing() -> bool:
