@@ -283,17 +283,23 @@ def _assert_same(eager, graphed, where: str) -> None:
     ],
 )
 @pytest.mark.parametrize("packed", [False, True], ids=["", "packed"])
-def test_static_step_equals_train_step_bitwise(config, chunks, sizes, grad_clip, precision, packed):
+@pytest.mark.parametrize("captured", [False, True], ids=["static", "captured"])
+def test_static_step_equals_train_step_bitwise(
+    monkeypatch, config, chunks, sizes, grad_clip, precision, packed, captured
+):
     """Step after step (the first one eager and recording, the later ones on static buffers; a
     batch of another size on the eager path): the same losses, parameters, Adamax state
     (exp_avg, exp_inf, step) and BatchNorm statistics as ``train_step``, bit for bit. ``packed``:
     gradients and loss go through the flat buffer of data parallelism and an all-reduce that
     adds an identical second rank, doubling them exactly: ``train_step``'s numbers with half
-    the batch size (two real ranks: tests/test_distributed.py)."""
+    the batch size (two real ranks: tests/test_distributed.py). ``captured``: the step is
+    captured at the second call of a batch shape and replayed after, with stand-in graphs
+    that keep a graph's rules (tests/graph_tape.py)."""
     eager, graphed = _pair(config, precision)
     reduced: list = []
     reduce = _second_rank(reduced) if packed else None
-    step = GraphedStep(*graphed, grad_clip=grad_clip, reduce=reduce)
+    graphs = _tape_cuda(monkeypatch) if captured else []
+    step = GraphedStep(*graphed, grad_clip=grad_clip, capture=captured, reduce=reduce)
     for t, size in enumerate(sizes):
         lr = 1e-3 * (t + 1) / len(sizes)
         half = size / 2 if packed else None  # divides the loss by size/2: exactly twice as much
@@ -301,8 +307,11 @@ def test_static_step_equals_train_step_bitwise(config, chunks, sizes, grad_clip,
         b = step(_batch(config, t, size, chunks), lr)
         assert torch.equal(a, b) and math.isfinite(b.item()), t
         _assert_same(eager, graphed, f"step {t}")
-    assert step._key is not None and not step.captured
-    assert reduced == (["reduce"] * len(sizes) if packed else [])  # one all-reduce a step
+    assert step._key is not None and step.captured == captured and step.refusal is None
+    assert len(graphs) == (1 + packed if captured else 0)  # the step, or its two halves
+    # one all-reduce a step; the capture's vote of the ranks
+    assert reduced.count("reduce") == (len(sizes) if packed else 0)
+    assert reduced.count("agree") == (1 if packed and captured else 0)
     # one buffer for each kind: every gradient (then the loss), parameter and Adamax state
     parameters, flat = list(graphed[0].parameters()), step._flat
     assert flat.grad.numel() == graph_module._offsets(parameters)[-1] + 1 and flat.loss.shape == ()
