@@ -73,11 +73,9 @@ class _ConcatConv(torch.autograd.Function):
             grad, x, weight, bias_sizes, [1, 1], [p, p], [1, 1], False, [0, 0], 1, mask
         )
         grad_pieces: list[Tensor | None] = [None] * len(pieces)
-        if grad_x is None:
-            pass
-        elif ctx.grad_sum is None:
+        if grad_x is not None and ctx.grad_sum is None:
             grad_pieces = list(grad_x.split([t.shape[1] for t in pieces], dim=1))
-        else:  # the block's input: autograd's sums; the later pieces: the shared buffer
+        elif grad_x is not None:  # block input: autograd's sums; later pieces: the shared buffer
             start, end, total = pieces[0].shape[1], x.shape[1], ctx.grad_sum
             grad_pieces[0] = grad_x[:, :start]
             if ctx.widest:
