@@ -130,14 +130,17 @@ class TapeGraph:
                         old.copy_(new)
 
 
+def _tensors(tape: list, outputs: bool) -> Iterator[torch.Tensor]:
+    """The tensors the recorded operators take as arguments, and with ``outputs`` make."""
+    for _, args, kwargs, outs in tape:
+        for t in (*tree_flatten((args, kwargs))[0], *(outs if outputs else ())):
+            if isinstance(t, torch.Tensor):
+                yield t
+
+
 def tensors_read(graph: TapeGraph) -> list[torch.Tensor]:
     """The tensors the recorded operators of ``graph`` take as arguments."""
-    return [
-        t
-        for _, args, kwargs, _ in graph.tape
-        for t in tree_flatten((args, kwargs))[0]
-        if isinstance(t, torch.Tensor)
-    ]
+    return list(_tensors(graph.tape, outputs=False))
 
 
 @contextmanager
@@ -224,12 +227,7 @@ class _Recorder(TorchDispatchMode):
     def undo(self) -> None:
         """The capture's effects taken back (see the class); the graph's tensors noted."""
         tape = self.graph.tape
-        tensors = {
-            id(t): t
-            for _, args, kwargs, outs in tape
-            for t in (*tree_flatten((args, kwargs))[0], *outs)
-            if isinstance(t, torch.Tensor) and not t.is_inference()
-        }
+        tensors = {id(t): t for t in _tensors(tape, outputs=True) if not t.is_inference()}
         self.graph._touched = touched = tuple(tensors.values())
         with _versions_kept(touched), torch.inference_mode():
             for t, old in reversed(self.before):

@@ -298,7 +298,7 @@ def test_static_step_equals_train_step_bitwise(
     eager, graphed = _pair(config, precision)
     reduced: list = []
     reduce = _second_rank(reduced) if packed else None
-    graphs = _tape_cuda(monkeypatch) if captured else []
+    graphs = graph_tape.install(monkeypatch.setattr) if captured else []
     step = GraphedStep(*graphed, grad_clip=grad_clip, capture=captured, reduce=reduce)
     for t, size in enumerate(sizes):
         lr = 1e-3 * (t + 1) / len(sizes)
@@ -435,12 +435,6 @@ def test_optimizer_reload_and_resume_in_the_middle():
 
 
 # ---------------------------------------------------------------------- the capture, rehearsed
-def _tape_cuda(monkeypatch, events: list | None = None) -> list[graph_tape.TapeGraph]:
-    """Stand-in streams, and graphs that replay what their capture recorded
-    (:func:`tests.graph_tape.install`): the graphs made, in order."""
-    return graph_tape.install(monkeypatch.setattr, events)
-
-
 def test_capture_path_rehearsed_on_the_cpu(monkeypatch):
     """The capture code with CPU stand-ins for streams and graphs: the warm-ups and the capture
     leave parameters, Adamax state and BatchNorm statistics as they were (updates masked,
@@ -451,7 +445,7 @@ def test_capture_path_rehearsed_on_the_cpu(monkeypatch):
     eager, graphed = _pair(TINY)
     messages, seen = [], []
     step = GraphedStep(*graphed, capture=True, say=messages.append)
-    graphs = _tape_cuda(monkeypatch)
+    graphs = graph_tape.install(monkeypatch.setattr)
 
     def capture(g, pool=None):
         seen.append(("capture", step.allow.item()))
@@ -515,7 +509,7 @@ def test_capture_in_two_halves_around_the_all_reduce_rehearsed(monkeypatch):
     eager, graphed = _pair(TINY)
     events: list = []
     step = GraphedStep(*graphed, capture=True, reduce=_second_rank(events))
-    halves = _tape_cuda(monkeypatch, events)
+    halves = graph_tape.install(monkeypatch.setattr, events)
     for t in range(4):
         events.clear()
         a = train_step(*eager, _batch(TINY, t, 12, 2), 1e-3, batch_size=6)
@@ -581,7 +575,7 @@ def test_the_device_checks_planted_nan_replay_rehearsed(monkeypatch):
     spec.loader.exec_module(graph_check)
     _, graphed = _pair(TINY)
     step = GraphedStep(*graphed, capture=True)
-    _tape_cuda(monkeypatch)
+    graph_tape.install(monkeypatch.setattr)
     for t in range(2):  # recorded, then captured and replayed
         step(_batch(TINY, t, 6, 1), 1e-3)
     assert step.captured
@@ -593,7 +587,7 @@ def test_a_failed_capture_says_why_and_runs_eagerly(monkeypatch):
     eager, graphed = _pair(TINY)
     messages = []
     step = GraphedStep(*graphed, capture=True, say=messages.append)
-    _tape_cuda(monkeypatch)
+    graph_tape.install(monkeypatch.setattr)
 
     def broken(g):
         raise RuntimeError("operation not permitted when stream is capturing\nmore")
@@ -647,7 +641,7 @@ def test_train_runs_are_bitwise_the_same_with_and_without_the_option(tmp_path, m
     ):
         config = base.override(extra)
         if name.startswith("rehearsed") and not made:
-            made = _tape_cuda(monkeypatch)
+            made = graph_tape.install(monkeypatch.setattr)
             graph_tape.capture_on_cpu(monkeypatch.setattr)
         if name.endswith("resumed"):
             train(config, tmp_path / name, progress=False, stop_after=4)
@@ -686,7 +680,7 @@ def test_bench_times_the_step_train_runs(tmp_path, monkeypatch):
     assert on["graphed"] and not on["captured"] and on["refusal"] is None
     assert not off["graphed"] and off["refusal"] == "train.cuda_graph=false"
     assert on["first_steps_s"] > 0 and on["capture_s"] is None
-    graphs = _tape_cuda(monkeypatch)
+    graphs = graph_tape.install(monkeypatch.setattr)
     graph_tape.capture_on_cpu(monkeypatch.setattr)
     report = bench(TINY, 4, steps=2, warmup=1, what=("train",), profile=tmp_path / "p")
     step = report["train"]["step"]
@@ -733,7 +727,7 @@ def test_graphed_inference_gives_the_models_values_bitwise(monkeypatch, config, 
     model = _eval_model(config)
     runner = GraphedInference(model, capture=capture)
     events: list = []
-    graphs = _tape_cuda(monkeypatch, events) if capture else []
+    graphs = graph_tape.install(monkeypatch.setattr, events) if capture else []
     shape = config.model.image_shape
     for i, size in enumerate([6, 6, 6, 4, 6]):
         x = torch.randint(0, 256, (size, *shape), generator=torch.Generator().manual_seed(i))
@@ -761,7 +755,7 @@ def test_graphed_inference_follows_the_model(monkeypatch):
     said: list[str] = []
     runner = GraphedInference(model, capture=True, say=said.append)
     events: list = []
-    _tape_cuda(monkeypatch, events)
+    graph_tape.install(monkeypatch.setattr, events)
     x = torch.randint(0, 256, (6, *TINY.model.image_shape))
     for i in range(3):
         runner.elbo(x, stream(0, "eval", i))
@@ -810,7 +804,7 @@ def test_a_sampling_replay_reads_the_cached_inverses_brought_up_to_date(monkeypa
     model = _eval_model(TINY)
     convs = [m for m in model.modules() if isinstance(m, Conv1x1)]
     runner = GraphedInference(model, capture=True)
-    graphs = _tape_cuda(monkeypatch)
+    graphs = graph_tape.install(monkeypatch.setattr)
     inverted_while_capturing: list = []
     real_inverse = glow_module.inverse
 
@@ -860,7 +854,7 @@ def test_evaluate_and_sample_replay_graphs_with_the_same_values(monkeypatch):
 
     def graphed(model, cuda_graph=True, say=None):
         made.append(GraphedInference(model, capture=cuda_graph, say=say))
-        _tape_cuda(monkeypatch)
+        graph_tape.install(monkeypatch.setattr)
         return made[-1]
 
     images = torch.randint(0, 256, (22, *TINY.model.image_shape), dtype=torch.uint8)
@@ -889,7 +883,7 @@ def test_bench_times_the_sampling_and_iwbo_that_the_cli_runs(monkeypatch):
 
     def graphed(model, cuda_graph=True, say=None):
         runner = GraphedInference(model, capture=cuda_graph, say=say)
-        _tape_cuda(monkeypatch)
+        graph_tape.install(monkeypatch.setattr)
         return runner
 
     monkeypatch.setattr(bench_module, "inference", graphed)
