@@ -40,7 +40,7 @@ def test_pinv_is_the_nystromformer_iteration_in_few_operators():
     """The batched-GEMM form with its written-out backward pass computes
     ``Z ← ¼·Z·(13I − AZ(15I − AZ(7I − AZ)))`` (written out plainly here, differentiated by
     autograd) and its gradient to float64 rounding, for one head and for several, and agrees
-    with finite differences; forward and backward it runs 115 operators for 6 iterations (the
+    with finite differences; forward and backward it runs 109 operators for 6 iterations (the
     plain form: 192), a proxy for the kernels a GPU launches in each of DenseFlow-74-10's 74
     attentions. Second derivatives (autograd's, through ``create_graph``) agree with finite
     differences too."""
@@ -60,7 +60,7 @@ def test_pinv_is_the_nystromformer_iteration_in_few_operators():
     assert torch.autograd.gradcheck(iterative_pinv, (untied,))
     assert torch.autograd.gradgradcheck(iterative_pinv, (untied,))
     a = torch.softmax(torch.randn(2, 1, 4, 4), dim=-1).requires_grad_()
-    assert sum(count_ops(lambda: iterative_pinv(a).sum().backward()).values()) == 115
+    assert sum(count_ops(lambda: iterative_pinv(a).sum().backward()).values()) == 109
 
 
 @pytest.mark.parametrize("m", [4, 64])
@@ -82,7 +82,7 @@ def test_operator_census_names_where_each_operator_comes_from():
     """`count_ops(fn, sources)` counts every operator once, under the innermost module running it
     forward or the autograd node running it backward: a dense layer's forward pass is its
     concatenation, 1x1 convolution and two ReLUs (the 3x3 convolution is its child's); the
-    pseudo-inverse's written-out backward pass is 8 GEMMs an iteration and one scaling."""
+    pseudo-inverse's written-out backward pass is 8 GEMMs an iteration."""
     from collections import Counter
 
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ def test_operator_census_names_where_each_operator_comes_from():
     sources.clear()
     counts = count_ops(lambda: att(h).sum().backward(), sources)
     assert sum(sources.values()) == sum(counts.values())
-    assert sources["backward _PinvIterationsBackward"] == 6 * 8 + 1
+    assert sources["backward _PinvIterationsBackward"] == 6 * 8
     hooks = (
         torch.nn.modules.module._global_forward_pre_hooks,
         torch.nn.modules.module._global_forward_hooks,

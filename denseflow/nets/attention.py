@@ -36,69 +36,71 @@ def segment_means(x: Tensor, groups: int) -> Tensor:
     return torch.stack([part.mean(dim=-2) for part in x.tensor_split(groups, dim=-2)], dim=-2)
 
 
-def _iterate(neg_a: Tensor, z: Tensor, iters: int, saved: list[Tensor]) -> Tensor:
-    """``iters`` steps ``Z ← ¼·Z·(13I + N(15I + N(7I + N)))`` with ``N = (−A)Z``; appends each
-    step's ``Z, N, Q = 7I + N, P = 15I + NQ, R = 13I + NP`` to ``saved``."""
-    eye = torch.eye(neg_a.shape[-1], dtype=neg_a.dtype, device=neg_a.device)
-    seven, fifteen, thirteen = 7 * eye, 15 * eye, 13 * eye
+def _iterate(a: Tensor, z: Tensor, iters: int, saved: list[Tensor]) -> Tensor:
+    """``iters`` steps ``Z ← ¼·Z·(13I + N(15I + N(7I + N)))`` with ``N = −AZ``; appends each
+    step's ``Z, N, Q = 7I + N, P = 15I + NQ, R = 13I + NP`` to ``saved``. The sign of ``N``, the
+    multiples of ``I`` and the ¼ are GEMM and addition scalars (exact: a sign, small integers
+    times 1 and 0, a power of two), so each value is bitwise that of the plain products."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     for _ in range(iters):
-        n = torch.bmm(neg_a, z)  # −AZ (negation is exact)
-        q = seven + n
-        p = torch.baddbmm(fifteen, n, q)
-        r = torch.baddbmm(thirteen, n, p)
+        n = torch.baddbmm(z, a, z, beta=0, alpha=-1)  # −AZ (beta=0: the first z is not read)
+        q = torch.add(n, eye, alpha=7)
+        p = torch.baddbmm(eye, n, q, beta=15)
+        r = torch.baddbmm(eye, n, p, beta=13)
         saved += [z, n, q, p, r]
-        z = torch.baddbmm(z, z, r, beta=0, alpha=0.25)  # ¼·ZR in the GEMM (beta=0: z unread)
+        z = torch.baddbmm(z, z, r, beta=0, alpha=0.25)  # ¼·ZR in the GEMM
     return z
 
 
 class _PinvIterations(torch.autograd.Function):
-    """The iterations of :func:`iterative_pinv` from ``(−A, Z₀)``, with a backward pass written
+    """The iterations of :func:`iterative_pinv` from ``(A, Z₀)``, with a backward pass written
     out: the gradient ``Ḡ`` of ``Z' = ¼ZR`` gives, with ``H = ZᵀḠ``, ``Hₚ = NᵀH``,
-    ``Hₙ = NᵀHₚ + HₚQᵀ + HPᵀ`` (4x the gradient of N), ``Z̄ = ¼(ḠRᵀ + (−A)ᵀHₙ)`` and
-    ``(−A)̄ += ¼HₙZᵀ``: eight batched GEMMs an iteration, every sum inside one (``baddbmm``), the
-    ¼ in their scalars (exact, a power of two), where autograd runs twelve products and
-    additions and scalings besides. The forward pass computes the values of the plain products
-    bit for bit (the ¼ in the last GEMM's scalar too). Differentiated with
-    ``create_graph=True``, the backward pass differentiates the iteration again with autograd
-    (the saved intermediates carry no graph)."""
+    ``Hₙ = NᵀHₚ + HₚQᵀ + HPᵀ`` (4x the gradient of N), ``Z̄ = ¼(ḠRᵀ − AᵀHₙ)`` and
+    ``Ā −= ¼HₙZᵀ``: eight batched GEMMs an iteration, every sum inside one (``baddbmm``), the
+    ¼ and the signs in their scalars (exact: a power of two), where autograd runs twelve
+    products and additions, scalings and negations besides. The forward pass computes the
+    values of the plain products bit for bit. Differentiated with ``create_graph=True``, the
+    backward pass differentiates the iteration again with autograd (the saved intermediates
+    carry no graph)."""
 
     @staticmethod
-    def forward(ctx, neg_a: Tensor, z: Tensor, iters: int) -> Tensor:
+    def forward(ctx, a: Tensor, z: Tensor, iters: int) -> Tensor:
         saved: list[Tensor] = []
-        out = _iterate(neg_a, z, iters, saved)
+        out = _iterate(a, z, iters, saved)
         ctx.iters = iters
-        ctx.save_for_backward(neg_a, *saved)
+        ctx.save_for_backward(a, *saved)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        neg_a, *saved = ctx.saved_tensors
+        a, *saved = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: a graph of the gradient is wanted
-            inputs = (neg_a, saved[0])
+            inputs = (a, saved[0])
             out = _iterate(*inputs, ctx.iters, [])
             wanted = [t for t in inputs if t.requires_grad]
             grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
             return *(next(grads) if t.requires_grad else None for t in inputs), None
-        grad_neg_a = None  # 4x the gradient of −A, summed over the iterations
+        grad_a = None  # the gradient of A, summed over the iterations
         for i in reversed(range(0, len(saved), 5)):
             z, n, q, p, r = saved[i : i + 5]
             h = torch.bmm(z.mT, grad)
             h_p = torch.bmm(n.mT, h)
             h_n = torch.baddbmm(torch.baddbmm(torch.bmm(n.mT, h_p), h_p, q.mT), h, p.mT)
-            grad_neg_a = (
-                torch.bmm(h_n, z.mT) if grad_neg_a is None else torch.baddbmm(grad_neg_a, h_n, z.mT)
+            first = grad_a is None
+            grad_a = torch.baddbmm(
+                h_n if first else grad_a, h_n, z.mT, beta=0 if first else 1, alpha=-0.25
             )
-            grad = torch.baddbmm(torch.bmm(grad, r.mT), neg_a.mT, h_n, beta=0.25, alpha=0.25)
-        return (None if grad_neg_a is None else grad_neg_a * 0.25), grad, None
+            grad = torch.baddbmm(torch.bmm(grad, r.mT), a.mT, h_n, beta=0.25, alpha=-0.25)
+        return grad_a, grad, None
 
 
 def iterative_pinv(a: Tensor, iters: int = 6) -> Tensor:
     """Moore-Penrose pseudo-inverse of each (m, m) matrix by the Nyströmformer iteration.
 
     ``Z₀ = Aᵀ / (max_j Σ_i |A_ij| · max_i Σ_j |A_ij|)`` with the maxima taken per matrix, then
-    ``Z ← ¼·Z·(13I − AZ(15I − AZ(7I − AZ)))``, written with ``N = (−A)Z`` so that each product
+    ``Z ← ¼·Z·(13I − AZ(15I − AZ(7I − AZ)))``, written with ``N = −AZ`` so that each product
     and the multiple of I it is added to are one batched GEMM (``baddbmm``), and differentiated
-    by hand (:class:`_PinvIterations`): 115 operators for the 6 iterations forward and backward
+    by hand (:class:`_PinvIterations`): 109 operators for the 6 iterations forward and backward
     instead of 192 for the plain formula under autograd (``denseflow bench --what ops`` counts
     them; each is a kernel or a few on a GPU). The 74 attentions of DenseFlow-74-10 run this
     every step, a large share of what it launches.
@@ -108,7 +110,7 @@ def iterative_pinv(a: Tensor, iters: int = 6) -> Tensor:
     row = abs_a.sum(dim=-1).amax(dim=-1, keepdim=True).unsqueeze(-1)
     z = a.transpose(-1, -2) / (col * row)
     shape, m = a.shape, a.shape[-1]
-    return _PinvIterations.apply(-a.reshape(-1, m, m), z.reshape(-1, m, m), iters).reshape(shape)
+    return _PinvIterations.apply(a.reshape(-1, m, m), z.reshape(-1, m, m), iters).reshape(shape)
 
 
 class NystromAttention(nn.Module):
