@@ -312,6 +312,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     else:
         raise ConfigError("train: give --preset NAME (or a YAML file) or --resume RUN_DIR")
     config = config.override(a.set).with_data_dir(a.data_dir)
+    _folder(run_dir, "--out")
     if a.dry_run:  # refuse what the run would refuse, then show what it would do
         from .runtime import resolve_device
         from .train import check_start, load_datasets
@@ -352,12 +353,25 @@ def _positive(command: str, a: argparse.Namespace, *names: str) -> None:
             raise ConfigError(f"{command}: --{name.replace('_', '-')} must be >= 1, got {value}")
 
 
-def _output(path: str | Path) -> Path:
+def _folder(path: str | Path, option: str, given: Path | None = None) -> Path:
+    """An output folder, checked before any work: it and every folder above it exist as folders
+    or not at all (so that making it cannot fail after the work). ``option`` and ``given`` (the
+    file it is the folder of, else itself) name it in the error."""
+    path = Path(path)
+    given = given or path
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            which = "" if part == given else f"{part} "
+            raise ConfigError(f"{option} {given}: {which}is a file, not a folder")
+    return path
+
+
+def _output(path: str | Path, option: str = "--out") -> Path:
     """An output file, its folder made before any work (so the work is never lost to it)."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder, expected a file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _folder(path.parent, option, path).mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -394,8 +408,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     name = ".".join(
         [what, bound, *([f"first{a.limit}"] if a.limit else []), *(["float64"] * a.double)]
     )
-    out = _output(a.json or _beside(a.checkpoint, f"{name}.json"))
-    per_image = _output(a.per_image) if a.per_image else None
+    out = _output(a.json or _beside(a.checkpoint, f"{name}.json"), "--json")
+    per_image = _output(a.per_image, "--per-image") if a.per_image else None
     batch_size, kbs = (
         a.batch_size or config.eval.batch_size,
         a.kbs or min(a.k or 1, config.eval.kbs),
@@ -476,6 +490,7 @@ def _cmd_sample(a: argparse.Namespace) -> int:
         raise ConfigError(f"sample: --temperature must be >= 0, got {a.temperature}")
     seeds = parse_seeds(a.seeds) if a.seeds is not None else list(range(a.num))
     out = _output(a.out or _beside(a.checkpoint, "samples.png"))
+    each_dir = _folder(a.each_dir, "--each-dir") if a.each_dir else None
     model, config, _ = open_model(a.checkpoint, resolve_device(a.device))
     model = model.to(memory_format=torch.channels_last)
     graph = not a.no_cuda_graph
@@ -484,11 +499,11 @@ def _cmd_sample(a: argparse.Namespace) -> int:
         return 0
     info = {"temperature": a.temperature, "checkpoint": a.checkpoint, "seeds": a.seeds or a.num}
     save_grid(images, out, a.nrow, num_bits=config.model.num_bits, scale=a.scale, metadata=info)
-    if a.each_dir:
-        Path(a.each_dir).mkdir(parents=True, exist_ok=True)
+    if each_dir:
+        each_dir.mkdir(parents=True, exist_ok=True)
         for seed, image in zip(seeds, images, strict=True):
-            to_pil(image, config.model.num_bits).save(Path(a.each_dir) / f"seed{seed:06d}.png")
-    each = f", {a.each_dir}/" if a.each_dir else ""
+            to_pil(image, config.model.num_bits).save(each_dir / f"seed{seed:06d}.png")
+    each = f", {each_dir}/" if each_dir else ""
     print(f"{len(seeds)} samples (temperature {a.temperature}) -> {out}{each}")
     return 0
 
@@ -554,6 +569,7 @@ def _cmd_import_official(a: argparse.Namespace) -> int:
             f"import-official: {source} needs the official flags it was trained with: "
             "--args args.pickle|args.json"
         )
+    out = _output(a.out)
     flags = load_official_args(args_path)
     model = convert_official(source, flags)
     preset = {
@@ -565,9 +581,9 @@ def _cmd_import_official(a: argparse.Namespace) -> int:
     name = preset.get(flags["dataset"])
     base = load_config(name) if name else RunConfig(data=DataConfig(dataset=flags["dataset"]))
     config = RunConfig(model=model.config, data=base.data, train=base.train, eval=base.eval)
-    ckpt.export(a.out, model, config)
+    ckpt.export(out, model, config)
     params = sum(p.numel() for p in model.parameters())
-    print(f"imported {params:,} parameters ({flags['dataset']}) -> {a.out}")
+    print(f"imported {params:,} parameters ({flags['dataset']}) -> {out}")
     return 0
 
 
@@ -581,20 +597,22 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     what = tuple(w.strip() for w in a.what.split(",") if w.strip())
     device = resolve_device(a.device)
     _cap_heap_growth(config.override([f"train.device={device}"]))
+    out = _output(a.json, "--json") if a.json else None
+    profile = _output(a.profile, "--profile") if a.profile else None
     report = bench(
-        config, a.batch_size, a.steps, a.warmup, what, device, a.k, a.kbs, profile=a.profile
+        config, a.batch_size, a.steps, a.warmup, what, device, a.k, a.kbs, profile=profile
     )
     report["preset"] = a.preset
     print(format_report(report))
-    if a.json:
-        Path(a.json).write_text(json.dumps(report, indent=1) + "\n")
+    if out:
+        out.write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 
 def _cmd_experiment(a: argparse.Namespace) -> int:
     from .experiment import run_ablation
 
-    out = Path(a.out or Path("runs") / a.name)
+    out = _folder(a.out or Path("runs") / a.name, "--out")
     if a.name == "peers":
         from .peers import run_peers
 

@@ -283,6 +283,34 @@ CASES = {
         lambda t: ["evaluate", "--checkpoint", str(t / "nowhere")],
         "nowhere: no such checkpoint, model folder, run folder or published model",
     ),
+    "run folder that is a file": (
+        lambda t: [*TINY, "--out", str(_write(t / "taken", "x"))],
+        "taken: is a file, not a folder",
+    ),
+    "sample folder that is a file": (
+        lambda t: [
+            "sample",
+            "--checkpoint",
+            str(_checkpoint(t)),
+            "--each-dir",
+            str(_write(t / "taken", "x")),
+        ],
+        "taken: is a file, not a folder",
+    ),
+    "output file below a file": (
+        lambda t: [
+            "sample",
+            "--checkpoint",
+            str(_checkpoint(t)),
+            "--out",
+            str(_write(t / "taken", "x") / "grid.png"),
+        ],
+        "taken is a file, not a folder",
+    ),
+    "bench report below a file": (
+        lambda t: ["bench", "--preset", "tiny", "--json", str(_write(t / "taken", "x") / "r.json")],
+        "taken is a file, not a folder",
+    ),
 }
 
 
