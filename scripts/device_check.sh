@@ -40,7 +40,8 @@
 # inference_cifar10.json, bench_float32.json, bench_profile.json, bench_bf16.json,
 # bench_iwbo.json, lu_check.json, bench_logdets.json; the profiler's table is appended to
 # log.txt; the second call: log.txt and bench_compile.json). Keep them under
-# docs/benchmarks/h200-<date>/ (the second call's log as log_compile.txt).
+# docs/benchmarks/h200-<date>/ (the second call's log as log_compile.txt);
+# `python scripts/device_report.py docs/benchmarks/h200-<date>/` prints the target table from them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-main}

@@ -111,3 +111,62 @@ def test_lu_check_dry_run(tmp_path, preset):
         assert report[f"{way}_vs_single"]["grad_rel_max"] < 1e-4
     assert set(report["eager_ms"]) == {"single", "batched", "padded"}
     assert "replay_ms" not in report
+
+
+def test_device_report_fills_the_target_table(tmp_path):
+    """scripts/device_report.py turns a device check's reports into issue 12's target table:
+    each graphed figure against its target (bf16 against 1.3x the graphed float32 step, IWBO
+    against 3x the eager 394 samples/s of 2026-11-29), the profile's figures, the checks'
+    verdicts; a step that left no report is said to be missing."""
+    reports = {
+        "bench_float32": {
+            "device": "NVIDIA H200",
+            "train": {
+                "images_per_s": 300.0,
+                "peak_reserved_gib": 10.5,
+                "step": {"captured": True, "capture_s": 12.0, "first_steps_s": 15.0},
+            },
+            "sample": {"median_s": 0.09, "calls": {"graphed": True}},
+        },
+        "bench_bf16": {"train": {"images_per_s": 360.0, "step": {"captured": True}}},
+        "bench_iwbo": {"iwbo": {"images_per_s": 1500.0}},
+        "bench_profile": {
+            "train": {
+                "profile": {
+                    "kernels": 31000,
+                    "host_launch_calls": 1,
+                    "busy_s": 0.15,
+                    "busy_fraction": 0.7,
+                }
+            }
+        },
+        "graph_cifar10": {"passed": {"captured": True, "G_vs_A param": False}, "all_passed": False},
+        "inference_cifar10": {"passed": {"captured": True}, "all_passed": True},
+    }
+    for name, report in reports.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(report))
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "device_report.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in done.stdout.splitlines()
+            if line.startswith("| ") and " | " in line}  # fmt: skip
+    assert rows["train img/s, float32 (TF32 convolutions)"] == [
+        "46.0", ">= 230 (stretch 350)", "300.0", "met |"
+    ]  # fmt: skip
+    assert rows["train img/s, bf16 networks"][1:] == [
+        ">= 1.3x float32 (390.0)", "360.0 (1.20x)", "not met |"
+    ]  # fmt: skip
+    assert rows["sampling 64 images"][1:] == ["<= 0.08 s", "0.090 s", "not met |"]
+    assert rows["IWBO k=16, B=16 (importance samples/s)"][1:] == [">= 3x (1,183)", "1,500", "met |"]
+    assert rows["capture before the first step"][2:] == ["12.0 s", "met |"]
+    assert rows["peak memory, float32 train (reserved: graph pool included)"][2:] == [
+        "10.50 GiB", "met |"
+    ]  # fmt: skip
+    out = done.stdout
+    assert "31,000 kernels, 1 host launch calls, GPU busy 0.150 s (70% of the median step)" in out
+    assert "- graph_cifar10: failed: G_vs_A param" in out
+    assert "- inference_cifar10: all passed" in out and "- graph_tiny: missing" in out
+    assert "- train.batched_logdets=true: train missing" in out
