@@ -138,7 +138,8 @@ class FlatState:
     their Adamax state tensors are views of these buffers, so the update is a few kernels over
     whole buffers instead of a few per tensor (3,423 tensors in DenseFlow-74-10). :attr:`grad`
     holds one more entry, :attr:`loss`: one all-reduce sums the gradients and the loss
-    together."""
+    together. The Adamax step counts, host tensors as torch keeps them, are the elements of
+    :attr:`step` (one CPU tensor): counting a step is one addition, not one per parameter."""
 
     def __init__(self, params: list[Tensor], dtype: torch.dtype, device: torch.device) -> None:
         n = _offsets(params)[-1]  # the gaps' zero gradients leave their zero parameters at 0
@@ -148,6 +149,8 @@ class FlatState:
         )
         self.grad = torch.zeros(n + 1, dtype=dtype, device=device)
         self.loss = self.grad[n]
+        self.step = torch.zeros(len(params), dtype=_get_scalar_dtype())
+        self.steps = list(self.step.unbind())  # each parameter's, a view
         self.layout = _layout(params)
         self.views = {
             kind: _views(getattr(self, kind), self.layout)
@@ -173,17 +176,25 @@ class FlatState:
     def adopt_state(self, optimizer: torch.optim.Optimizer) -> None:
         """Make every parameter's Adamax state (created as torch.optim.Adamax creates it, or
         copied from the tensors ``load_state_dict`` made) the views of the flat buffers."""
-        views = zip(self.params, self.views["exp_avg"], self.views["exp_inf"], strict=True)
-        for p, avg, inf in views:
+        kinds = (self.params, self.views["exp_avg"], self.views["exp_inf"], self.steps)
+        views = zip(*kinds, strict=True)
+        for p, avg, inf, step in views:
             state = optimizer.state[p]
             if not state:
-                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                state["step"] = step.zero_()
                 avg.zero_()
                 inf.zero_()
             elif state["exp_avg"] is not avg:
                 avg.copy_(state["exp_avg"])
                 inf.copy_(state["exp_inf"])
-            state["exp_avg"], state["exp_inf"] = avg, inf
+            if state["step"] is not step:
+                step.copy_(state["step"])
+            state["step"], state["exp_avg"], state["exp_inf"] = step, avg, inf
+
+    def count_step(self) -> None:
+        """Add the step just made to every parameter's Adamax step count (``step += 1``, as
+        torch's Adamax counts, in one addition)."""
+        self.step.add_(1.0)
 
     def gather_grads(self, loss: Tensor) -> None:
         """The parameters' gradients and ``loss`` into :attr:`grad`; each ``.grad`` becomes its
@@ -451,8 +462,7 @@ class GraphedStep:
         """After the step: the host reads the flag (the step's one synchronisation) and counts
         the Adamax step of every updated parameter, as torch does (CPU tensors)."""
         if bool(keep):
-            steps = [self.optimizer.state[p]["step"] for p in self._flat.params]
-            torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)  # torch's fast CPU form
+            self._flat.count_step()
         return loss.clone()
 
     def _set_step_size(self, lr: float) -> None:

@@ -232,6 +232,11 @@ def test_flat_state_adopts_replaced_parameters_and_loaded_state():
     assert torch.equal(flat.exp_inf[:12], saved["exp_inf"].reshape(-1))
     assert not flat.exp_avg[12:].any() and float(optimizer.state[params[1]]["step"]) == 0.0
     assert optimizer.state[params[0]]["exp_avg"] is flat.views["exp_avg"][0]
+    # the step counts are the elements of one host tensor: counting a step is one addition
+    assert all(optimizer.state[p]["step"] is t for p, t in zip(params, flat.steps, strict=True))
+    assert flat.step.tolist() == [3.0, 0.0] and flat.step.device.type == "cpu"
+    flat.count_step()
+    assert [float(optimizer.state[p]["step"]) for p in params] == [4.0, 1.0]
 
 
 # ---------------------------------------------------------------------- the step against train_step
