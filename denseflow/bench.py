@@ -208,6 +208,8 @@ _NO_KERNEL = {
     "empty",
     "empty_strided",
     "empty_like",
+    "new_empty",
+    "new_empty_strided",
     "detach",
     "alias",
     "lift_fresh",
