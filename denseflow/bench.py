@@ -9,8 +9,9 @@ Measurements (each on random 8-bit images of the preset's shape):
             (``first_steps_s``, ``capture_s``).
 ``sample``  ``sample(B)`` in eval mode, the sampling noises given (one fixed draw).
 ``iwbo``    ``iwbo(x, k, chunk)`` in eval mode, against a plain loop of ``k`` ``elbo`` calls
-            (as a user writes it, and the same loop under ``torch.no_grad()``); images/s counts
-            importance samples of x per second.
+            (as a user writes it, and the same loop under ``torch.no_grad()``; ``loops=False``
+            leaves those out, seconds each on a large model); images/s counts importance samples
+            of x per second.
             Both run what ``denseflow sample`` and ``denseflow evaluate`` run: on CUDA replayed
             graphs (:class:`denseflow.graph.GraphedInference`, unless ``train.cuda_graph`` is
             off), else the model's own methods; their first two calls (recording, capture) are
@@ -381,6 +382,12 @@ def describe_inference(runner: DenseFlow | GraphedInference, first: float) -> di
     }
 
 
+def _elbo_loop(model: DenseFlow, x: torch.Tensor, k: int, generator: torch.Generator) -> None:
+    """``k`` calls of ``model.elbo``: IWBO as a user without :meth:`DenseFlow.iwbo` writes it."""
+    for _ in range(k):
+        model.elbo(x, generator=generator)
+
+
 def _first_calls(call: Callable[[], Any], device: torch.device) -> float:
     """Seconds of two untimed calls: a graphed call records its noise draws, then captures."""
     began = time.perf_counter()
@@ -401,9 +408,11 @@ def bench(
     kbs: int = 8,
     seed: int = 0,
     profile: str | os.PathLike | None = None,
+    loops: bool = True,
 ) -> dict[str, Any]:
     """Run the measurements in ``what``; return a JSON-able report. With ``profile``, one more
-    call of each measurement runs under torch.profiler and its table is written to that file."""
+    call of each measurement runs under torch.profiler and its table is written to that file;
+    ``loops=False``: IWBO without its baselines, the loops of ``elbo`` calls."""
     unknown = sorted(set(what) - set(MEASUREMENTS))
     if unknown:
         raise ConfigError(
@@ -476,21 +485,18 @@ def bench(
             times, memory = _time(call, steps, warmup, device)
             result = _summary(times, batch_size * k, flops, memory)
             result["calls"] = describe_inference(runner, first)
-
-            def loop() -> None:  # what a user writes: k calls of elbo, autograd on
-                for _ in range(k):
-                    model.elbo(x, generator=generator)
-
-            loop_times, _ = _time(loop, steps, warmup, device)
-            loop_no_grad_times, _ = _time(torch.no_grad()(loop), steps, warmup, device)
             result["k"], result["kbs"] = k, kbs
-            result["loop_median_s"] = statistics.median(loop_times)
-            result["loop_no_grad_median_s"] = statistics.median(loop_no_grad_times)
-            result["speedup_vs_elbo_loop"] = result["loop_median_s"] / result["median_s"]
-            result["speedup_vs_no_grad_elbo_loop"] = (
-                result["loop_no_grad_median_s"] / result["median_s"]
-            )
             report["iwbo"] = result
+            if loops:  # what a user writes: k calls of elbo, with autograd on and off
+                loop = partial(_elbo_loop, model, x, k, generator)
+                loop_times, _ = _time(loop, steps, warmup, device)
+                loop_no_grad_times, _ = _time(torch.no_grad()(loop), steps, warmup, device)
+                result["loop_median_s"] = statistics.median(loop_times)
+                result["loop_no_grad_median_s"] = statistics.median(loop_no_grad_times)
+                result["speedup_vs_elbo_loop"] = result["loop_median_s"] / result["median_s"]
+                result["speedup_vs_no_grad_elbo_loop"] = (
+                    result["loop_no_grad_median_s"] / result["median_s"]
+                )
         elif item == "ops":  # the passes of the step train runs; the update's is device-specific
             model.train()
             model.zero_grad(set_to_none=True)
@@ -583,7 +589,7 @@ def format_report(report: dict[str, Any]) -> str:
             elif r["graphed"]:  # on CUDA, but the capture failed
                 kind = f"the model's own calls ({r['refusal']})"
             rows.append(f"{item}: {kind}; first two calls {r['first_calls_s']:.2f} s")
-    if "iwbo" in report:
+    if "iwbo" in report and "speedup_vs_elbo_loop" in report["iwbo"]:
         r = report["iwbo"]
         rows.append(
             f"iwbo k={r['k']} kbs={r['kbs']}: {r['speedup_vs_elbo_loop']:.2f}x a loop of "

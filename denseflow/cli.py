@@ -227,6 +227,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kbs", type=int, default=8, help="importance samples per pass for the iwbo measurement"
     )
+    p.add_argument(
+        "--no-loops",
+        action="store_true",
+        help="iwbo without its baselines (k plain elbo calls, with and without autograd)",
+    )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--json", help="write the report here as JSON")
@@ -600,7 +605,16 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     out = _output(a.json, "--json") if a.json else None
     profile = _output(a.profile, "--profile") if a.profile else None
     report = bench(
-        config, a.batch_size, a.steps, a.warmup, what, device, a.k, a.kbs, profile=profile
+        config,
+        a.batch_size,
+        a.steps,
+        a.warmup,
+        what,
+        device,
+        a.k,
+        a.kbs,
+        profile=profile,
+        loops=not a.no_loops,
     )
     report["preset"] = a.preset
     print(format_report(report))

@@ -12,7 +12,9 @@
 #   5. denseflow bench, DenseFlow-74-10 B=64, float32, graphed: train and sampling 64 images
 #   6. the same with --profile (train only): kernels, host launch calls, GPU busy fraction
 #   7. bf16 networks, graphed: train and sampling
-#   8. IWBO k=16 at B=16 (graphed)
+#   8. IWBO k=16 at B=16 (graphed), 8 copies a pass as on 2026-11-29 and 16 (one pass: what
+#      `denseflow evaluate --k 16` runs), without the eager elbo-loop baselines (--no-loops: about
+#      50 s of eager calls, measured on 2026-11-29 and not changed by the graphs)
 #   9. a lead: the 79 log-determinants of the 1x1 convolutions one LU per matrix (as the model)
 #      against one batched LU per size and one for all padded to the largest, eager and from a
 #      graph (scripts/lu_check.py, seconds), and the float32 step of 5 with them batched
@@ -26,19 +28,19 @@
 # The eager float32 step is timed in 2 (the train_step copies) and was profiled on 2026-11-29
 # (46,621 kernels, docs/benchmarks.md), so it is not benched again.
 #
-# Time: every step has its own limit, cut to a global deadline ($BUDGET, default 420 s of script,
-# so that with the machine's start the call needs about 9-10 of the 15 device minutes). Expected
+# Time: every step has its own limit, cut to a global deadline ($BUDGET, default 450 s of script,
+# so that with the machine's start the call needs about 10 of the 15 device minutes). Expected
 # durations (from the 2026-11-29 run: a B=64 bench process took about 40 s, the parity tests 37 s):
-# 20 + 70 + 45 + 40 + 45 + 40 + 45 + 30 + 15 + 45 s = about 395 s.
+# 20 + 70 + 45 + 40 + 45 + 40 + 45 + 25 + 25 + 15 + 45 s = about 415 s.
 #
 # How to run (the device tool sends the session's own checkout):
 #   mkdir -p .devshared && cp -r ../shared/parity .devshared/ && echo /.devshared/ >> .git/info/exclude
-#   run(command="bash scripts/device_check.sh", carry=[".devshared"], timeout_s=450)
+#   run(command="bash scripts/device_check.sh", carry=[".devshared"], timeout_s=480)
 #   then, only if it passed and status shows time left (no rerun needed), at once (warm):
 #   run(command="BUDGET=<seconds left - 30> bash scripts/device_check.sh compile", timeout_s=...)
-# Raw JSON and the log land in $OUT (10 files: log.txt, graph_tiny.json, graph_cifar10.json,
+# Raw JSON and the log land in $OUT (11 files: log.txt, graph_tiny.json, graph_cifar10.json,
 # inference_cifar10.json, bench_float32.json, bench_profile.json, bench_bf16.json,
-# bench_iwbo.json, lu_check.json, bench_logdets.json; the profiler's table is appended to
+# bench_iwbo.json, bench_iwbo_kbs16.json, lu_check.json, bench_logdets.json; the profiler's table is appended to
 # log.txt; the second call: log.txt and bench_compile.json). Keep them under
 # docs/benchmarks/h200-<date>/ (the second call's log as log_compile.txt);
 # `python scripts/device_report.py docs/benchmarks/h200-<date>/` prints the target table from them.
@@ -47,7 +49,7 @@ cd "$(dirname "$0")/.."
 PART=${1:-main}
 case $PART in main | compile) ;; *) echo "device_check.sh: unknown part '$PART' (main, compile)" >&2; exit 2 ;; esac
 OUT=${OUT:-device_out}
-BUDGET=${BUDGET:-420}
+BUDGET=${BUDGET:-450}
 export DENSEFLOW_PARITY_DIR=${DENSEFLOW_PARITY_DIR:-$PWD/.devshared/parity}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PY=${PY:-python3}
@@ -92,7 +94,8 @@ bench 90 float32 "${B64[@]}" --what train,sample
 bench 90 profile --batch-size 64 --steps 2 --warmup 0 --what train --profile /tmp/profile_train.txt
 [ -f /tmp/profile_train.txt ] && { echo "== profiler table, graphed train step"; cat /tmp/profile_train.txt; } >> "$LOG"
 bench 75 bf16 "${B64[@]}" --what train,sample --set train.precision=bfloat16
-bench 60 iwbo --batch-size 16 --steps 3 --warmup 1 --what iwbo
+bench 40 iwbo --batch-size 16 --steps 3 --warmup 1 --what iwbo --no-loops
+bench 40 iwbo_kbs16 --batch-size 16 --steps 3 --warmup 1 --what iwbo --kbs 16 --no-loops
 step 40 "lead: batched LU of the 1x1 log-determinants" $PY scripts/lu_check.py --preset cifar10 \
     --json "$OUT/lu_check.json"
 bench 60 logdets "${B64[@]}" --what train --set train.batched_logdets=true

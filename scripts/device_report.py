@@ -121,6 +121,11 @@ def where_the_time_goes(new: Path) -> list[str]:
             f"{profile['host_launch_calls']:,} host launch calls, GPU busy "
             f"{profile['busy_s']:.3f} s ({profile.get('busy_fraction', 0):.0%} of the median step)"
         )
+    one_pass = _get(_load(new, "bench_iwbo_kbs16"), "iwbo", "images_per_s")
+    lines.append(
+        "- IWBO k=16, B=16, 16 copies a pass (what `denseflow evaluate --k 16` runs): "
+        + ("missing" if one_pass is None else f"{one_pass:,.0f} importance samples/s")
+    )
     compiled = "torch.compile(mode=reduce-overhead) of the networks"
     for name, what in (("logdets", "train.batched_logdets=true"), ("compile", compiled)):
         report = _load(new, f"bench_{name}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 
 import numpy as np
@@ -246,7 +247,14 @@ def test_bench_reports_every_measurement(tmp_path, capsys):
         assert r["repetitions"] == 2 and r["min_s"] <= r["median_s"] and r["gflop_per_call"] > 0
         assert r["peak_memory_gib"] > 0.05
     assert report["iwbo"]["k"] == 4 and report["parameters"] > 0
+    loops = report["iwbo"]["loop_median_s"] / report["iwbo"]["speedup_vs_elbo_loop"]
+    assert math.isclose(loops, report["iwbo"]["median_s"], rel_tol=1e-12)  # ratio to the timed call
     assert "img/s" in capsys.readouterr().out
+    # --no-loops: the same IWBO measurement without its (on a large model, long) baselines
+    assert main([*argv, "--what", "iwbo", "--no-loops", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["iwbo"]["repetitions"] == 2 and "loop_median_s" not in report["iwbo"]
+    assert "elbo calls" not in capsys.readouterr().out
 
 
 class _Payload:

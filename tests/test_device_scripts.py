@@ -130,6 +130,7 @@ def test_device_report_fills_the_target_table(tmp_path):
         },
         "bench_bf16": {"train": {"images_per_s": 360.0, "step": {"captured": True}}},
         "bench_iwbo": {"iwbo": {"images_per_s": 1500.0}},
+        "bench_iwbo_kbs16": {"iwbo": {"images_per_s": 2500.0}},
         "bench_profile": {
             "train": {
                 "profile": {
@@ -170,3 +171,4 @@ def test_device_report_fills_the_target_table(tmp_path):
     assert "- graph_cifar10: failed: G_vs_A param" in out
     assert "- inference_cifar10: all passed" in out and "- graph_tiny: missing" in out
     assert "- train.batched_logdets=true: train missing" in out
+    assert "16 copies a pass (what `denseflow evaluate --k 16` runs): 2,500 importance" in out
