@@ -142,8 +142,21 @@ def where_the_time_goes(new: Path) -> list[str]:
             continue
         failed = [k for k, ok in report.get("passed", {}).items() if not ok]
         verdict = "all passed" if report.get("all_passed") else f"failed: {', '.join(failed)}"
-        lines.append(f"- {name}: {verdict}")
+        lines.append(f"- {name}: {verdict}{_timings(report)}")
     return lines
+
+
+def _timings(report: dict) -> str:
+    """A check's eager and replayed times, where it reports them."""
+    rates = report.get("images_per_s")  # graph_check: the training step
+    if rates:
+        return f" (step: eager {rates['eager']:.1f} img/s, replayed {rates['replay']:.1f} img/s)"
+    calls = [  # inference_check: elbo and iwbo calls
+        f"{name} eager {r['median_eager_s']:.3f} s, replayed {r['median_replay_s']:.3f} s"
+        for name, r in report.items()
+        if isinstance(r, dict) and "median_replay_s" in r
+    ]
+    return f" ({'; '.join(calls)})" if calls else ""
 
 
 def markdown(new: Path, eager: Path) -> str:

@@ -141,8 +141,16 @@ def test_device_report_fills_the_target_table(tmp_path):
                 }
             }
         },
-        "graph_cifar10": {"passed": {"captured": True, "G_vs_A param": False}, "all_passed": False},
-        "inference_cifar10": {"passed": {"captured": True}, "all_passed": True},
+        "graph_cifar10": {
+            "passed": {"captured": True, "G_vs_A param": False},
+            "all_passed": False,
+            "images_per_s": {"eager": 50.0, "replay": 250.0},
+        },
+        "inference_cifar10": {
+            "passed": {"captured": True},
+            "all_passed": True,
+            "elbo": {"median_eager_s": 0.2, "median_replay_s": 0.05},
+        },
     }
     for name, report in reports.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(report))
@@ -168,7 +176,8 @@ def test_device_report_fills_the_target_table(tmp_path):
     ]  # fmt: skip
     out = done.stdout
     assert "31,000 kernels, 1 host launch calls, GPU busy 0.150 s (70% of the median step)" in out
-    assert "- graph_cifar10: failed: G_vs_A param" in out
-    assert "- inference_cifar10: all passed" in out and "- graph_tiny: missing" in out
+    assert "- graph_cifar10: failed: G_vs_A param (step: eager 50.0 img/s, replayed 250.0" in out
+    assert "- inference_cifar10: all passed (elbo eager 0.200 s, replayed 0.050 s)" in out
+    assert "- graph_tiny: missing" in out
     assert "- train.batched_logdets=true: train missing" in out
     assert "16 copies a pass (what `denseflow evaluate --k 16` runs): 2,500 importance" in out
