@@ -43,7 +43,8 @@
 # bench_iwbo.json, bench_iwbo_kbs16.json, lu_check.json, bench_logdets.json; the profiler's table is appended to
 # log.txt; the second call: log.txt and bench_compile.json). Keep them under
 # docs/benchmarks/h200-<date>/ (the second call's log as log_compile.txt);
-# `python scripts/device_report.py docs/benchmarks/h200-<date>/` prints the target table from them.
+# `python scripts/device_report.py docs/benchmarks/h200-<date>/` prints the target table from them
+# (the first call also prints it at the end of its log, so the run's output_tail shows it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-main}
@@ -100,3 +101,4 @@ step 40 "lead: batched LU of the 1x1 log-determinants" $PY scripts/lu_check.py -
     --json "$OUT/lu_check.json"
 bench 60 logdets "${B64[@]}" --what train --set train.batched_logdets=true
 echo "== done at t=${SECONDS}s" | tee -a "$LOG"
+$PY scripts/device_report.py "$OUT" 2>&1 | tee -a "$LOG"  # the target table, at the log's end
