@@ -596,6 +596,9 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     from .bench import bench, format_report
     from .runtime import resolve_device
 
+    _positive("bench", a, "batch_size", "steps", "k", "kbs", "threads")
+    if a.warmup < 0:
+        raise ConfigError(f"bench: --warmup must be >= 0, got {a.warmup}")
     if a.threads:
         torch.set_num_threads(a.threads)
     config = load_config(a.preset).override(a.set)

@@ -20,7 +20,8 @@ from .model import DenseFlow
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when available, else the CPU; under torchrun CUDA means this rank's GPU."""
+    """``auto``: CUDA when available, else the CPU; under torchrun CUDA means this rank's GPU. A
+    device this torch cannot use (not built in, no such GPU) is one line naming it."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -33,7 +34,16 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(
             f"device {name!r}: this torch ({torch.__version__}) sees no CUDA GPU; use cpu or auto"
         )
-    return distributed.local_device(device)
+    device = distributed.local_device(device)
+    try:  # a probe: whatever stops an empty tensor there (torch raises several kinds)
+        torch.empty(0, device=device)
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+        raise ConfigError(
+            f"device {name!r}: this torch ({torch.__version__}) cannot use it ({reason}); "
+            "use cpu or auto"
+        ) from None
+    return device
 
 
 def net_dtype(cfg: TrainConfig) -> torch.dtype | None:

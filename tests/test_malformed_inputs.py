@@ -307,6 +307,14 @@ CASES = {
         ],
         "taken is a file, not a folder",
     ),
+    "device this torch cannot use": (
+        lambda t: [*TINY, "--out", str(t / "run"), "--set", "train.device=xpu"],
+        "device 'xpu': this torch",
+    ),
+    "bench without timed steps": (
+        lambda t: ["bench", "--preset", "tiny", "--steps", "0"],
+        "bench: --steps must be >= 1, got 0",
+    ),
     "bench report below a file": (
         lambda t: ["bench", "--preset", "tiny", "--json", str(_write(t / "taken", "x") / "r.json")],
         "taken is a file, not a folder",
