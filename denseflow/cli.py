@@ -493,6 +493,8 @@ def _cmd_sample(a: argparse.Namespace) -> int:
     _positive("sample", a, "num", "nrow", "scale")
     if not a.temperature >= 0:
         raise ConfigError(f"sample: --temperature must be >= 0, got {a.temperature}")
+    if a.temperature == float("inf"):
+        raise ConfigError("sample: --temperature must be finite, got inf")
     seeds = parse_seeds(a.seeds) if a.seeds is not None else list(range(a.num))
     out = _output(a.out or _beside(a.checkpoint, "samples.png"))
     each_dir = _folder(a.each_dir, "--each-dir") if a.each_dir else None

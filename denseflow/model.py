@@ -308,6 +308,8 @@ class DenseFlow(nn.Module):
             raise ValueError(f"sample: n must be a positive integer, got {n!r}")
         if not temperature >= 0:
             raise ValueError(f"sample: temperature must be >= 0, got {temperature!r}")
+        if temperature == math.inf:
+            raise ValueError("sample: temperature must be finite, got inf")
         noise_ = self._noise(noise, generator, temperature)
         eta = noise_.draw("base.eta", (n, *self.latent_shapes["base"]), like=self.base.loc)
         return self._invert(self.base.sample(noise_.temperature * eta), noise_, quantize)

@@ -408,6 +408,8 @@ def test_library_sampling_refuses_impossible_requests():
         model.sample(-1)
     with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
         model.sample(1, temperature=-1)
+    with pytest.raises(ValueError, match="temperature must be finite, got inf"):
+        model.sample(1, temperature=float("inf"))
 
 
 def test_convert_official_on_files_that_are_not_official_checkpoints(tmp_path):

@@ -315,6 +315,14 @@ CASES = {
         lambda t: ["bench", "--preset", "tiny", "--steps", "0"],
         "bench: --steps must be >= 1, got 0",
     ),
+    "infinite learning rate": (
+        lambda t: [*TINY, "--out", str(t / "run"), "--set", "train.lr=inf"],
+        "train.lr=inf: must be a finite number",
+    ),
+    "infinite temperature": (
+        lambda t: ["sample", "--checkpoint", str(_checkpoint(t)), "--temperature", "inf"],
+        "sample: --temperature must be finite, got inf",
+    ),
     "bench report below a file": (
         lambda t: ["bench", "--preset", "tiny", "--json", str(_write(t / "taken", "x") / "r.json")],
         "taken is a file, not a folder",
