@@ -138,10 +138,10 @@ class DenseFlow(nn.Module):
             raise TypeError(
                 f"x: expected an integer tensor of images, got {getattr(x, 'dtype', type(x))}"
             )
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.config.image_shape:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.config.image_shape or not len(x):
             raise ValueError(
-                f"x: expected shape (B, {', '.join(map(str, self.config.image_shape))}), "
-                f"got {tuple(x.shape)}"
+                f"x: expected shape (B, {', '.join(map(str, self.config.image_shape))}) with "
+                f"B >= 1, got {tuple(x.shape)}"
             )
         if capturing(x):
             return  # the graphs check the values before they copy them into their buffers

@@ -243,6 +243,8 @@ def test_noise_names_and_errors():
         model.elbo(x + 256)
     with pytest.raises(ValueError, match="shape"):
         model.elbo(x[:, :1])
+    with pytest.raises(ValueError, match=r"with B >= 1, got \(0, 3, 16, 16\)"):
+        model.elbo(x[:0])
 
 
 @pytest.mark.parametrize(
