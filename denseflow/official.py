@@ -57,6 +57,10 @@ def load_official_args(args: Mapping[str, Any] | str | os.PathLike) -> dict[str,
     if isinstance(args, Mapping):
         return dict(args)
     path = Path(args)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: no such file (the official run's flags: --args args.pickle|args.json)"
+        )
     data = path.read_bytes()
     if path.suffix == ".json":
         try:

@@ -323,6 +323,10 @@ CASES = {
         lambda t: ["sample", "--checkpoint", str(_checkpoint(t)), "--temperature", "inf"],
         "sample: --temperature must be finite, got inf",
     ),
+    "official run folder without its flags": (
+        lambda t: ["import-official", str(_mkdir(t / "official")), "--out", str(t / "o.pt")],
+        "args.pickle: no such file (the official run's flags: --args args.pickle|args.json)",
+    ),
     "bench report below a file": (
         lambda t: ["bench", "--preset", "tiny", "--json", str(_write(t / "taken", "x") / "r.json")],
         "taken is a file, not a folder",
