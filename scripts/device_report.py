@@ -163,7 +163,9 @@ def markdown(new: Path, eager: Path) -> str:
     f32 = _load(new, "bench_float32") or {}
     where = ", ".join(f"{k} {f32[k]}" for k in ("device", "torch", "batch_size") if k in f32)
     head = [
-        f"Reports in {new} ({where or 'bench_float32.json missing'}).",
+        f"Reports in {new} ({where or 'bench_float32.json missing'}). The eager column is the"
+        " 2026-11-29 run's (another machine of this kind); the same run's eager and replayed"
+        " times are beside the checks below the table.",
         "",
         "| measurement (H200, DenseFlow-74-10, B=64) | eager (2026-11-29) | target | graphed | |",
         "|---|---|---|---|---|",
