@@ -477,8 +477,8 @@ def _cmd_recalibrate(a: argparse.Namespace) -> int:
         limit=config.data.train_limit,
     ).images
     batch_size = a.batch_size or config.train.batch_size
-    used = recalibrate_batchnorm(model, images, a.batches, batch_size, seed=a.seed)
-    statistics = describe(used, batch_size, a.seed)
+    recalibrate_batchnorm(model, images, a.batches, batch_size, seed=a.seed)
+    statistics = describe(a.batches, batch_size, a.seed, images=len(images))
     if distributed.is_main():
         ckpt.export(out, model, config, batchnorm=statistics)
         print(f"BatchNorm statistics {statistics} -> {out}")

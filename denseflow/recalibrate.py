@@ -30,12 +30,22 @@ from .model import DenseFlow, eager
 from .seeding import stream
 
 
-def describe(batches: int, batch_size: int, seed: int = 0) -> str:
-    """The statistics of a recalibration, in words (stored with exported weights)."""
-    return (
-        f"recalibrated: population statistics of {batches} training batches of {batch_size} "
-        f"(seed {seed})"
-    )
+def describe(batches: int, batch_size: int, seed: int = 0, images: int | None = None) -> str:
+    """The statistics of a recalibration, in words (stored with exported weights). ``images``:
+    how many training images there are; with fewer than ``batches·batch_size`` every one is used
+    and the words say the batches that ran, not those asked for."""
+    if images is None or images >= batches * batch_size:
+        runs = _count(batches, "training batch", "es") + f" of {batch_size}"
+    else:
+        full, rest = divmod(images, batch_size)
+        parts = [_count(full, "training batch", "es") + f" of {batch_size}"] if full else []
+        parts += [f"1 {'' if full else 'training batch '}of {rest}"] if rest else []
+        runs = f"{' and '.join(parts)} (all {images} training images)"
+    return f"recalibrated: population statistics of {runs} (seed {seed})"
+
+
+def _count(n: int, noun: str, plural: str = "s") -> str:
+    return f"{n} {noun}{plural if n != 1 else ''}"
 
 
 def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

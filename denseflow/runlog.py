@@ -115,11 +115,13 @@ class RunOutputs:
         run_dir: Path,
         config: RunConfig,
         sources: dict,
+        train_images: int,
         state: LoopState,
         total: int,
         progress: bool,
     ) -> None:
         self.run_dir, self.config, self.main = run_dir, config, distributed.is_main()
+        self.train_images = train_images  # how many the BatchNorm recalibration can use
         self.saved_step = state.step  # the step of the newest checkpoint
         self.plot_warned, self.tic, self.seen = False, time.perf_counter(), 0
         if self.main:
@@ -216,7 +218,7 @@ class RunOutputs:
         """Which BatchNorm statistics the run evaluates and exports with."""
         cfg = self.config.train
         if cfg.bn_recalibrate:
-            return describe(cfg.bn_recalibrate, cfg.batch_size, cfg.seed)
+            return describe(cfg.bn_recalibrate, cfg.batch_size, cfg.seed, self.train_images)
         return ckpt.RUNNING_STATISTICS
 
     def export(self, name: str, model: DenseFlow) -> None:

@@ -238,7 +238,9 @@ def train(
     graphed = graphed_step(model, optimizer, cfg, device, world, say=distributed.say)
     state = start(model, optimizer, resume, run_dir, plan, config)
     sources = {"train": trainset.source, "test": testset.source}
-    out = RunOutputs(run_dir, config, sources, state, plan.total_steps, progress)
+    out = RunOutputs(
+        run_dir, config, sources, len(trainset.images), state, plan.total_steps, progress
+    )
     monitor = LayerMonitor(model) if cfg.monitor_every else None
     batches = Batches(trainset.images, cfg, config.data.augmentation)
 

@@ -386,6 +386,18 @@ def test_recalibrate_a_training_checkpoint_and_evaluate_says_which_statistics(tm
     assert "BatchNorm statistics: recalibrated" in capsys.readouterr().out
     stale, fresh = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
     assert fresh["batchnorm"].startswith("recalibrated") and fresh["bpd"] != stale["bpd"]
+    # more batches than the 64 training images fill: all of them, in the batches that ran
+    outs = [tmp_path / f"all{n}.pt" for n in (7, 9)]
+    for n, path in zip((7, 9), outs, strict=True):
+        args = ["--batches", str(n), "--batch-size", "10", "--out", str(path)]
+        assert main(["recalibrate", "--checkpoint", str(last), *args]) == 0
+    words = "6 training batches of 10 and 1 of 4 (all 64 training images) (seed 0)"
+    assert f"BatchNorm statistics recalibrated: population statistics of {words}" in (
+        capsys.readouterr().out
+    )
+    seven, nine = (ckpt.load(path) for path in outs)
+    assert seven["batchnorm"] == nine["batchnorm"] and seven["batchnorm"].endswith(words)
+    assert all(torch.equal(seven["model"][k], nine["model"][k]) for k in seven["model"])
 
 
 def test_version_debug_after_the_command_and_defaults_in_help(capsys):

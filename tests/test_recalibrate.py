@@ -10,7 +10,13 @@ import torch.multiprocessing as mp
 from denseflow import checkpoint as ckpt
 from denseflow.config import load_config
 from denseflow.model import DenseFlow
-from denseflow.recalibrate import batchnorms, describe, recalibrate_batchnorm, recalibrated
+from denseflow.recalibrate import (
+    batchnorms,
+    describe,
+    recalibrate_batchnorm,
+    recalibrated,
+    recalibration_batches,
+)
 from denseflow.train import train
 
 from .conftest import gloo_group
@@ -123,3 +129,20 @@ def test_two_ranks_compute_the_single_process_statistics(tmp_path):
     for rank in range(2):
         got = torch.load(tmp_path / f"{rank}.pt")
         assert all(torch.equal(got[k], single[k]) for k in single), rank
+
+
+def test_describe_says_the_batches_that_ran():
+    """With fewer training images than batches x batch size, the words name the batches that
+    ran over all of them (the last one partial), not the batches asked for."""
+    assert describe(100, 64, 3) == (
+        "recalibrated: population statistics of 100 training batches of 64 (seed 3)"
+    )
+    assert describe(1, 64, images=64).endswith("of 1 training batch of 64 (seed 0)")
+    assert describe(100, 5000, images=64).endswith(
+        "of 1 training batch of 64 (all 64 training images) (seed 0)"
+    )
+    assert describe(100, 128, images=10_000).endswith(
+        "of 78 training batches of 128 and 1 of 16 (all 10000 training images) (seed 0)"
+    )
+    assert describe(2, 128, images=256).endswith("of 2 training batches of 128 (seed 0)")
+    assert len(recalibration_batches(torch.zeros(10_000, 1), 100, 128, 0)) == 79
