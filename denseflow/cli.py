@@ -291,7 +291,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which images and noises")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--out", required=True, help="the checkpoint to write")
-    p.add_argument("--quiet", action="store_true", help="no messages but the result")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -477,7 +477,7 @@ def _cmd_recalibrate(a: argparse.Namespace) -> int:
         limit=config.data.train_limit,
     ).images
     batch_size = a.batch_size or config.train.batch_size
-    recalibrate_batchnorm(model, images, a.batches, batch_size, seed=a.seed)
+    recalibrate_batchnorm(model, images, a.batches, batch_size, a.seed, progress=not a.quiet)
     statistics = describe(a.batches, batch_size, a.seed, images=len(images))
     if distributed.is_main():
         ckpt.export(out, model, config, batchnorm=statistics)

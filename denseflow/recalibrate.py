@@ -24,6 +24,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from . import distributed
 from .model import DenseFlow, eager
@@ -63,11 +64,17 @@ def recalibration_batches(images: Tensor, batches: int, batch_size: int, seed: i
 
 @torch.no_grad()
 def recalibrate_batchnorm(
-    model: DenseFlow, images: Tensor, batches: int, batch_size: int, seed: int = 0
+    model: DenseFlow,
+    images: Tensor,
+    batches: int,
+    batch_size: int,
+    seed: int = 0,
+    progress: bool = False,
 ) -> int:
     """Set every BatchNorm's running statistics to the population statistics of its inputs over
     ``batches`` fixed batches of ``images`` (uint8 training images, ``(N, C, H, W)``); returns
-    the number of batches used. The model's mode and parameters are left as they were."""
+    the number of batches used. The model's mode and parameters are left as they were.
+    ``progress``: a progress bar over the batches (rank 0's)."""
     layers = batchnorms(model)
     parts = recalibration_batches(images, batches, batch_size, seed)
     if not layers or not parts:
@@ -98,8 +105,10 @@ def recalibrate_batchnorm(
     was_training = model.training
     try:
         model.train()
+        mine = range(distributed.rank(), len(parts), distributed.world_size())
+        show = progress and distributed.is_main()
         with eager():  # a few passes: not worth compiling
-            for i in range(distributed.rank(), len(parts), distributed.world_size()):
+            for i in tqdm(mine, desc="recalibrate", unit="batch", disable=not show, leave=False):
                 current["batch"] = i
                 x = parts[i].to(device).long()
                 model.elbo(x, generator=stream(seed, "recalibrate", i, device=device))

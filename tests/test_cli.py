@@ -373,7 +373,8 @@ def test_recalibrate_a_training_checkpoint_and_evaluate_says_which_statistics(tm
     assert recal["batchnorm"].startswith(
         "recalibrated: population statistics of 2 training batches"
     )
-    capsys.readouterr()
+    bar = capsys.readouterr().err  # its progress bar (--quiet: none)
+    assert "recalibrate:" in bar and "0/2 [" in bar
     assert (
         main(["evaluate", "--checkpoint", str(last), "--quiet", "--json", str(tmp_path / "a.json")])
         == 0
@@ -389,12 +390,12 @@ def test_recalibrate_a_training_checkpoint_and_evaluate_says_which_statistics(tm
     # more batches than the 64 training images fill: all of them, in the batches that ran
     outs = [tmp_path / f"all{n}.pt" for n in (7, 9)]
     for n, path in zip((7, 9), outs, strict=True):
-        args = ["--batches", str(n), "--batch-size", "10", "--out", str(path)]
+        args = ["--batches", str(n), "--batch-size", "10", "--out", str(path), "--quiet"]
         assert main(["recalibrate", "--checkpoint", str(last), *args]) == 0
     words = "6 training batches of 10 and 1 of 4 (all 64 training images) (seed 0)"
-    assert f"BatchNorm statistics recalibrated: population statistics of {words}" in (
-        capsys.readouterr().out
-    )
+    printed = capsys.readouterr()
+    assert f"BatchNorm statistics recalibrated: population statistics of {words}" in printed.out
+    assert "recalibrate" not in printed.err
     seven, nine = (ckpt.load(path) for path in outs)
     assert seven["batchnorm"] == nine["batchnorm"] and seven["batchnorm"].endswith(words)
     assert all(torch.equal(seven["model"][k], nine["model"][k]) for k in seven["model"])
