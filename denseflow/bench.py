@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
 from .config import ConfigError, RunConfig
 from .graph import (
@@ -122,21 +123,24 @@ def _sync(device: torch.device) -> None:
 
 
 def _time(
-    fn: Callable[[], Any], steps: int, warmup: int, device: torch.device
+    fn: Callable[[], Any], steps: int, warmup: int, device: torch.device, bar: tqdm | None = None
 ) -> tuple[list[float], PeakMemory]:
-    def sync() -> None:
-        _sync(device)
-
+    """Seconds of ``steps`` calls after ``warmup`` untimed ones, and the peak memory meanwhile;
+    ``bar`` advances after each call, outside the timed interval."""
     for _ in range(warmup):
         fn()
-    sync()
+        if bar is not None:
+            bar.update()
+    _sync(device)
     times = []
     with PeakMemory(device) as memory:
         for _ in range(steps):
             start = time.perf_counter()
             fn()
-            sync()
+            _sync(device)
             times.append(time.perf_counter() - start)
+            if bar is not None:
+                bar.update()
     return times, memory
 
 
@@ -388,11 +392,12 @@ def _elbo_loop(model: DenseFlow, x: torch.Tensor, k: int, generator: torch.Gener
         model.elbo(x, generator=generator)
 
 
-def _first_calls(call: Callable[[], Any], device: torch.device) -> float:
+def _first_calls(call: Callable[[], Any], device: torch.device, bar: tqdm) -> float:
     """Seconds of two untimed calls: a graphed call records its noise draws, then captures."""
     began = time.perf_counter()
     for _ in range(2):
         call()
+        bar.update()
     _sync(device)
     return time.perf_counter() - began
 
@@ -409,10 +414,12 @@ def bench(
     seed: int = 0,
     profile: str | os.PathLike | None = None,
     loops: bool = True,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Run the measurements in ``what``; return a JSON-able report. With ``profile``, one more
     call of each measurement runs under torch.profiler and its table is written to that file;
-    ``loops=False``: IWBO without its baselines, the loops of ``elbo`` calls."""
+    ``loops=False``: IWBO without its baselines, the loops of ``elbo`` calls. ``progress``: a
+    progress bar over each measurement's calls (updated between the timed intervals)."""
     unknown = sorted(set(what) - set(MEASUREMENTS))
     if unknown:
         raise ConfigError(
@@ -452,6 +459,15 @@ def bench(
         }
     tables = []
     for item in what:
+        calls = 2 + warmup + steps + (profile is not None)  # first two, warm-ups, timed, profiled
+        total = {"iwbo": calls + 2 * (warmup + steps) * loops, "ops": 1, "convs": None}
+        bar = tqdm(
+            total=total.get(item, calls),
+            desc=f"bench {item}",
+            unit="call",
+            disable=not progress,
+            leave=False,
+        )
         if item == "train":
             model.train()
             flops = (
@@ -459,8 +475,8 @@ def bench(
                 * batch_size
             )
             call, graphed = _train_call(model, optimizer, config, device, [(x, generator)])
-            first = _first_calls(call, device)
-            times, memory = _time(call, steps, warmup, device)
+            first = _first_calls(call, device, bar)
+            times, memory = _time(call, steps, warmup, device, bar)
             report["train"] = _summary(times, batch_size, flops, memory)
             report["train"]["step"] = describe_step(graphed, config, first)
         elif item == "sample":
@@ -469,8 +485,8 @@ def bench(
             shapes = [(n, (batch_size, *shape)) for n, shape in model.sampling_shapes.items()]
             runner = inference(model, config.train.cuda_graph, say=print)
             call = partial(runner.sample, batch_size, noise=draw_noises(shapes, generator, device))
-            first = _first_calls(call, device)
-            times, memory = _time(call, steps, warmup, device)
+            first = _first_calls(call, device, bar)
+            times, memory = _time(call, steps, warmup, device, bar)
             report["sample"] = _summary(times, batch_size, flops, memory)
             report["sample"]["calls"] = describe_inference(runner, first)
         elif item == "iwbo":
@@ -481,16 +497,16 @@ def bench(
             )
             runner = inference(model, config.train.cuda_graph, say=print)
             call = partial(runner.iwbo, x, k, chunk=kbs, generator=generator)
-            first = _first_calls(call, device)
-            times, memory = _time(call, steps, warmup, device)
+            first = _first_calls(call, device, bar)
+            times, memory = _time(call, steps, warmup, device, bar)
             result = _summary(times, batch_size * k, flops, memory)
             result["calls"] = describe_inference(runner, first)
             result["k"], result["kbs"] = k, kbs
             report["iwbo"] = result
             if loops:  # what a user writes: k calls of elbo, with autograd on and off
                 loop = partial(_elbo_loop, model, x, k, generator)
-                loop_times, _ = _time(loop, steps, warmup, device)
-                loop_no_grad_times, _ = _time(torch.no_grad()(loop), steps, warmup, device)
+                loop_times, _ = _time(loop, steps, warmup, device, bar)
+                loop_no_grad_times, _ = _time(torch.no_grad()(loop), steps, warmup, device, bar)
                 result["loop_median_s"] = statistics.median(loop_times)
                 result["loop_no_grad_median_s"] = statistics.median(loop_no_grad_times)
                 result["speedup_vs_elbo_loop"] = result["loop_median_s"] / result["median_s"]
@@ -509,20 +525,21 @@ def bench(
                 step()
                 passes = functools.partial(graphed.passes, chunks, batch_size)
             counts = count_ops(passes, sources)
+            bar.update()
             report["ops"] = {
                 "total": sum(counts.values()),
                 "by_op": dict(counts.most_common(12)),
                 "by_source": dict(sources.most_common(20)),
                 "step": "graphed" if graphed else "train_step",
             }
-            continue
         else:  # convs
             model.train()
             census = conv_census(lambda: train_step(model, optimizer, [(x, generator)], 1e-3))
-            timed = {
-                call: conv_kernel_seconds(call, device, config.train.channels_last)
-                for call in census
-            }
+            bar.reset(total=len(census))  # a call: one convolution shape timed alone
+            timed = {}
+            for call in census:
+                timed[call] = conv_kernel_seconds(call, device, config.train.channels_last)
+                bar.update()
             seconds = sum(n * timed[call][0] for call, n in census.items())
             flops = sum(n * timed[call][1] for call, n in census.items())
             report["convs"] = {
@@ -534,13 +551,14 @@ def bench(
             }
             if "train" in report:
                 report["convs"]["train_over_isolated"] = report["train"]["median_s"] / seconds
-            continue
-        if profile is not None:
+        if profile is not None and item in TIMED:
             table, stats = profile_table(call, device)
+            bar.update()
             tables.append(f"== {item} (batch {batch_size})\n{table}\n")
             if "busy_s" in stats:
                 stats["busy_fraction"] = stats["busy_s"] / report[item]["median_s"]
             report[item]["profile"] = stats
+        bar.close()
     if profile is not None:
         Path(profile).write_text("\n".join(tables))
     return report

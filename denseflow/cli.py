@@ -239,6 +239,7 @@ def _parser() -> argparse.ArgumentParser:
         "--profile",
         help="profile one more call of each measurement; write the operator tables here",
     )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = command(
         "experiment",
@@ -620,6 +621,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         a.kbs,
         profile=profile,
         loops=not a.no_loops,
+        progress=not a.quiet,
     )
     report["preset"] = a.preset
     print(format_report(report))

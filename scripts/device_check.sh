@@ -69,7 +69,7 @@ step() {  # seconds, name, command...: run with a timeout no later than the dead
 bench() {  # seconds, name, bench options...
     local want=$1 name=$2; shift 2
     step "$want" "bench $name" $PY -m denseflow bench --preset cifar10 --device cuda \
-        --json "$OUT/bench_$name.json" "$@"
+        --json "$OUT/bench_$name.json" --quiet "$@"
 }
 B64=(--batch-size 64 --steps 5 --warmup 2)
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

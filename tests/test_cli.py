@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -249,12 +250,17 @@ def test_bench_reports_every_measurement(tmp_path, capsys):
     assert report["iwbo"]["k"] == 4 and report["parameters"] > 0
     loops = report["iwbo"]["loop_median_s"] / report["iwbo"]["speedup_vs_elbo_loop"]
     assert math.isclose(loops, report["iwbo"]["median_s"], rel_tol=1e-12)  # ratio to the timed call
-    assert "img/s" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "img/s" in printed.out
+    # a bar per measurement over its calls: 2 first, 0 warm-ups, 2 timed, 1 profiled (+ 2 loops)
+    for item, calls in (("train", 5), ("sample", 5), ("iwbo", 9)):
+        assert re.search(rf"bench {item}:[^\r]*/{calls} \[", printed.err), item
     # --no-loops: the same IWBO measurement without its (on a large model, long) baselines
-    assert main([*argv, "--what", "iwbo", "--no-loops", "--json", str(out)]) == 0
+    assert main([*argv, "--what", "iwbo", "--no-loops", "--json", str(out), "--quiet"]) == 0
     report = json.loads(out.read_text())
     assert report["iwbo"]["repetitions"] == 2 and "loop_median_s" not in report["iwbo"]
-    assert "elbo calls" not in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "elbo calls" not in printed.out and "bench" not in printed.err  # --quiet: no bar
 
 
 class _Payload:
