@@ -179,6 +179,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="grid PNG path (default: samples.png beside the checkpoint)")
     p.add_argument("--each-dir", help="also write one PNG per seed into this folder")
+    p.add_argument(
+        "--no-grid", action="store_true", help="no grid, only --each-dir's PNGs (many images)"
+    )
     p.add_argument("--nrow", type=int, default=8, help="images per row of the grid")
     p.add_argument("--scale", type=int, help=SCALE_HELP)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -487,32 +490,42 @@ def _cmd_recalibrate(a: argparse.Namespace) -> int:
 
 
 def _cmd_sample(a: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from .pretrained import open_model
     from .runtime import resolve_device
-    from .sample import parse_seeds, sample_seeds, save_grid, to_pil
+    from .sample import check_grid, parse_seeds, sample_seeds, save_grid, to_pil
 
     _positive("sample", a, "num", "nrow", "scale")
     if not a.temperature >= 0:
         raise ConfigError(f"sample: --temperature must be >= 0, got {a.temperature}")
     if a.temperature == float("inf"):
         raise ConfigError("sample: --temperature must be finite, got inf")
+    if a.no_grid and not a.each_dir:
+        raise ConfigError("sample: --no-grid without --each-dir would write nothing")
+    if a.no_grid and a.out:
+        raise ConfigError("sample: --out names the grid, which --no-grid leaves out")
     seeds = parse_seeds(a.seeds) if a.seeds is not None else list(range(a.num))
-    out = _output(a.out or _beside(a.checkpoint, "samples.png"))
+    out = None if a.no_grid else _output(a.out or _beside(a.checkpoint, "samples.png"))
     each_dir = _folder(a.each_dir, "--each-dir") if a.each_dir else None
     model, config, _ = open_model(a.checkpoint, resolve_device(a.device))
+    if out is not None:
+        check_grid(len(seeds), *config.model.image_shape[1:], a.nrow, a.scale)
     model = model.to(memory_format=torch.channels_last)
     graph = not a.no_cuda_graph
     images = sample_seeds(model, seeds, a.temperature, progress=not a.quiet, cuda_graph=graph)
     if not distributed.is_main():
         return 0
     info = {"temperature": a.temperature, "checkpoint": a.checkpoint, "seeds": a.seeds or a.num}
-    save_grid(images, out, a.nrow, num_bits=config.model.num_bits, scale=a.scale, metadata=info)
+    if out is not None:
+        save_grid(images, out, a.nrow, num_bits=config.model.num_bits, scale=a.scale, metadata=info)
     if each_dir:
         each_dir.mkdir(parents=True, exist_ok=True)
-        for seed, image in zip(seeds, images, strict=True):
+        pairs = zip(seeds, images, strict=True)
+        for seed, image in tqdm(pairs, "write", len(seeds), disable=a.quiet, leave=False):
             to_pil(image, config.model.num_bits).save(each_dir / f"seed{seed:06d}.png")
-    each = f", {each_dir}/" if each_dir else ""
-    print(f"{len(seeds)} samples (temperature {a.temperature}) -> {out}{each}")
+    written = ([str(out)] if out else []) + ([f"{each_dir}/"] if each_dir else [])
+    print(f"{len(seeds)} samples (temperature {a.temperature}) -> {', '.join(written)}")
     return 0
 
 

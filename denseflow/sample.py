@@ -151,6 +151,30 @@ def readable_scale(height: int, width: int) -> int:
     return max(1, math.ceil(READABLE / min(height, width)))
 
 
+def grid_size(
+    n: int, height: int, width: int, nrow: int = 8, padding: int = 2, scale: int | None = None
+) -> tuple[int, int]:
+    """``(width, height)`` in pixels of the PNG :func:`save_grid` makes of ``n`` images of
+    ``height x width``."""
+    scale = scale or readable_scale(height, width)
+    ncol = min(nrow, n)
+    rows = (n + ncol - 1) // ncol
+    return ncol * (width * scale + padding) + padding, rows * (height * scale + padding) + padding
+
+
+def check_grid(n: int, height: int, width: int, nrow: int = 8, scale: int | None = None) -> None:
+    """Refuse, before any sampling, a grid larger than Pillow opens (twice
+    ``PIL.Image.MAX_IMAGE_PIXELS``: a PNG nobody could read back)."""
+    limit = Image.MAX_IMAGE_PIXELS and 2 * Image.MAX_IMAGE_PIXELS
+    w, h = grid_size(n, height, width, nrow, scale=scale)
+    if limit and w * h > limit:
+        raise ConfigError(
+            f"sample: a grid of {n:,} images would be {w:,} x {h:,} pixels, more than Pillow "
+            f"opens ({limit:,}); for many images write one PNG each (--each-dir DIR --no-grid) "
+            "or sample fewer seeds"
+        )
+
+
 def save_grid(
     images: torch.Tensor,
     path: str | os.PathLike,
@@ -166,12 +190,11 @@ def save_grid(
     n, c, h, w = images.shape
     if n < 1 or nrow < 1:
         raise ValueError(f"save_grid: needs images and nrow >= 1, got {n} images, nrow {nrow}")
+    size = grid_size(n, h, w, nrow, padding, scale)
     scale = scale or readable_scale(h, w)
     h, w = h * scale, w * scale
     ncol = min(nrow, n)
-    rows = (n + ncol - 1) // ncol
     mode = "L" if c == 1 else "RGB"
-    size = (ncol * (w + padding) + padding, rows * (h + padding) + padding)
     grid = Image.new(mode, size, color=255 if c == 1 else (255,) * 3)
     for i in range(n):
         where = (padding + (i % ncol) * (w + padding), padding + (i // ncol) * (h + padding))

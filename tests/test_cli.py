@@ -122,6 +122,36 @@ def test_sample_seeds_are_reproducible_and_independent(tiny_run, tmp_path):
     assert main(argv) == 0
     small = Image.open(tmp_path / "c.png")
     assert small.size == (2 * 30 + 2, 30 + 2) and small.text["temperature"] == "0.5"
+    # --no-grid: only the per-seed PNGs, the same images; nothing else written
+    checkpoint = str(tiny_run / "final.pt")
+    only = tmp_path / "only"
+    argv = ["sample", "--checkpoint", checkpoint, "--seeds", "2,3", "--each-dir", str(only)]
+    assert main([*argv, "--no-grid", "--quiet"]) == 0
+    assert sorted(p.name for p in only.iterdir()) == ["seed000002.png", "seed000003.png"]
+    for seed in (2, 3):
+        name = f"seed{seed:06d}.png"
+        a = np.asarray(Image.open(tmp_path / "a" / name))
+        assert np.array_equal(np.asarray(Image.open(only / name)), a)
+    assert not (tiny_run / "final.samples.png").exists()
+
+
+def test_grid_size_is_the_saved_size(tmp_path):
+    from denseflow.sample import check_grid, grid_size, save_grid
+
+    for n, shape, nrow, scale in (
+        (5, (1, 28, 28), 8, None),
+        (9, (3, 8, 6), 4, 2),
+        (1, (3, 5, 7), 3, 1),
+    ):
+        images = torch.randint(0, 256, (n, *shape))
+        path = save_grid(images, tmp_path / "g.png", nrow, scale=scale)
+        assert Image.open(path).size == grid_size(n, *shape[1:], nrow, scale=scale)
+    # the largest grid Pillow opens passes, one more row does not
+    limit = 2 * Image.MAX_IMAGE_PIXELS
+    rows = (limit // 690 - 2) // 86  # 28x28 at scale 3, 8 a row: 690 px wide, 86 px a row + 2
+    check_grid(8 * rows, 28, 28)
+    with pytest.raises(ConfigError, match="more than Pillow opens"):
+        check_grid(8 * rows + 1, 28, 28)
 
 
 def write_cifar(root, n_train=8, n_test=6):

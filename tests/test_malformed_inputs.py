@@ -327,6 +327,14 @@ CASES = {
         lambda t: ["import-official", str(_mkdir(t / "official")), "--out", str(t / "o.pt")],
         "args.pickle: no such file (the official run's flags: --args args.pickle|args.json)",
     ),
+    "grid larger than Pillow opens": (
+        lambda t: ["sample", "--checkpoint", str(_checkpoint(t)), "--seeds", "0-29999"],
+        "sample: a grid of 30,000 images would be 786 x 367,502 pixels, more than Pillow opens",
+    ),
+    "no grid and no folder": (
+        lambda t: ["sample", "--checkpoint", str(_checkpoint(t)), "--no-grid"],
+        "sample: --no-grid without --each-dir would write nothing",
+    ),
     "bench report below a file": (
         lambda t: ["bench", "--preset", "tiny", "--json", str(_write(t / "taken", "x") / "r.json")],
         "taken is a file, not a folder",
