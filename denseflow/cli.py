@@ -397,6 +397,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from .runtime import resolve_device
 
     _positive("evaluate", a, "k", "kbs", "batch_size", "limit")
+    if a.images and not Path(a.images).expanduser().is_dir():
+        raise ConfigError(f"evaluate: --images {a.images}: no such folder")
     model, config, batchnorm = open_model(a.checkpoint, resolve_device(a.device))
     model = model.double() if a.double else model.to(memory_format=torch.channels_last)
     data = config.data

@@ -335,6 +335,10 @@ CASES = {
         lambda t: ["sample", "--checkpoint", str(_checkpoint(t)), "--no-grid"],
         "sample: --no-grid without --each-dir would write nothing",
     ),
+    "image folder to score that does not exist": (
+        lambda t: ["evaluate", "--checkpoint", str(_checkpoint(t)), "--images", str(t / "mine")],
+        "/mine: no such folder",
+    ),
     "bench report below a file": (
         lambda t: ["bench", "--preset", "tiny", "--json", str(_write(t / "taken", "x") / "r.json")],
         "taken is a file, not a folder",
