@@ -237,6 +237,11 @@ def train(
     optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     graphed = graphed_step(model, optimizer, cfg, device, world, say=distributed.say)
     state = start(model, optimizer, resume, run_dir, plan, config)
+    if state.step >= plan.total_steps:
+        distributed.say(
+            f"{run_dir}: the run had finished ({state.step} of {plan.total_steps} steps); "
+            "nothing to train (more epochs: --set train.epochs=N)"
+        )
     sources = {"train": trainset.source, "test": testset.source}
     out = RunOutputs(
         run_dir, config, sources, len(trainset.images), state, plan.total_steps, progress

@@ -6,6 +6,7 @@ import json
 import math
 import pickle
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -247,6 +248,18 @@ def test_missing_dataset_is_one_line(tmp_path, capsys):
 def test_refuses_to_overwrite_a_run(tiny_run, capsys):
     assert main(["train", "--preset", "tiny", "--out", str(tiny_run), "--quiet"]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_resuming_a_finished_run_says_so_and_trains_nothing(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{run}: the run had finished (4 of 4 steps); nothing to train" in printed
+    assert json.loads(printed.splitlines()[-1])["step"] == 4
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
 
 
 def test_bench_reports_every_measurement(tmp_path, capsys):
