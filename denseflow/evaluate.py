@@ -65,6 +65,14 @@ def to_bits_per_dim(model: DenseFlow, nats: torch.Tensor) -> torch.Tensor:
     return -nats / (model.config.num_dims * math.log(2))
 
 
+def standard_error(values: torch.Tensor) -> float | None:
+    """Standard error of the mean of ``values`` over its entries (images): the sample standard
+    deviation (N − 1) over √N, in float64; None for fewer than two values."""
+    if len(values) < 2:
+        return None
+    return (values.double().std() / math.sqrt(len(values))).item()
+
+
 def evaluate_images(
     model: DenseFlow,
     images: torch.Tensor,

@@ -12,7 +12,7 @@ from PIL import Image
 
 from denseflow.cli import main
 from denseflow.config import load_config
-from denseflow.evaluate import evaluate_images, score_images, to_bits_per_dim
+from denseflow.evaluate import evaluate_images, score_images, standard_error, to_bits_per_dim
 from denseflow.model import DenseFlow
 from denseflow.sample import interpolate, slerp
 from denseflow.seeding import stream
@@ -65,12 +65,33 @@ def test_evaluate_writes_per_image_scores_of_a_folder_of_ones_own_images(run, tm
     assert main([*argv, "--k", "3", "--per-image", str(scores), "--json", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())  # the folder of --json was made before the work
-    assert f"images iwbo3 bits/dim: {result['bpd']:.4f} (3 images" in printed
     rows = list(csv.DictReader(scores.open()))
     assert [r["file"] for r in rows] == ["a.png", "b.png", "c.png"]
     assert list(rows[0]) == ["index", "file", "elbo_bpd", "iwbo3_bpd"]
-    mean = np.mean([float(r["iwbo3_bpd"]) for r in rows])
-    assert mean == pytest.approx(result["bpd"], abs=1e-5) and result["dataset"] == "folder"
+    iwbo, elbo = (np.array([float(r[c]) for r in rows]) for c in ("iwbo3_bpd", "elbo_bpd"))
+    assert iwbo.mean() == pytest.approx(result["bpd"], abs=1e-5) and result["dataset"] == "folder"
+    assert elbo.mean() == pytest.approx(result["elbo_bpd"], abs=1e-5)
+    # standard errors over the images (the CSV's 6 decimals bound the difference)
+    for values, key in (
+        (iwbo, "bpd_sem"),
+        (elbo, "elbo_bpd_sem"),
+        (elbo - iwbo, "elbo_minus_bpd_sem"),
+    ):
+        assert values.std(ddof=1) / np.sqrt(3) == pytest.approx(result[key], abs=2e-6), key
+    gap = result["elbo_bpd"] - result["bpd"]  # (3 images, k=3: its sign is noise here)
+    assert (
+        f"images iwbo3 bits/dim: {result['bpd']:.4f} ± {result['bpd_sem']:.4f} "
+        f"(ELBO {result['elbo_bpd']:.4f} ± {result['elbo_bpd_sem']:.4f}; "
+        f"ELBO − IWBO {gap:.4f} ± {result['elbo_minus_bpd_sem']:.4f}, paired; "
+        "± one standard error over the 3 images; BatchNorm statistics: "
+    ) in printed
+
+
+def test_standard_error_of_the_mean():
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert standard_error(values) == pytest.approx((5 / 3) ** 0.5 / 2, rel=1e-15)
+    assert standard_error(torch.tensor([7.0])) is None
+    assert standard_error(torch.full((5,), 3.25)) == 0.0
 
 
 def test_default_result_names_do_not_overwrite_each_other(run, capsys):
