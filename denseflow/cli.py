@@ -392,7 +392,7 @@ def _beside(checkpoint: str, name: str) -> Path:
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from .data import load_images
-    from .evaluate import score_images, standard_error, to_bits_per_dim, write_scores
+    from .evaluate import in_words, score_images, summarize, to_bits_per_dim, write_scores
     from .pretrained import open_model
     from .runtime import resolve_device
 
@@ -437,15 +437,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     nats = {"elbo": score()}
     if a.k is not None:
         nats[bound] = score(k=a.k, kbs=kbs)
-    bpd = {key: to_bits_per_dim(model, value) for key, value in nats.items()}
-    result = {
-        "bpd": to_bits_per_dim(model, nats[bound].mean()).item(),
-        "bpd_sem": standard_error(bpd[bound]),  # over the images
-        "elbo_bpd": to_bits_per_dim(model, nats["elbo"].mean()).item(),
-        "elbo_bpd_sem": standard_error(bpd["elbo"]),
-        "elbo_minus_bpd_sem": standard_error(bpd["elbo"] - bpd[bound]),  # paired, per image
-        "nats": nats[bound].mean().item(),
-        "images": len(images.images),
+    result = summarize(model, nats, bound) | {
         "k": a.k or 1,
         "split": what,
         "dataset": "folder" if a.images else data.dataset,
@@ -456,29 +448,16 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     }
     if not distributed.is_main():
         return 0
-    notes = []
-    if a.k is not None:
-        gap = result["elbo_bpd"] - result["bpd"]
-        notes.append(f"ELBO {_with_error(result['elbo_bpd'], result['elbo_bpd_sem'])}")
-        notes.append(f"ELBO − IWBO {_with_error(gap, result['elbo_minus_bpd_sem'])}, paired")
-    n = result["images"]
-    if result["bpd_sem"] is not None:
-        notes.append(f"± one standard error over the {n:,} images")
-    else:
-        notes.append(f"{n} image{'s' * (n != 1)}")
     print(
-        f"{what} {bound} bits/dim: {_with_error(result['bpd'], result['bpd_sem'])} "
-        f"({'; '.join(notes)}; BatchNorm statistics: {batchnorm}) -> {out}"
+        f"{what} {bound} bits/dim: {in_words(result, a.k is not None)}; "
+        f"BatchNorm statistics: {batchnorm}) -> {out}"
     )
     out.write_text(json.dumps(result, indent=1) + "\n")
     if per_image is not None:
+        bpd = {key: to_bits_per_dim(model, value) for key, value in nats.items()}
         write_scores(per_image, bpd, images.names)
         print(f"per-image bits/dim -> {per_image}")
     return 0
-
-
-def _with_error(value: float, error: float | None) -> str:
-    return f"{value:.4f}" + (f" ± {error:.4f}" if error is not None else "")
 
 
 def _cmd_recalibrate(a: argparse.Namespace) -> int:

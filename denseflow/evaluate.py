@@ -73,6 +73,41 @@ def standard_error(values: torch.Tensor) -> float | None:
     return (values.double().std() / math.sqrt(len(values))).item()
 
 
+def summarize(model: DenseFlow, nats: Mapping[str, torch.Tensor], bound: str) -> dict:
+    """The figures of an evaluation from per-image ``nats`` (``{"elbo": …}`` and, for IWBO, the
+    ``bound``'s): mean bits/dim of the bound and of the ELBO, their standard errors over the
+    images, and the paired standard error of ELBO − bound (per image)."""
+    bpd = {key: to_bits_per_dim(model, value) for key, value in nats.items()}
+    return {
+        "bpd": to_bits_per_dim(model, nats[bound].mean()).item(),
+        "bpd_sem": standard_error(bpd[bound]),
+        "elbo_bpd": to_bits_per_dim(model, nats["elbo"].mean()).item(),
+        "elbo_bpd_sem": standard_error(bpd["elbo"]),
+        "elbo_minus_bpd_sem": standard_error(bpd["elbo"] - bpd[bound]),
+        "nats": nats[bound].mean().item(),
+        "images": len(nats[bound]),
+    }
+
+
+def in_words(figures: Mapping[str, float | None], iwbo: bool) -> str:
+    """:func:`summarize`'s figures in words: ``3.7325 ± 0.0123 (ELBO …; ELBO − IWBO …, paired;
+    ± one standard error over the 2,000 images``, the parenthesis left open."""
+
+    def with_error(value: float, error: float | None) -> str:
+        return f"{value:.4f}" + (f" ± {error:.4f}" if error is not None else "")
+
+    notes, n = [], figures["images"]
+    if iwbo:
+        gap = figures["elbo_bpd"] - figures["bpd"]
+        notes.append(f"ELBO {with_error(figures['elbo_bpd'], figures['elbo_bpd_sem'])}")
+        notes.append(f"ELBO − IWBO {with_error(gap, figures['elbo_minus_bpd_sem'])}, paired")
+    if figures["bpd_sem"] is not None:
+        notes.append(f"± one standard error over the {n:,} images")
+    else:
+        notes.append(f"{n} image{'s' * (n != 1)}")
+    return f"{with_error(figures['bpd'], figures['bpd_sem'])} ({'; '.join(notes)}"
+
+
 def evaluate_images(
     model: DenseFlow,
     images: torch.Tensor,
