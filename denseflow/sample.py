@@ -49,7 +49,8 @@ def sample_seeds(
     progress: bool = False,
     cuda_graph: bool = True,
 ) -> torch.Tensor:
-    """One image per seed, ``(len(seeds), C, H, W)`` integers. The sampling noises of image i are
+    """One image per seed, ``(len(seeds), C, H, W)`` integers (uint8 for up to 8 bits: 50,000
+    ImageNet64 samples take 0.6 GB, not 4.9 in int64). The sampling noises of image i are
     drawn from the stream ``(seeds[i], "sample")`` alone, and the model is in eval mode, so the
     image does not depend on the other seeds or on the batch size. In a process group every rank
     calls this with the same seeds and samples every ``W``-th of them; all ranks get all images.
@@ -63,7 +64,7 @@ def sample_seeds(
         return mine
     shares = [None] * world
     torch.distributed.all_gather_object(shares, mine)
-    out = torch.empty(len(seeds), *model.config.image_shape, dtype=torch.long)
+    out = torch.empty(len(seeds), *model.config.image_shape, dtype=mine.dtype)
     for r, share in enumerate(shares):
         out[r::world] = share
     return out
@@ -79,7 +80,8 @@ def _sample(
 ) -> torch.Tensor:
     device = model.base.loc.device
     shapes = model.sampling_shapes
-    out = [torch.empty(0, *model.config.image_shape, dtype=torch.long)]
+    dtype = torch.uint8 if model.config.num_bits <= 8 else torch.long
+    out = [torch.empty(0, *model.config.image_shape, dtype=dtype)]
     for start in tqdm(
         range(0, len(seeds), batch_size), desc="sample", unit="batch", disable=not progress
     ):
@@ -90,7 +92,8 @@ def _sample(
             for name, shape in shapes.items():
                 noise[name].append(torch.randn(1, *shape, generator=g))
         stacked = {name: torch.cat(parts).to(device) for name, parts in noise.items()}
-        out.append(sampler.sample(len(chunk), temperature=temperature, noise=stacked).cpu())
+        images = sampler.sample(len(chunk), temperature=temperature, noise=stacked)
+        out.append(images.to("cpu", dtype))
     return torch.cat(out)
 
 

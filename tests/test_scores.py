@@ -14,7 +14,7 @@ from denseflow.cli import main
 from denseflow.config import load_config
 from denseflow.evaluate import evaluate_images, score_images, standard_error, to_bits_per_dim
 from denseflow.model import DenseFlow
-from denseflow.sample import interpolate, slerp
+from denseflow.sample import interpolate, sample_seeds, slerp
 from denseflow.seeding import stream
 
 
@@ -131,3 +131,14 @@ def test_interpolation_strip_starts_and_ends_at_the_inputs_bit_for_bit(run, tmp_
     grid = np.asarray(Image.open(out))
     assert grid.shape == (86 + 2, 4 * 86 + 2)  # 28 px shown at 84 px
     assert np.array_equal(grid[2:86:3, 2:86:3], a[0].numpy())  # the first frame is the file
+
+
+def test_sample_seeds_are_uint8_images_each_of_its_own_seed():
+    model = _model()
+    images = sample_seeds(model, [3, 5, 8], temperature=0.8, batch_size=2)
+    assert images.dtype == torch.uint8 and images.shape == (3, 1, 28, 28)
+    for image, seed in zip(images, (3, 5, 8), strict=True):
+        g = stream(seed, "sample")  # image i: the draws of the stream (seed_i, "sample") alone
+        shapes = model.sampling_shapes.items()
+        noise = {name: torch.randn(1, *shape, generator=g) for name, shape in shapes}
+        assert torch.equal(model.sample(1, 0.8, noise=noise)[0], image.long())
