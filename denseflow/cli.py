@@ -6,7 +6,6 @@ Bad input is reported as one line on stderr with exit code 2 (``--debug`` shows 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 from functools import partial
@@ -19,6 +18,7 @@ from . import __version__, distributed
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig, load_config, preset_names
 from .errors import DenseFlowError
+from .runlog import to_json
 
 CHECKPOINT_HELP = (
     "a checkpoint (.pt), a run folder, a save_pretrained folder, a published model's name "
@@ -336,7 +336,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     _cap_heap_growth(config)
     summary = train(config, run_dir, resume=state, progress=not a.quiet)
     if distributed.is_main():
-        print(json.dumps(summary))
+        print(to_json(summary))
     return 0
 
 
@@ -452,7 +452,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         f"{what} {bound} bits/dim: {in_words(result, a.k is not None)}; "
         f"BatchNorm statistics: {batchnorm}) -> {out}"
     )
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.write_text(to_json(result, indent=1) + "\n")
     if per_image is not None:
         bpd = {key: to_bits_per_dim(model, value) for key, value in nats.items()}
         write_scores(per_image, bpd, images.names)
@@ -637,7 +637,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     report["preset"] = a.preset
     print(format_report(report))
     if out:
-        out.write_text(json.dumps(report, indent=1) + "\n")
+        out.write_text(to_json(report, indent=1) + "\n")
     return 0
 
 

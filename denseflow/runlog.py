@@ -4,13 +4,15 @@ plot, and stop requests (Ctrl-C, SIGTERM).
 ``metrics.jsonl`` holds one JSON object per line: ``{"kind": "train" | "eval" | "skip" |
 "rollback" | "monitor", "step": ..., ...}``. Each line is appended with a single ``write`` call on
 a file opened for appending, so a crash can tear at most the last line; resuming drops a torn
-last line (saying so) and refuses a malformed line anywhere else.
+last line (saying so) and refuses a malformed line anywhere else. Non-finite numbers are
+written as ``null`` (:func:`to_json`: strict JSON, which every parser reads).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import time
@@ -36,6 +38,22 @@ if TYPE_CHECKING:
 
 class LogError(DenseFlowError):
     """A metrics log that cannot be continued; the message names the file and line."""
+
+
+def to_json(value: Any, indent: int | None = None) -> str:
+    """``json.dumps`` that writes strict JSON: a NaN or infinite float becomes ``null`` (Python's
+    ``NaN``/``Infinity`` tokens are refused by JavaScript, Go and most other parsers)."""
+
+    def strict(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {key: strict(item) for key, item in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [strict(item) for item in v]
+        return v
+
+    return json.dumps(strict(value), indent=indent, allow_nan=False)
 
 
 def read_records(path: Path, drop_torn_tail: bool = False) -> list[dict[str, Any]]:
@@ -70,7 +88,7 @@ class RunLog:
         if self.path.exists():
             kept = [r for r in read_records(self.path, True) if r["step"] <= resume_step]
         tmp = self.path.with_name(f".{self.path.name}.tmp")  # replaced whole, never half-written
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.write_text("".join(to_json(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
         if tensorboard:
             try:
@@ -89,7 +107,7 @@ class RunLog:
             return
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, (json.dumps(record) + "\n").encode())
+            os.write(fd, (to_json(record) + "\n").encode())
         finally:
             os.close(fd)
         if self.writer:

@@ -299,3 +299,44 @@ def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, capsys):
     assert f"{run / 'metrics.jsonl'}: dropped a torn last line" in out
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 8 and steps.count(9) == 0
+
+
+def _strict(text: str):
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_logs_and_reports_are_strict_json_with_null_for_non_finite(tmp_path):
+    """NaN and infinities are written as null (Python's NaN/Infinity tokens are not JSON);
+    a log written before, with NaN tokens, still resumes and is rewritten strict."""
+    from denseflow.runlog import RunLog, plot_bpd_curve, read_records, to_json
+
+    value = {"a": math.nan, "b": [1.5, -math.inf, {"c": math.inf}], "d": (2, "x"), "e": None}
+    assert _strict(to_json(value)) == {
+        "a": None,
+        "b": [1.5, None, {"c": None}],
+        "d": [2, "x"],
+        "e": None,
+    }
+    assert to_json({"n": 3, "f": 0.1}) == '{"n": 3, "f": 0.1}'
+    log = RunLog(tmp_path, resume_step=0)
+    log.write({"kind": "eval", "step": 1, "epoch": 0, "test_bpd": math.nan})
+    log.write({"kind": "train", "step": 2, "epoch": 0, "bpd": 3.25})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [_strict(line).get("test_bpd", "-") for line in lines] == [None, "-"]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "metrics.jsonl").write_text('{"kind": "eval", "step": 1, "test_bpd": NaN}\n')
+    RunLog(old, resume_step=1)  # resuming rewrites the kept records
+    assert _strict((old / "metrics.jsonl").read_text()) == {
+        "kind": "eval",
+        "step": 1,
+        "test_bpd": None,
+    }
+    records = read_records(tmp_path / "metrics.jsonl")
+    pytest.importorskip("matplotlib")
+    assert (
+        plot_bpd_curve(records, tmp_path / "curve.png") and (tmp_path / "curve.png").stat().st_size
+    )
