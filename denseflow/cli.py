@@ -39,7 +39,8 @@ EXAMPLES = {
     "evaluate": """examples:
   denseflow evaluate --checkpoint runs/demo/final.pt                    # test ELBO bits/dim
   denseflow evaluate --checkpoint runs/cifar10/final.pt --data-dir ~/data --k 1000 --kbs 50
-  denseflow evaluate --checkpoint published.pt --data-dir ~/data --double --json out.json""",
+  denseflow evaluate --checkpoint published.pt --data-dir ~/data --double --json out.json
+  denseflow evaluate --checkpoint runs/demo/final.pt --terms            # where the bits go""",
     "sample": (
         "examples:\n"
         "  denseflow sample --checkpoint runs/demo/final.pt --out samples.png\n"
@@ -157,6 +158,12 @@ def _parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, help="images per batch (default: the config's eval.batch_size)"
     )
     p.add_argument("--limit", type=int, help="evaluate the first N images only")
+    p.add_argument(
+        "--terms",
+        action="store_true",
+        help="also split the ELBO into its summands (dequantization, each block's steps and "
+        "cross-unit noise, transitions, base): where the bits go",
+    )
     p.add_argument("--double", action="store_true", help="evaluate in float64")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -392,7 +399,15 @@ def _beside(checkpoint: str, name: str) -> Path:
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from .data import load_images
-    from .evaluate import in_words, score_images, summarize, to_bits_per_dim, write_scores
+    from .evaluate import (
+        in_words,
+        score_images,
+        score_terms,
+        summarize,
+        terms_in_words,
+        to_bits_per_dim,
+        write_scores,
+    )
     from .pretrained import open_model
     from .runtime import resolve_device
 
@@ -437,6 +452,9 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     nats = {"elbo": score()}
     if a.k is not None:
         nats[bound] = score(k=a.k, kbs=kbs)
+    terms = {}
+    if a.terms:
+        terms = score_terms(model, images.images, batch_size, a.seed, progress=not a.quiet)
     result = summarize(model, nats, bound) | {
         "k": a.k or 1,
         "split": what,
@@ -446,15 +464,21 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         "double": a.double,
         "batchnorm": batchnorm,
     }
+    if terms:
+        bpd = {name: to_bits_per_dim(model, value.mean()).item() for name, value in terms.items()}
+        result["terms_bpd"] = bpd  # each summand's share of the ELBO's bits/dim
     if not distributed.is_main():
         return 0
     print(
         f"{what} {bound} bits/dim: {in_words(result, a.k is not None)}; "
         f"BatchNorm statistics: {batchnorm}) -> {out}"
     )
+    if terms:
+        print(terms_in_words(result["terms_bpd"], result["elbo_bpd"]))
     out.write_text(to_json(result, indent=1) + "\n")
     if per_image is not None:
-        bpd = {key: to_bits_per_dim(model, value) for key, value in nats.items()}
+        columns = {**nats, **{f"term.{name}": value for name, value in terms.items()}}
+        bpd = {key: to_bits_per_dim(model, value) for key, value in columns.items()}
         write_scores(per_image, bpd, images.names)
         print(f"per-image bits/dim -> {per_image}")
     return 0

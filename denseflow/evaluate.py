@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from tqdm import tqdm
@@ -41,23 +41,61 @@ def score_images(
     On a GPU the batches replay CUDA graphs (:class:`denseflow.graph.GraphedInference`, the same
     values) unless ``cuda_graph`` is False.
     """
-    device = model.base.loc.device
     scorer = inference(model, cuda_graph, say=distributed.say)
-    values = torch.zeros(len(images), dtype=torch.float64, device=device)
+
+    def score(x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        if k is None:
+            return {"": scorer.elbo(x, generator=generator)}
+        return {"": scorer.iwbo(x, k, chunk=kbs, generator=generator)}
+
+    return _batches(model, images, batch_size, seed, progress, desc, [""], score)[""]
+
+
+@torch.no_grad()
+def score_terms(
+    model: DenseFlow,
+    images: torch.Tensor,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Per image, the summands of the ELBO (:meth:`~denseflow.model.DenseFlow.elbo_terms`) in
+    nats, float64 ``(N,)`` each: the draws of :func:`score_images`'s ELBO (the same streams),
+    so they sum to its values to float rounding. Eager (no CUDA graphs)."""
+
+    def score(x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return model.elbo_terms(x, generator=generator)
+
+    names = model.term_names
+    return _batches(model, images, batch_size, seed, progress, "terms", names, score)
+
+
+def _batches(
+    model: DenseFlow,
+    images: torch.Tensor,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+    desc: str,
+    names: Sequence[str],
+    score: Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """``score(x, generator)`` of every batch (``(B,)`` values of ``names``), batch ``i`` with
+    the stream ``(seed, "eval", i)``, shared out over the ranks: float64 ``(N,)`` by name, every
+    image's value on every rank."""
+    device = model.base.loc.device
+    values = {name: torch.zeros(len(images), dtype=torch.float64, device=device) for name in names}
     starts = list(range(0, len(images), batch_size))[distributed.rank() :: distributed.world_size()]
     show = progress and distributed.is_main()
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=not show, leave=False)
     for start in starts:
         x = images[start : start + batch_size].to(device).long()
         generator = stream(seed, "eval", start // batch_size, device=device)
-        if k is None:
-            log_p = scorer.elbo(x, generator=generator)
-        else:
-            log_p = scorer.iwbo(x, k, chunk=kbs, generator=generator)
-        values[start : start + len(x)] = log_p.double()
+        for name, value in score(x, generator).items():
+            values[name][start : start + len(x)] = value.double()
         bar.update(len(x) * distributed.world_size())
     bar.close()
-    return distributed.all_sum(values)  # each image is non-zero on exactly one rank
+    return {name: distributed.all_sum(v) for name, v in values.items()}  # one rank per image
 
 
 def to_bits_per_dim(model: DenseFlow, nats: torch.Tensor) -> torch.Tensor:
@@ -106,6 +144,16 @@ def in_words(figures: Mapping[str, float | None], iwbo: bool) -> str:
     else:
         notes.append(f"{n} image{'s' * (n != 1)}")
     return f"{with_error(figures['bpd'], figures['bpd_sem'])} ({'; '.join(notes)}"
+
+
+def terms_in_words(terms_bpd: Mapping[str, float], elbo_bpd: float) -> str:
+    """A table of each ELBO summand's bits/dim (:func:`score_terms`' means), their sum and the
+    ELBO it adds up to."""
+    width = max(map(len, terms_bpd))
+    lines = ["ELBO bits/dim by term (the same draws; a negative share lowers the bits/dim):"]
+    lines += [f"  {name:<{width}}  {value:+9.4f}" for name, value in terms_bpd.items()]
+    lines.append(f"  {'sum':<{width}}  {sum(terms_bpd.values()):+9.4f}  (ELBO {elbo_bpd:.4f})")
+    return "\n".join(lines)
 
 
 def evaluate_images(

@@ -155,35 +155,102 @@ class DenseFlow(nn.Module):
 
     # ------------------------------------------------------------------ data -> latent
     def _forward(
-        self, x: Tensor, noise: Noise, dtype: torch.dtype | None = None
+        self,
+        x: Tensor,
+        noise: Noise,
+        dtype: torch.dtype | None = None,
+        terms: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """(log p̂(x), latents): the estimate and every factored-out and final latent, computed
-        in ``dtype`` (default: the parameters'; every step follows the dequantizer's output)."""
+        in ``dtype`` (default: the parameters'; every step follows the dequantizer's output).
+        ``terms``: filled with the summands of the estimate (see :meth:`elbo_terms`)."""
         self._check_images(x)
         with batched_log_dets(self._batched_convs) if self._batched_convs else nullcontext():
-            return self._flow(x, noise, dtype)
+            return self._flow(x, noise, dtype, {} if terms is None else terms)
 
     def _flow(
-        self, x: Tensor, noise: Noise, dtype: torch.dtype | None
+        self, x: Tensor, noise: Noise, dtype: torch.dtype | None, terms: dict[str, Tensor]
     ) -> tuple[Tensor, dict[str, Tensor]]:
         latents: dict[str, Tensor] = {}
         z, total = self.dequantizer(x, noise=noise, dtype=dtype)
+        terms["dequantization"] = total
         h = squeeze(z - 0.5)
         for s, block in enumerate(self.blocks):
-            h, delta = block(h, noise=noise)
-            total = total + delta
+            h, terms[block.name] = block(h, noise=noise)
+            total = total + terms[block.name]
             if s < len(self.transitions):
                 transition = self.transitions[s]
-                h, latents[transition.name], delta = transition.factor_out(h)
-                total = total + delta
+                h, latents[transition.name], terms[transition.name] = transition.factor_out(h)
+                total = total + terms[transition.name]
         latents["base"] = h
-        return total + self.base.log_prob(h), latents
+        terms["base"] = self.base.log_prob(h)
+        return total + terms["base"], latents
 
     def elbo(
         self, x: Tensor, noise: NoiseArg = None, generator: torch.Generator | None = None
     ) -> Tensor:
         """Single-sample ``log p̂(x)`` in nats, ``(B,)`` (spec §10): the training objective."""
         return self._forward(x, self._noise(noise, generator))[0]
+
+    @property
+    def term_names(self) -> list[str]:
+        """The names of :meth:`elbo_terms`, in its order."""
+        names = ["bins", "dequantization"]
+        for s, block in enumerate(self.blocks):
+            names += [f"{block.name}.steps"] + [f"{block.name}.cross_unit"] * bool(block.couplings)
+            names += [self.transitions[s].name] if s < len(self.transitions) else []
+        return [*names, "base"]
+
+    @torch.inference_mode()
+    def elbo_terms(
+        self, x: Tensor, noise: NoiseArg = None, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """:meth:`elbo` split by where each summand arises: in nats, each ``(B,)``, in the order
+        of the pass; the same draws as :meth:`elbo` with the same ``noise`` and ``generator``,
+        and their sum is its value to float rounding.
+
+        ``bins``: −D·bits·log 2, the bins' width (exactly ``num_bits`` bits per dimension);
+        ``dequantization``: −log q(u | x), of the dequantization noise given the image;
+        ``block{s}.steps``: the log-determinants of block s's glow-like steps;
+        ``block{s}.cross_unit``: −log q(ẽ | context) of the noise channels its cross-unit
+        couplings append (absent without augmentation, ``growth_rate=0``);
+        ``transition{t}``: log N(0, I) of the half factored out after block t;
+        ``base``: the base density of the final latent.
+        """
+        summands: dict[str, Tensor] = {}
+        parts: dict[str, list[Tensor]] = {}
+
+        def keep(key: str):
+            def hook(module, args, out):
+                parts.setdefault(key, []).append(out[1])
+
+            return hook
+
+        hooks = [
+            module.register_forward_hook(keep(f"{block.name}.{kind}"))
+            for block in self.blocks
+            for kind, modules in (("steps", block.units), ("cross_unit", block.couplings))
+            for module in modules
+        ]
+        try:
+            with eager():
+                self._forward(x, self._noise(noise, generator), terms=summands)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        width = self.config.num_dims * self.config.num_bits * math.log(2)
+        bins = torch.full_like(summands["dequantization"], -width)
+        terms = {}
+        for name in self.term_names:
+            if name == "bins":
+                terms[name] = bins
+            elif name == "dequantization":
+                terms[name] = summands[name] - bins
+            elif name in parts:  # a block's steps or cross-unit couplings
+                terms[name] = torch.stack(parts[name]).sum(0)
+            else:
+                terms[name] = summands[name]
+        return terms
 
     def forward(
         self, x: Tensor, noise: NoiseArg = None, generator: torch.Generator | None = None

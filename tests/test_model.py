@@ -325,3 +325,52 @@ def test_speed_and_memory_modes_keep_values_and_gradients(mode):
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-9, atol=1e-12, msg=name)
     for (name, a), (_, b) in zip(reference.named_buffers(), other.named_buffers(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=0, msg=name)  # statistics updated once
+
+
+def test_elbo_terms_sum_to_the_elbo_and_each_is_its_closed_form():
+    """Where the bits go: the summands of the ELBO, with the draws of elbo, add up to it; the bins
+    are exactly num_bits bits/dim; the transitions' and the base's terms are the densities of the
+    latents encode returns (bitwise); an unconditional cross-unit coupling's term is
+    Σ log σ − log N(η) of the drawn η; without augmentation there is no cross-unit term."""
+    from denseflow.transforms.base import std_normal_log_prob
+    from denseflow.transforms.glow import bounded_log_scale
+
+    torch.manual_seed(0)
+    model = perturbed(tiny(cross_unit="unconditional")).to(DT)
+    x = images(model, 3)
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    terms = model.elbo_terms(x, generator=g())
+    assert (
+        list(terms)
+        == model.term_names
+        == [
+            "bins",
+            "dequantization",
+            "block1.steps",
+            "block1.cross_unit",
+            "transition1",
+            "block2.steps",
+            "block2.cross_unit",
+            "transition2",
+            "block3.steps",
+            "base",
+        ]
+    )
+    elbo = model.elbo(x, generator=g())
+    torch.testing.assert_close(sum(terms.values()), elbo, rtol=1e-12, atol=0)
+    bits = -terms["bins"] / (model.config.num_dims * math.log(2))
+    torch.testing.assert_close(bits, torch.full((3,), 8.0, dtype=DT), rtol=1e-15, atol=0)
+    latents = model.encode(x, generator=g(), exact=False)
+    for t in ("transition1", "transition2"):
+        assert torch.equal(terms[t], std_normal_log_prob(latents[t]))
+    assert torch.equal(terms["base"], model.base.log_prob(latents["base"]))
+    # block1's one cross-unit coupling, its noise given: −log q(ẽ) = Σ log σ − log N(η; 0, I)
+    eta = torch.randn(3, 2, 8, 8, dtype=DT)
+    terms = model.elbo_terms(x, noise={"block1.unit1.eta": eta}, generator=g())
+    net = model.blocks[0].couplings[0].net
+    log_sigma = bounded_log_scale(net.scale).expand(3, 2, 8, 8)
+    want = log_sigma.flatten(1).sum(1) - std_normal_log_prob(eta)
+    torch.testing.assert_close(terms["block1.cross_unit"], want, rtol=1e-14, atol=0)
+    plain = tiny(growth_rate=0)
+    assert not any("cross_unit" in name for name in plain.term_names)
+    assert list(plain.eval().elbo_terms(images(plain, 2))) == plain.term_names

@@ -16,4 +16,5 @@ def test_the_library_examples_run(tmp_path, monkeypatch):
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
     assert namespace["summary"]["step"] == 4 and (tmp_path / "my-model" / "config.json").exists()
     assert namespace["nats"].shape == (4,)
+    assert list(namespace["terms"]) == namespace["small"].term_names
     assert namespace["loss"].isfinite() and namespace["step"]._flat is not None

@@ -142,3 +142,24 @@ def test_sample_seeds_are_uint8_images_each_of_its_own_seed():
         shapes = model.sampling_shapes.items()
         noise = {name: torch.randn(1, *shape, generator=g) for name, shape in shapes}
         assert torch.equal(model.sample(1, 0.8, noise=noise)[0], image.long())
+
+
+def test_evaluate_terms_split_the_elbo_where_the_bits_go(run, tmp_path, capsys):
+    """`evaluate --terms`: each summand's bits/dim in the JSON, the printout and the per-image
+    CSV; they add up to the ELBO of the same draws (in float64 here: to float64 rounding)."""
+    out, scores = tmp_path / "t.json", tmp_path / "t.csv"
+    argv = ["evaluate", "--checkpoint", str(run / "final.pt"), "--limit", "5", "--quiet"]
+    argv.append("--double")
+    assert main([*argv, "--terms", "--json", str(out), "--per-image", str(scores)]) == 0
+    result, printed = json.loads(out.read_text()), capsys.readouterr().out
+    model = DenseFlow.from_pretrained(run / "final.pt")
+    assert list(result["terms_bpd"]) == model.term_names
+    assert result["terms_bpd"]["bins"] == pytest.approx(8.0, abs=1e-12)
+    assert sum(result["terms_bpd"].values()) == pytest.approx(result["elbo_bpd"], abs=1e-9)
+    for name, value in result["terms_bpd"].items():
+        assert f"  {name} " in printed and f"{value:+9.4f}" in printed
+    rows = list(csv.DictReader(scores.open()))
+    assert list(rows[0]) == ["index", "elbo_bpd", *(f"term.{n}_bpd" for n in model.term_names)]
+    for row in rows:  # 6 decimals a column: the sum of 8 rounded values is within 4e-6
+        parts = sum(float(row[f"term.{n}_bpd"]) for n in model.term_names)
+        assert parts == pytest.approx(float(row["elbo_bpd"]), abs=5e-6)

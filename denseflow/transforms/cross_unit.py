@@ -67,6 +67,7 @@ class InvertibleDenseBlock(Transform):
         conditional: bool = True,
     ) -> None:
         super().__init__()
+        self.name = name
         widths = [in_channels + i * growth for i in range(units)]
         self.units = nn.ModuleList(
             FlowSequence(glow_step(c, net_factory(c), conv1x1) for _ in range(steps))
