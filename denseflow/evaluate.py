@@ -23,7 +23,7 @@ def score_images(
     model: DenseFlow,
     images: torch.Tensor,
     batch_size: int = 64,
-    k: int | None = None,
+    k: int | Sequence[int] | None = None,
     kbs: int | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -34,21 +34,29 @@ def score_images(
     under ``model`` in its current mode.
 
     ``k=None``: one noise draw per image (ELBO). Otherwise IWBO-k with ``kbs`` copies of each
-    batch per pass. The noises of batch ``i`` come from the stream ``(seed, "eval", i)``, so the
-    values are reproducible and independent of how batches are shared out. In a process group
-    every rank calls this with the same arguments: rank ``r`` scores batches ``r, r + W, …`` and
-    every rank gets every image's value, in dataset order (exactly the single-process values).
-    On a GPU the batches replay CUDA graphs (:class:`denseflow.graph.GraphedInference`, the same
-    values) unless ``cuda_graph`` is False.
+    batch per pass; ``k`` a sequence: ``(len(k), N)``, row ``i`` IWBO-``k[i]`` of the first
+    ``k[i]`` of ``max(k)`` draws (:meth:`~denseflow.model.DenseFlow.iwbo`). The noises of batch
+    ``i`` come from the stream ``(seed, "eval", i)``, so the values are reproducible and
+    independent of how batches are shared out. In a process group every rank calls this with
+    the same arguments: rank ``r`` scores batches ``r, r + W, …`` and every rank gets every
+    image's value, in dataset order (exactly the single-process values). On a GPU the batches
+    replay CUDA graphs (:class:`denseflow.graph.GraphedInference`, the same values) unless
+    ``cuda_graph`` is False.
     """
     scorer = inference(model, cuda_graph, say=distributed.say)
 
+    ks = [None] if k is None else [k] if isinstance(k, int) else list(k)
+
     def score(x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         if k is None:
-            return {"": scorer.elbo(x, generator=generator)}
-        return {"": scorer.iwbo(x, k, chunk=kbs, generator=generator)}
+            return {"None": scorer.elbo(x, generator=generator)}
+        bounds = scorer.iwbo(x, ks, chunk=kbs, generator=generator)
+        return {str(j): bound for j, bound in zip(ks, bounds, strict=True)}
 
-    return _batches(model, images, batch_size, seed, progress, desc, [""], score)[""]
+    names = [str(j) for j in ks]
+    values = _batches(model, images, batch_size, seed, progress, desc, names, score)
+    rows = [values[name] for name in names]
+    return rows[0] if k is None or isinstance(k, int) else torch.stack(rows)
 
 
 @torch.no_grad()
@@ -127,13 +135,14 @@ def summarize(model: DenseFlow, nats: Mapping[str, torch.Tensor], bound: str) ->
     }
 
 
+def with_error(value: float, error: float | None) -> str:
+    """``3.7325 ± 0.0123`` (the value alone without an error)."""
+    return f"{value:.4f}" + (f" ± {error:.4f}" if error is not None else "")
+
+
 def in_words(figures: Mapping[str, float | None], iwbo: bool) -> str:
     """:func:`summarize`'s figures in words: ``3.7325 ± 0.0123 (ELBO …; ELBO − IWBO …, paired;
     ± one standard error over the 2,000 images``, the parenthesis left open."""
-
-    def with_error(value: float, error: float | None) -> str:
-        return f"{value:.4f}" + (f" ± {error:.4f}" if error is not None else "")
-
     notes, n = [], figures["images"]
     if iwbo:
         gap = figures["elbo_bpd"] - figures["bpd"]
@@ -144,6 +153,12 @@ def in_words(figures: Mapping[str, float | None], iwbo: bool) -> str:
     else:
         notes.append(f"{n} image{'s' * (n != 1)}")
     return f"{with_error(figures['bpd'], figures['bpd_sem'])} ({'; '.join(notes)}"
+
+
+def curve_in_words(curve: Mapping[int, Mapping[str, float | None]]) -> str:
+    """IWBO-j bits/dim for each j of a ``--k`` list (the first j of the largest j's draws)."""
+    words = [f"k={j} {with_error(c['bpd'], c['bpd_sem'])}" for j, c in curve.items()]
+    return f"IWBO-k bits/dim of the first k of {max(curve)} draws: {', '.join(words)}"
 
 
 def terms_in_words(terms_bpd: Mapping[str, float], elbo_bpd: float) -> str:

@@ -659,7 +659,7 @@ class GraphedInference:
     def iwbo(
         self,
         x: Tensor,
-        k: int,
+        k: int | Sequence[int],
         chunk: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -268,7 +268,7 @@ class DenseFlow(nn.Module):
     def iwbo(
         self,
         x: Tensor,
-        k: int,
+        k: int | Sequence[int],
         chunk: int | None = None,
         generator: torch.Generator | None = None,
         elbo: Callable[[Tensor], Tensor] | None = None,
@@ -279,19 +279,25 @@ class DenseFlow(nn.Module):
         model per pass (default: all ``k`` at once). No autograd graph is built. ``elbo`` scores
         the copies of a pass (default: :meth:`elbo` drawing from ``generator``;
         :class:`denseflow.graph.GraphedInference` passes its replayed one).
+        ``k`` a sequence (e.g. ``[1, 10, 100]``): ``(len(k), B)``, row ``i`` the bound of the first
+        ``k[i]`` of ``max(k)`` draws — the bound's tightening with k from one run of ``max(k)``.
         """
-        if k < 1:
+        ks = [k] if isinstance(k, int) else list(k)
+        if not ks or min(ks) < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        chunk = k if chunk is None else chunk
+        total = max(ks)
+        chunk = total if chunk is None else chunk
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         b = x.shape[0]
         elbo = elbo or (lambda copies: self.elbo(copies, generator=generator))
         weights = []
-        for start in range(0, k, chunk):
-            n = min(chunk, k - start)
+        for start in range(0, total, chunk):
+            n = min(chunk, total - start)
             weights.append(elbo(x.repeat(n, 1, 1, 1)).view(n, b))
-        return torch.logsumexp(torch.cat(weights), dim=0) - math.log(k)
+        log_w = torch.cat(weights)
+        bounds = [torch.logsumexp(log_w[:j], dim=0) - math.log(j) for j in ks]
+        return bounds[0] if isinstance(k, int) else torch.stack(bounds)
 
     def encode(
         self,

@@ -339,6 +339,10 @@ CASES = {
         lambda t: ["evaluate", "--checkpoint", str(_checkpoint(t)), "--images", str(t / "mine")],
         "/mine: no such folder",
     ),
+    "malformed list of k": (
+        lambda t: ["evaluate", "--checkpoint", str(_checkpoint(t)), "--k", "1,x"],
+        "evaluate: --k '1,x': expected a number of samples or a list such as 1,10,100",
+    ),
     "bench report below a file": (
         lambda t: ["bench", "--preset", "tiny", "--json", str(_write(t / "taken", "x") / "r.json")],
         "taken is a file, not a folder",

@@ -183,6 +183,13 @@ def test_iwbo_is_the_log_mean_exp_of_elbos_and_tightens():
         for k in (8, 32)
     }
     assert iw[8] > elbo and iw[32] > iw[8]
+    # a list of k: row j is the bound of the first j of max(k) draws, one run of max(k)
+    rows = model.iwbo(x, [1, 2, 4], chunk=2, generator=torch.Generator().manual_seed(1))
+    assert rows.shape == (3, 6) and torch.equal(rows[2], got)  # the k=4 call's draws
+    torch.testing.assert_close(rows[0], w[0], rtol=0, atol=0)  # one draw: its ELBO
+    torch.testing.assert_close(rows[1], torch.logsumexp(w[:2], 0) - math.log(2), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        model.iwbo(x, [0, 3])
 
 
 def test_data_init_sets_actnorm_and_leaves_batchnorm_and_mode():

@@ -48,6 +48,8 @@ def test_per_image_scores_average_to_the_evaluation():
     again = score_images(model, images, batch_size=4, seed=2, progress=False)
     assert torch.equal(again, nats)
     iwbo = score_images(model, images, batch_size=4, k=6, kbs=3, seed=2, progress=False)
+    curve = score_images(model, images, batch_size=4, k=[3, 12, 6], kbs=3, seed=2, progress=False)
+    assert curve.shape == (3, 11) and torch.equal(curve[2], iwbo)  # kbs 3 divides 6: same draws
     for i, start in enumerate((0, 4, 8)):  # batch i: model.iwbo with the stream (2, "eval", i)
         x = images[start : start + 4].long()
         want = model.iwbo(x, 6, chunk=3, generator=stream(2, "eval", i))
@@ -92,6 +94,33 @@ def test_standard_error_of_the_mean():
     assert standard_error(values) == pytest.approx((5 / 3) ** 0.5 / 2, rel=1e-15)
     assert standard_error(torch.tensor([7.0])) is None
     assert standard_error(torch.full((5,), 3.25)) == 0.0
+
+
+def test_evaluate_a_list_of_k_scores_the_bound_s_tightening_in_one_run(run, tmp_path, capsys):
+    """`--k 1,2,4`: IWBO-j of the first j of 4 draws for each j; the largest is the result's
+    bound, and with a --kbs that divides j each equals a separate --k j run bit for bit."""
+    argv = ["evaluate", "--checkpoint", str(run / "final.pt"), "--limit", "6", "--quiet"]
+    argv += ["--kbs", "2"]
+    scores = tmp_path / "c.csv"
+    assert (
+        main(
+            [*argv, "--k", "4,1,2", "--json", str(tmp_path / "c.json"), "--per-image", str(scores)]
+        )
+        == 0
+    )
+    curve, printed = json.loads((tmp_path / "c.json").read_text()), capsys.readouterr().out
+    assert curve["k"] == 4 and list(curve["iwbo_bpd"]) == ["1", "2", "4"]
+    assert curve["iwbo_bpd"]["4"]["bpd"] == curve["bpd"]
+    rows = list(csv.DictReader(scores.open()))
+    assert list(rows[0]) == ["index", "elbo_bpd", "iwbo1_bpd", "iwbo2_bpd", "iwbo4_bpd"]
+    words = ", ".join(
+        f"k={j} {c['bpd']:.4f} ± {c['bpd_sem']:.4f}" for j, c in curve["iwbo_bpd"].items()
+    )
+    assert f"IWBO-k bits/dim of the first k of 4 draws: {words}" in printed
+    for j in (2, 4):
+        assert main([*argv, "--k", str(j), "--json", str(tmp_path / f"{j}.json")]) == 0
+        alone = json.loads((tmp_path / f"{j}.json").read_text())
+        assert alone["bpd"] == curve["iwbo_bpd"][str(j)]["bpd"] and "iwbo_bpd" not in alone
 
 
 def test_default_result_names_do_not_overwrite_each_other(run, capsys):
