@@ -469,12 +469,18 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         progress=not a.quiet,
         cuda_graph=not a.no_cuda_graph,
     )
-    nats = {"elbo": score()}
+
+    def kept(what: str) -> Path:  # an interrupted pass's scores: the same command continues
+        return out.with_name(f".{out.name}.{what}.partial")
+
+    nats = {"elbo": score(partial=kept("elbo"))}
     if a.k is not None:  # IWBO-j of the first j draws for each j (one bound: the usual IWBO-k)
-        nats |= dict(zip((f"iwbo{j}" for j in a.k), score(k=a.k, kbs=kbs), strict=True))
+        bounds = score(k=a.k, kbs=kbs, partial=kept(bound))
+        nats |= dict(zip((f"iwbo{j}" for j in a.k), bounds, strict=True))
     terms = {}
     if a.terms:
-        terms = score_terms(model, images.images, batch_size, a.seed, progress=not a.quiet)
+        show = not a.quiet
+        terms = score_terms(model, images.images, batch_size, a.seed, show, kept("terms"))
     result = summarize(model, nats, bound) | {
         "k": a.k[-1] if a.k else 1,
         "split": what,

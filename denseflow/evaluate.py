@@ -7,15 +7,21 @@ from __future__ import annotations
 import csv
 import math
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from . import checkpoint as ckpt
 from . import distributed
 from .graph import inference
 from .model import DenseFlow
 from .seeding import stream
+
+#: a partial evaluation (``partial=``) is kept at most this often, and when it stops early
+SAVE_SECONDS = 60.0
 
 
 @torch.no_grad()
@@ -29,6 +35,7 @@ def score_images(
     progress: bool = True,
     desc: str = "evaluate",
     cuda_graph: bool = True,
+    partial: str | os.PathLike | None = None,
 ) -> torch.Tensor:
     """Per-image ``log p̂(x)`` in nats, float64 ``(N,)``, of ``images`` (uint8 ``(N, C, H, W)``)
     under ``model`` in its current mode.
@@ -41,7 +48,9 @@ def score_images(
     the same arguments: rank ``r`` scores batches ``r, r + W, …`` and every rank gets every
     image's value, in dataset order (exactly the single-process values). On a GPU the batches
     replay CUDA graphs (:class:`denseflow.graph.GraphedInference`, the same values) unless
-    ``cuda_graph`` is False.
+    ``cuda_graph`` is False. ``partial``: a file that keeps the scores done so far (every
+    :data:`SAVE_SECONDS` and when the call stops early): the same call continues from it and
+    gives bitwise the values of an uninterrupted one; it is removed when the call completes.
     """
     scorer = inference(model, cuda_graph, say=distributed.say)
 
@@ -54,7 +63,10 @@ def score_images(
         return {str(j): bound for j, bound in zip(ks, bounds, strict=True)}
 
     names = [str(j) for j in ks]
-    values = _batches(model, images, batch_size, seed, progress, desc, names, score)
+    keep = None
+    if partial is not None:  # (hashing the model and images costs about a second for 74-10)
+        keep = _Partial(partial, _identity(model, images, batch_size, seed, ks, kbs, cuda_graph))
+    values = _batches(model, images, batch_size, seed, progress, desc, names, score, keep)
     rows = [values[name] for name in names]
     return rows[0] if k is None or isinstance(k, int) else torch.stack(rows)
 
@@ -66,16 +78,78 @@ def score_terms(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
+    partial: str | os.PathLike | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per image, the summands of the ELBO (:meth:`~denseflow.model.DenseFlow.elbo_terms`) in
     nats, float64 ``(N,)`` each: the draws of :func:`score_images`'s ELBO (the same streams),
-    so they sum to its values to float rounding. Eager (no CUDA graphs)."""
+    so they sum to its values to float rounding. Eager (no CUDA graphs). ``partial``: as for
+    :func:`score_images`."""
 
     def score(x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return model.elbo_terms(x, generator=generator)
 
     names = model.term_names
-    return _batches(model, images, batch_size, seed, progress, "terms", names, score)
+    keep = None
+    if partial is not None:
+        keep = _Partial(partial, _identity(model, images, batch_size, seed, "terms"))
+    return _batches(model, images, batch_size, seed, progress, "terms", names, score, keep)
+
+
+def _identity(
+    model: DenseFlow, images: torch.Tensor, batch_size: int, seed: int, *settings
+) -> dict:
+    """What a partial evaluation's scores depend on: the model's parameters and buffers, their
+    memory layout and the mode; the images; the batches, noise streams and other settings."""
+    return {
+        "model": model.state_dict(),
+        "layout": [tuple(p.stride()) for p in model.parameters()],
+        "training": model.training,
+        "device": model.base.loc.device.type,
+        "images": images,
+        "batches": [batch_size, seed],
+        "settings": repr(settings),
+    }
+
+
+class _Partial:
+    """The scores of an evaluation done so far, kept in a checkpoint-format file (atomic,
+    checksummed) so that an interrupted evaluation continues where it stopped: valid only for
+    the same model (parameters, buffers, layout, mode), images, settings and process group; one
+    file per rank, removed once the evaluation is complete."""
+
+    def __init__(self, path: str | os.PathLike, identity: dict) -> None:
+        rank, world = distributed.rank(), distributed.world_size()
+        self.path = Path(path) if world == 1 else Path(f"{path}.rank{rank}")
+        self.identity = ckpt.checksum(identity | {"world": world, "rank": rank})
+        self.saved = time.perf_counter()
+
+    def restore(self, values: dict[str, torch.Tensor]) -> set[int]:
+        """The batch starts already scored, their values copied into ``values``."""
+        if not self.path.exists():
+            return set()
+        try:
+            payload = ckpt.load(self.path)
+        except ckpt.CheckpointError as err:
+            distributed.say(f"{err}: scoring from the start")
+            return set()
+        if payload.get("identity") != self.identity:
+            distributed.say(
+                f"{self.path}: a partial evaluation of another model, images or settings: "
+                "scoring from the start"
+            )
+            return set()
+        for name, value in values.items():
+            value.copy_(payload["values"][name])
+        distributed.say(f"{self.path}: continuing a partial evaluation")
+        return set(payload["done"])
+
+    def save(self, values: dict[str, torch.Tensor], done: set[int], now: bool = False) -> None:
+        """Keep the scores so far, at most every :data:`SAVE_SECONDS` unless ``now``."""
+        if now or time.perf_counter() - self.saved > SAVE_SECONDS:
+            kept = {name: value.cpu() for name, value in values.items()}
+            payload = {"identity": self.identity, "done": sorted(done), "values": kept}
+            ckpt.save(self.path, payload)
+            self.saved = time.perf_counter()
 
 
 def _batches(
@@ -87,23 +161,41 @@ def _batches(
     desc: str,
     names: Sequence[str],
     score: Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]],
+    partial: _Partial | None = None,
 ) -> dict[str, torch.Tensor]:
     """``score(x, generator)`` of every batch (``(B,)`` values of ``names``), batch ``i`` with
     the stream ``(seed, "eval", i)``, shared out over the ranks: float64 ``(N,)`` by name, every
-    image's value on every rank."""
+    image's value on every rank. With ``partial``, batches scored before are not scored again,
+    and the scores so far are kept every :data:`SAVE_SECONDS` and when the loop stops early."""
     device = model.base.loc.device
     values = {name: torch.zeros(len(images), dtype=torch.float64, device=device) for name in names}
     starts = list(range(0, len(images), batch_size))[distributed.rank() :: distributed.world_size()]
+    done = partial.restore(values) if partial is not None else set()
     show = progress and distributed.is_main()
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=not show, leave=False)
-    for start in starts:
-        x = images[start : start + batch_size].to(device).long()
-        generator = stream(seed, "eval", start // batch_size, device=device)
-        for name, value in score(x, generator).items():
-            values[name][start : start + len(x)] = value.double()
-        bar.update(len(x) * distributed.world_size())
-    bar.close()
-    return {name: distributed.all_sum(v) for name, v in values.items()}  # one rank per image
+    try:
+        for start in starts:
+            x = images[start : start + batch_size]
+            if start not in done:
+                x = x.to(device).long()
+                generator = stream(seed, "eval", start // batch_size, device=device)
+                for name, value in score(x, generator).items():
+                    values[name][start : start + len(x)] = value.double()
+                done.add(start)
+                if partial is not None:
+                    partial.save(values, done)
+            bar.update(len(x) * distributed.world_size())
+    except BaseException:  # an interruption or a failure: keep what was scored
+        if partial is not None and done:
+            partial.save(values, done, now=True)
+            distributed.say(f"{partial.path}: the scores so far are kept; the same call continues")
+        raise
+    finally:
+        bar.close()
+    scores = {name: distributed.all_sum(v) for name, v in values.items()}  # one rank per image
+    if partial is not None:
+        partial.path.unlink(missing_ok=True)
+    return scores
 
 
 def to_bits_per_dim(model: DenseFlow, nats: torch.Tensor) -> torch.Tensor:

@@ -192,3 +192,64 @@ def test_evaluate_terms_split_the_elbo_where_the_bits_go(run, tmp_path, capsys):
     for row in rows:  # 6 decimals a column: the sum of 8 rounded values is within 4e-6
         parts = sum(float(row[f"term.{n}_bpd"]) for n in model.term_names)
         assert parts == pytest.approx(float(row["elbo_bpd"]), abs=5e-6)
+
+
+def _interrupting(real, after: int, calls: dict):
+    """``real`` that raises KeyboardInterrupt at its call number ``after`` (counted in calls)."""
+
+    def call(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == after:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return call
+
+
+def test_an_interrupted_evaluation_continues_where_it_stopped(tmp_path, monkeypatch, capsys):
+    """With ``partial=``, an interrupted score_images keeps the batches it scored; the same call
+    scores only the rest and gives bitwise the uninterrupted values; the file then goes. A file
+    of other settings, or a damaged one, is not used."""
+    model = _model()
+    images = torch.randint(0, 256, (11, 1, 28, 28), dtype=torch.uint8)
+    args = dict(batch_size=4, k=3, kbs=3, seed=2, progress=False)  # 3 batches, 1 pass each
+    want = score_images(model, images, **args)
+    calls, path = {"n": 0}, tmp_path / "scores.partial"
+    monkeypatch.setattr(model, "elbo", _interrupting(model.elbo, 3, calls))
+    with pytest.raises(KeyboardInterrupt):
+        score_images(model, images, **args, partial=path)
+    assert path.exists() and "the scores so far are kept" in capsys.readouterr().out
+    calls["n"] = 100  # no more interruptions; count the passes from here
+    assert torch.equal(score_images(model, images, **args, partial=path), want)
+    assert calls["n"] == 101 and not path.exists()  # only the third batch was scored
+    assert "continuing a partial evaluation" in capsys.readouterr().out
+    # another seed: the kept scores do not apply
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        score_images(model, images, **args, partial=path)
+    calls["n"] = 100
+    other = score_images(model, images, **(args | {"seed": 3}), partial=path)
+    assert torch.equal(other, score_images(model, images, **(args | {"seed": 3})))
+    assert "another model, images or settings" in capsys.readouterr().out
+    path.write_bytes(b"damaged")
+    assert torch.equal(score_images(model, images, **args, partial=path), want)
+    assert "scoring from the start" in capsys.readouterr().out and not path.exists()
+
+
+def test_evaluate_interrupted_continues_with_the_same_command(run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r.json"
+    argv = ["evaluate", "--checkpoint", str(run / "final.pt"), "--quiet", "--json", str(out)]
+    argv += ["--k", "2", "--kbs", "2", "--batch-size", "8"]  # 32 test images: 4 batches
+    assert main(argv) == 0
+    want = json.loads(out.read_text())
+    out.unlink()
+    calls = {"n": 0}
+    monkeypatch.setattr(DenseFlow, "elbo", _interrupting(DenseFlow.elbo, 4 + 3, calls))
+    assert main(argv) == 130  # the ELBO pass (4 calls) done, the IWBO pass interrupted at batch 3
+    assert not out.exists() and "the scores so far are kept" in capsys.readouterr().out
+    kept = tmp_path / ".r.json.iwbo2.partial"
+    assert kept.exists() and not (tmp_path / ".r.json.elbo.partial").exists()
+    calls["n"] = 100
+    assert main(argv) == 0
+    assert calls["n"] == 100 + 4 + 2  # the ELBO pass again (it had completed), IWBO batches 3-4
+    assert json.loads(out.read_text()) == want and not kept.exists()
