@@ -6,6 +6,7 @@ different thread counts the kernels sum in another order: ~1e-6 after 4 Adamax s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from contextlib import contextmanager
@@ -227,6 +228,22 @@ def _eval_worker(rank: int, init: Path, out: Path) -> None:
             "samples": sample_seeds(model, list(range(5))),
             "scores": score_images(model, images, batch_size=8, k=3, kbs=2, seed=3, progress=False),
         }
+        # each rank interrupted in its second batch keeps its first; the same call continues
+        partial, real, calls = out / "partial", model.elbo, {"n": 0}
+
+        def interrupted(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:  # k=3, kbs=2: two passes a batch
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        model.elbo = interrupted
+        with contextlib.suppress(KeyboardInterrupt):
+            score_images(model, images, 8, 3, 2, seed=3, progress=False, partial=partial)
+        result["kept"] = Path(f"{partial}.rank{rank}").exists()
+        model.elbo = real
+        result["resumed"] = score_images(model, images, 8, 3, 2, 3, False, partial=partial)
+        result["removed"] = not Path(f"{partial}.rank{rank}").exists()
         torch.save(result, out / f"eval{rank}.pt")
 
 
@@ -246,6 +263,7 @@ def test_distributed_evaluation_of_an_odd_sized_set_equals_one_process(tmp_path)
         assert result["iwbo"] == pytest.approx(iwbo["bpd"], rel=1e-12)
         assert torch.equal(result["samples"], samples)  # seeds split over ranks, gathered in order
         assert torch.equal(result["scores"], scores)  # every image once, in dataset order
+        assert result["kept"] and result["removed"] and torch.equal(result["resumed"], scores)
     # one process evaluating in different batches gives a different draw: the check above can fail
     assert (
         evaluate_images(model, images, batch_size=5, seed=3, progress=False)["bpd"] != elbo["bpd"]
