@@ -1,6 +1,8 @@
 """Bits/dim of images: the single-sample ELBO (spec §10) or the importance-weighted bound IWBO-k
-(§11), per image (:func:`score_images`, e.g. for out-of-distribution scores) or as the mean over
-a test set (:func:`evaluate_images`)."""
+(§11), per image (:func:`score_images`, e.g. for out-of-distribution scores; IWBO for several k
+from one run) or as the mean over a test set (:func:`evaluate_images`); the ELBO's summands per
+image (:func:`score_terms`); an evaluation's figures with their standard errors over the images
+(:func:`summarize`). A long evaluation given ``partial=`` survives an interruption."""
 
 from __future__ import annotations
 
