@@ -56,21 +56,21 @@ def score_images(
     """
     scorer = inference(model, cuda_graph, say=distributed.say)
 
-    ks = [None] if k is None else [k] if isinstance(k, int) else list(k)
+    ks = None if k is None else [k] if isinstance(k, int) else list(k)
+    names = ["elbo"] if ks is None else [f"iwbo{j}" for j in ks]
 
     def score(x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        if k is None:
-            return {"None": scorer.elbo(x, generator=generator)}
+        if ks is None:
+            return {"elbo": scorer.elbo(x, generator=generator)}
         bounds = scorer.iwbo(x, ks, chunk=kbs, generator=generator)
-        return {str(j): bound for j, bound in zip(ks, bounds, strict=True)}
+        return dict(zip(names, bounds, strict=True))
 
-    names = [str(j) for j in ks]
     keep = None
     if partial is not None:  # hashing DenseFlow-74-10 and 10,000 CIFAR images: 0.6 s (2 cores)
         keep = _Partial(partial, _identity(model, images, batch_size, seed, ks, kbs, cuda_graph))
     values = _batches(model, images, batch_size, seed, progress, desc, names, score, keep)
     rows = [values[name] for name in names]
-    return rows[0] if k is None or isinstance(k, int) else torch.stack(rows)
+    return torch.stack(rows) if isinstance(k, Sequence) else rows[0]
 
 
 @torch.no_grad()
