@@ -244,7 +244,10 @@ class TrainConfig:
     every evaluation, sample grid and export of the run uses BatchNorm statistics recomputed over
     that many training batches (:mod:`denseflow.recalibrate`); the training state keeps its
     running averages, so resuming is unchanged. 0 (the paper presets): the running averages, as
-    the official code.
+    the official code. ``ema_decay`` > 0: the run evaluates, samples and exports a Polyak average
+    of its weights over the optimizer steps with that decay (:mod:`denseflow.average`; training
+    itself is unchanged; needs ``bn_recalibrate``, as the running statistics belong to the raw
+    weights); 0 (the paper presets): the weights themselves.
     """
 
     epochs: int = 400
@@ -281,6 +284,7 @@ class TrainConfig:
     num_samples: int = 64
     sample_temperature: float = 1.0
     bn_recalibrate: int = 0
+    ema_decay: float = 0.0
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
@@ -301,7 +305,7 @@ class TrainConfig:
         for name in ("finetune_epochs", "warmup", "num_samples", "monitor_every", "bn_recalibrate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r}: must be >= 0")
-        for name in ("lr", "finetune_lr", "eps", "grad_clip", "sample_temperature"):
+        for name in ("lr", "finetune_lr", "eps", "grad_clip", "sample_temperature", "ema_decay"):
             if not math.isfinite(getattr(self, name)):  # the one-sided bounds below let inf pass
                 raise ConfigError(f"train.{name}={getattr(self, name)!r}: must be a finite number")
         for name in ("lr", "finetune_lr", "eps"):
@@ -347,6 +351,14 @@ class TrainConfig:
             raise ConfigError(f"train.grad_clip={self.grad_clip!r}: must be >= 0 (0 = off)")
         if self.sample_temperature < 0:
             raise ConfigError(f"train.sample_temperature={self.sample_temperature!r}: must be >= 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay={self.ema_decay!r}: must lie in [0, 1) (0 = off)")
+        if self.ema_decay and not self.bn_recalibrate:
+            raise ConfigError(
+                f"train.ema_decay={self.ema_decay!r} needs train.bn_recalibrate > 0 (the running "
+                "BatchNorm statistics belong to the raw weights, not to their average): add "
+                "--set train.bn_recalibrate=100"
+            )
 
 
 @dataclass(frozen=True)

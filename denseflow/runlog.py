@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
+from .average import WeightAverage
 from .config import RunConfig, TrainConfig
 from .errors import DenseFlowError
 from .model import DenseFlow
@@ -220,11 +221,20 @@ class RunOutputs:
         """Where the sample grid of an evaluation at ``step`` goes (None on other ranks)."""
         return self.run_dir / "samples" / f"step_{step:07d}.png" if self.main else None
 
-    def save(self, model: DenseFlow, opt: torch.optim.Optimizer, state: LoopState) -> None:
-        """A training checkpoint of the raw module at ``state.step`` (once per step)."""
+    def save(
+        self,
+        model: DenseFlow,
+        opt: torch.optim.Optimizer,
+        state: LoopState,
+        average: WeightAverage | None = None,
+    ) -> None:
+        """A training checkpoint of the raw module at ``state.step`` (once per step), with the
+        weights' ``average`` where the run keeps one."""
         if self.main and self.saved_step != state.step:
             payload = {"kind": "training", "config": self.config.to_dict()}
             payload |= {"model": model.state_dict(), "optimizer": opt.state_dict()}
+            if average is not None:
+                payload["average"] = average.state_dict()
             folder = self.run_dir / "checkpoints"
             ckpt.save(folder / f"step_{state.step:07d}.pt", payload | dataclasses.asdict(state))
             for old in sorted(folder.glob("step_*.pt"))[: -self.config.train.keep_checkpoints]:

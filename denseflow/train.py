@@ -13,7 +13,8 @@ Run directory::
 Every random choice of step ``t`` (batch order of its epoch, augmentation, model noise per
 chunk) comes from a stream of its own, named by ``train.seed``, the purpose and the position
 (:mod:`denseflow.seeding`), so a resumed run continues exactly as if it had never stopped: a
-checkpoint holds the weights, the Adamax state and the :class:`LoopState`, nothing else.
+checkpoint holds the weights, the Adamax state, the :class:`LoopState` and, with
+``train.ema_decay``, the weights' average (:mod:`denseflow.average`), nothing else.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed, runtime
+from .average import WeightAverage
 from .config import ConfigError, RunConfig, TrainConfig
 from .data import ImageSet, load_images
 from .errors import DenseFlowError
@@ -67,10 +69,18 @@ class LoopState:
         return cls(**{name: payload[name] for name in names if name in payload})
 
 
-def restore(model: DenseFlow, opt: torch.optim.Optimizer, payload: dict[str, Any]) -> LoopState:
-    """Load a training checkpoint's weights and optimizer state; return its loop state."""
+def restore(
+    model: DenseFlow,
+    opt: torch.optim.Optimizer,
+    payload: dict[str, Any],
+    average: WeightAverage | None = None,
+) -> LoopState:
+    """Load a training checkpoint's weights, optimizer state and (into ``average``) weight
+    average; return its loop state."""
     model.load_state_dict(payload["model"])
     opt.load_state_dict(payload["optimizer"])
+    if average is not None:
+        average.load_state_dict(payload.get("average"))
     return LoopState.from_checkpoint(payload)
 
 
@@ -105,6 +115,7 @@ def start(
     run_dir: Path,
     plan: Plan,
     config: RunConfig,
+    average: WeightAverage | None = None,
 ) -> LoopState:
     """The loop state to start from: a new run's, or the resumed checkpoint's (a run directory,
     a checkpoint file, or a loaded checkpoint), after :func:`check_start`."""
@@ -114,14 +125,19 @@ def start(
     check_start(run_dir, config, None if payload is None else ckpt.run_config(payload))
     if payload is None:
         return LoopState()
-    state = restore(model, opt, payload)
+    state = restore(model, opt, payload, average)
     if state.batch == plan.steps_per_epoch:  # saved by denseflow 0.1 when stopped at an epoch's end
         state.epoch, state.batch = state.epoch + 1, 0
     return state
 
 
 def rollback(
-    run_dir: Path, model: DenseFlow, opt: torch.optim.Optimizer, state: LoopState, cfg: TrainConfig
+    run_dir: Path,
+    model: DenseFlow,
+    opt: torch.optim.Optimizer,
+    state: LoopState,
+    cfg: TrainConfig,
+    average: WeightAverage | None = None,
 ) -> LoopState:
     """After ``train.max_bad_steps`` non-finite steps in a row: the newest good checkpoint's
     state with the learning rate scaled by ``train.rollback_lr_factor``, or
@@ -133,7 +149,7 @@ def rollback(
             f"checkpoints kept in {run_dir}"
         )
     try:  # rank 0 chooses the checkpoint, every rank restores that one
-        restored = restore(model, opt, ckpt.load_on_every_rank(run_dir))
+        restored = restore(model, opt, ckpt.load_on_every_rank(run_dir), average)
     except ckpt.CheckpointError:
         raise TrainingDiverged(
             f"training diverged at step {state.step}, before any good checkpoint: lower train.lr"
@@ -143,9 +159,15 @@ def rollback(
 
 
 @contextmanager
-def evaluation(model: DenseFlow, config: RunConfig, train_images: torch.Tensor):
+def evaluation(
+    model: DenseFlow,
+    config: RunConfig,
+    train_images: torch.Tensor,
+    average: WeightAverage | None = None,
+):
     """The model as a run evaluates and exports it, inside the block: eval mode, float32
-    networks (bf16 trains only), BatchNorm statistics recalibrated over ``train.bn_recalibrate``
+    networks (bf16 trains only), the weights' ``average`` in place of the weights
+    (``train.ema_decay``), BatchNorm statistics recalibrated over ``train.bn_recalibrate``
     training batches; on exit the training state is as before, except that under data
     parallelism every rank has first taken rank 0's BatchNorm running statistics (those its
     checkpoints hold: each rank's own chunks move them apart, and only evaluation reads them)."""
@@ -153,7 +175,10 @@ def evaluation(model: DenseFlow, config: RunConfig, train_images: torch.Tensor):
     distributed.from_rank_0([b for m in batchnorms(model) for b in m.buffers()])
     model.set_net_precision(None)
     try:
-        with recalibrated(model, train_images, cfg.bn_recalibrate, cfg.batch_size, cfg.seed):
+        with (
+            average.applied() if average is not None else nullcontext(),
+            recalibrated(model, train_images, cfg.bn_recalibrate, cfg.batch_size, cfg.seed),
+        ):
             model.eval()
             yield
     finally:
@@ -236,7 +261,8 @@ def train(
         model = runtime.prepare(DenseFlow(config.model), cfg, device)
     optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     graphed = graphed_step(model, optimizer, cfg, device, world, say=distributed.say)
-    state = start(model, optimizer, resume, run_dir, plan, config)
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
+    state = start(model, optimizer, resume, run_dir, plan, config, average)
     if state.step >= plan.total_steps:
         distributed.say(
             f"{run_dir}: the run had finished ({state.step} of {plan.total_steps} steps); "
@@ -281,11 +307,14 @@ def train(
                 record = {"kind": "monitor", "step": state.step, "epoch": state.epoch}
                 out.log.write(record | monitor.record())
             bad_in_a_row = 0 if torch.isfinite(loss) else bad_in_a_row + 1
+            if average is not None and not bad_in_a_row:
+                average.update()
             if bad_in_a_row:
                 state.skipped_steps += 1
                 out.skipped(state)
             if bad_in_a_row >= cfg.max_bad_steps:
-                state, bad_in_a_row = rollback(run_dir, model, optimizer, state, cfg), 0
+                state = rollback(run_dir, model, optimizer, state, cfg, average)
+                bad_in_a_row = 0
                 out.rolled_back(state)
                 continue
 
@@ -295,20 +324,20 @@ def train(
                 state.epoch, state.batch = state.epoch + 1, 0
             if state.batch == 0 and state.epoch % cfg.eval_every == 0 or last:
                 began = time.perf_counter()
-                with evaluation(model, config, trainset.images):
+                with evaluation(model, config, trainset.images, average):
                     grid = out.grid(state.step)
                     test_bpd = evaluate_and_sample(model, testset.images, config, grid)
                     out.evaluated(state, test_bpd, model)
                     if last:
                         out.export("final.pt", model)
-                out.save(model, optimizer, state)
+                out.save(model, optimizer, state, average)
                 eval_seconds += time.perf_counter() - began
             if state.step % cfg.checkpoint_every == 0:
-                out.save(model, optimizer, state)
+                out.save(model, optimizer, state, average)
             if all_stop(
                 stop["stop"] or stop_after is not None and state.step >= stop_after, device
             ):
-                out.save(model, optimizer, state)
+                out.save(model, optimizer, state, average)
                 break
     out.bar.close()
     stopped = state.step < plan.total_steps

@@ -37,6 +37,7 @@ CONFIG = load_config("tiny").override(
         "train.eval_every=5",
         "train.checkpoint_every=3",
         "train.num_samples=3",
+        "train.ema_decay=0.5",  # the exports compared hold the weights' average
     ]
 )
 
@@ -168,14 +169,20 @@ def test_two_ranks_train_what_one_process_trains(tmp_path, single, cuda_graph, r
 def test_every_rank_starts_from_rank_0s_weights(tmp_path, single, cuda_graph):
     """Rank 1's weights differ after the init: both ranks still end with the single process's
     parameters, bitwise (rank 0's state is broadcast before the first step; DDP does it
-    itself)."""
+    itself), and the run exports the single process's weight average."""
     config = CONFIG.override([f"train.cuda_graph={cuda_graph}"])
     _spawn(_train_worker, tmp_path, config.to_dict(), tmp_path / "run", None, tmp_path, True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    reference = _params(single[0] / "final.pt")
+    reference = _params(
+        single[0] / "checkpoints" / "step_0000004.pt"
+    )  # the weights, not final.pt's average
     for name, value in ranks[0]["final"].items():
         assert torch.equal(value, ranks[1]["final"][name]), name
         assert torch.equal(value, reference[name]), name
+    mine, average = _params(tmp_path / "run" / "final.pt"), _params(single[0] / "final.pt")
+    for name, value in average.items():
+        if "running_" not in name and "num_batches" not in name:
+            assert torch.equal(mine[name], value), name
 
 
 def test_ddp_checkpoint_resumes_in_one_process(tmp_path, single):
@@ -357,7 +364,9 @@ def test_every_rank_evaluates_with_the_statistics_the_checkpoint_holds(tmp_path,
     """``bn_recalibrate=0``: the running statistics, which each rank's own chunks move apart.
     The evaluations inside the run use rank 0's on every rank (those its files hold), so the
     exported model, evaluated in one process, scores the run's test bpd exactly."""
-    config = CONFIG.override(["train.bn_recalibrate=0", f"train.cuda_graph={cuda_graph}"])
+    config = CONFIG.override(
+        ["train.ema_decay=0", "train.bn_recalibrate=0", f"train.cuda_graph={cuda_graph}"]
+    )
     run = tmp_path / "run"
     _spawn(_train_worker, tmp_path, config.to_dict(), run, None, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -632,10 +632,18 @@ def test_uncapturable_setups_say_why_and_run_train_step():
 def test_train_runs_are_bitwise_the_same_with_and_without_the_option(tmp_path, monkeypatch):
     """A whole train() run (2 chunks, an epoch's last batch smaller than the others, evaluations,
     BatchNorm recalibration and samples between the steps) gives the same final weights, Adamax
-    state and test bpd with ``train.cuda_graph`` on (the static-buffer step) as off
-    (train_step); stopped after step 4 and resumed, it gives them too; and with every graph
-    captured and replayed as on a GPU (rehearsed), from the start and resumed."""
-    base = TINY.override(["train.batch_size=24", "train.batch_chunks=2", "train.num_samples=2"])
+    state, weight average (``train.ema_decay``: evaluated in place of the weights) and test bpd
+    with ``train.cuda_graph`` on (the static-buffer step) as off (train_step); stopped after step
+    4 and resumed, it gives them too; and with every graph captured and replayed as on a GPU
+    (rehearsed), from the start and resumed."""
+    base = TINY.override(
+        [
+            "train.batch_size=24",
+            "train.batch_chunks=2",
+            "train.num_samples=2",
+            "train.ema_decay=0.5",
+        ]
+    )
     runs, made = {}, []
     for name, extra in (
         ("off", ["train.cuda_graph=false"]),
@@ -665,6 +673,9 @@ def test_train_runs_are_bitwise_the_same_with_and_without_the_option(tmp_path, m
         for i, state in final["off"]["optimizer"]["state"].items():
             for key, value in state.items():
                 assert torch.equal(final[name]["optimizer"]["state"][i][key], value), (name, key)
+        assert final[name]["average"]["count"] == final["off"]["average"]["count"] == 6
+        for key, value in final["off"]["average"]["weights"].items():
+            assert torch.equal(final[name]["average"]["weights"][key], value), (name, key)
 
 
 def test_bench_times_the_step_train_runs(tmp_path, monkeypatch):

@@ -216,8 +216,8 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys):
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
-    """Test hook: the third training loss is NaN. That update is skipped (Adamax state untouched),
-    logged, and training carries on to finite weights."""
+    """Test hook: the third training loss is NaN. That update is skipped (Adamax state and the
+    weight average untouched), logged, and training carries on to finite weights."""
     calls = []
     original = ckpt.DenseFlow.forward  # the training forward (evaluation calls elbo)
 
@@ -227,7 +227,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
         return value * float("nan") if len(calls) == 3 else value
 
     monkeypatch.setattr(ckpt.DenseFlow, "forward", poisoned)
-    summary = train(load_config("tiny"), tmp_path, progress=False)
+    summary = train(load_config("tiny").override(["train.ema_decay=0.5"]), tmp_path, progress=False)
     assert summary["step"] == 8 and math.isfinite(summary["test_bpd"])
     skips = [
         json.loads(line)
@@ -238,6 +238,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     state = ckpt.load(tmp_path)
     assert state["skipped_steps"] == 1
     assert all(s["step"] == 7 for s in state["optimizer"]["state"].values())  # 8 steps, 1 skipped
+    assert state["average"]["count"] == 7
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
@@ -340,3 +341,79 @@ def test_logs_and_reports_are_strict_json_with_null_for_non_finite(tmp_path):
     assert (
         plot_bpd_curve(records, tmp_path / "curve.png") and (tmp_path / "curve.png").stat().st_size
     )
+
+
+def test_weight_average_is_the_bias_corrected_moving_average():
+    """WeightAverage after t steps: Σ β^(t-s) θ_s / Σ β^(t-s) over the weights θ_1..θ_t after
+    each step (float64, closed form); inside ``applied`` the model holds it and afterwards its
+    own weights bit for bit; decay 0 keeps the last weights; the state round-trips."""
+    from denseflow.average import WeightAverage
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    beta, thetas = 0.9, []
+    average = WeightAverage(model, beta)
+    last = WeightAverage(model, 0.0)
+    for _ in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        thetas.append([p.detach().clone() for p in model.parameters()])
+        average.update()
+        last.update()
+    t = len(thetas)
+    weights = [beta ** (t - s) for s in range(1, t + 1)]
+    own = [p.detach().clone() for p in model.parameters()]
+    with average.applied():
+        for i, p in enumerate(model.parameters()):
+            expected = sum(w * th[i] for w, th in zip(weights, thetas, strict=True)) / sum(weights)
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-14, atol=1e-14)
+    for p, q in zip(model.parameters(), own, strict=True):
+        assert torch.equal(p, q)
+    with last.applied():
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), own, strict=True))
+    copy = WeightAverage(model, beta)
+    copy.load_state_dict(average.state_dict())
+    assert copy.count == 6 and all(
+        torch.equal(a, b) for a, b in zip(copy.average, average.average, strict=True)
+    )
+    fresh = WeightAverage(model, beta)
+    fresh.update()  # the first step copies the weights: no trace of where the average started
+    assert all(torch.equal(a, p) for a, p in zip(fresh.average, model.parameters(), strict=True))
+
+
+def test_weight_average_changes_what_is_evaluated_not_what_is_trained(tmp_path):
+    """train.ema_decay: the training checkpoints' weights and Adamax state are bitwise those of a
+    run without it; the exports hold the average the checkpoint stores (not the weights), the
+    test bpd is the average's; an interrupted run resumes to bitwise the same average."""
+    plain = load_config("tiny")
+    averaged = plain.override(["train.ema_decay=0.8"])
+    runs = {
+        "plain": train(plain, tmp_path / "plain", progress=False),
+        "averaged": train(averaged, tmp_path / "averaged", progress=False),
+    }
+    train(averaged, tmp_path / "resumed", progress=False, stop_after=5)
+    runs["resumed"] = train(
+        averaged, tmp_path / "resumed", resume=tmp_path / "resumed", progress=False
+    )
+    last = {n: ckpt.load(tmp_path / n / "checkpoints" / "step_0000008.pt") for n in runs}
+    assert "average" not in last["plain"]
+    for key, value in last["plain"]["model"].items():
+        assert torch.equal(last["averaged"]["model"][key], value), key
+    for i, state in last["plain"]["optimizer"]["state"].items():
+        assert all(
+            torch.equal(last["averaged"]["optimizer"]["state"][i][k], v) for k, v in state.items()
+        )
+    average = last["averaged"]["average"]
+    assert average["count"] == 8 and average["decay"] == 0.8
+    final = ckpt.load(tmp_path / "averaged" / "final.pt")["model"]
+    moved = 0
+    for key, value in average["weights"].items():
+        assert torch.equal(final[key], value), key
+        moved += not torch.equal(value, last["averaged"]["model"][key])
+    assert moved > 0.9 * len(average["weights"])  # trained parameters all differ from the average
+    assert runs["averaged"]["test_bpd"] != runs["plain"]["test_bpd"]
+    assert runs["resumed"]["test_bpd"] == runs["averaged"]["test_bpd"]
+    assert last["resumed"]["average"]["count"] == 8
+    for key, value in average["weights"].items():
+        assert torch.equal(last["resumed"]["average"]["weights"][key], value), key
