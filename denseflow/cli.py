@@ -46,7 +46,9 @@ EXAMPLES = {
         "examples:\n"
         "  denseflow sample --checkpoint runs/demo/final.pt --out samples.png\n"
         "  denseflow sample --checkpoint published.pt --seeds 0-63 --temperature 0.8 --out grid.png"
-        " --each-dir samples/"
+        " --each-dir samples/\n"
+        "  denseflow sample --checkpoint fashion-mnist --seeds 0-9 --temperature 0,0.5,0.7,0.9,1"
+        "  # a row per temperature"
     ),
     "bench": (
         "examples:\n"
@@ -187,14 +189,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seeds", help="e.g. 0-63 or 1,5,9: image i depends only on seed i")
     p.add_argument(
-        "--temperature", type=float, default=1.0, help="scale of the latent draws (official: 1.0)"
+        "--temperature",
+        default="1.0",
+        help="scale of the latent draws (official: 1.0); a list such as 0,0.5,0.7,1 samples "
+        "the same seeds at each, one grid row per temperature",
     )
     p.add_argument("--out", help="grid PNG path (default: samples.png beside the checkpoint)")
     p.add_argument("--each-dir", help="also write one PNG per seed into this folder")
     p.add_argument(
         "--no-grid", action="store_true", help="no grid, only --each-dir's PNGs (many images)"
     )
-    p.add_argument("--nrow", type=int, default=8, help="images per row of the grid")
+    p.add_argument(
+        "--nrow",
+        type=int,
+        help="images per row of the grid (default 8; the seeds with a list of temperatures)",
+    )
     p.add_argument("--scale", type=int, help=SCALE_HELP)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -379,6 +388,23 @@ def _ks(text: str) -> list[int]:
     return ks
 
 
+def _temperatures(text: str) -> list[float]:
+    """``sample --temperature``: one number or a comma-separated list, in the order given, each
+    finite and >= 0."""
+    try:
+        temperatures = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"sample: --temperature {text!r}: expected a number or a list such as 0.5,0.7,1"
+        ) from None
+    for t in temperatures:
+        if not t >= 0:
+            raise ConfigError(f"sample: --temperature must be >= 0, got {t}")
+        if t == float("inf"):
+            raise ConfigError("sample: --temperature must be finite, got inf")
+    return temperatures
+
+
 def _positive(command: str, a: argparse.Namespace, *names: str) -> None:
     """One line for the first of ``names`` given as a number below 1."""
     for name in names:
@@ -552,35 +578,48 @@ def _cmd_sample(a: argparse.Namespace) -> int:
     from .sample import check_grid, parse_seeds, sample_seeds, save_grid, to_pil
 
     _positive("sample", a, "num", "nrow", "scale")
-    if not a.temperature >= 0:
-        raise ConfigError(f"sample: --temperature must be >= 0, got {a.temperature}")
-    if a.temperature == float("inf"):
-        raise ConfigError("sample: --temperature must be finite, got inf")
+    temperatures = _temperatures(a.temperature)
     if a.no_grid and not a.each_dir:
         raise ConfigError("sample: --no-grid without --each-dir would write nothing")
     if a.no_grid and a.out:
         raise ConfigError("sample: --out names the grid, which --no-grid leaves out")
     seeds = parse_seeds(a.seeds) if a.seeds is not None else list(range(a.num))
+    sweep = len(temperatures) > 1  # the same seeds at each temperature: a row each
+    nrow = a.nrow or (len(seeds) if sweep else 8)
     out = None if a.no_grid else _output(a.out or _beside(a.checkpoint, "samples.png"))
     each_dir = _folder(a.each_dir, "--each-dir") if a.each_dir else None
     model, config, _ = open_model(a.checkpoint, resolve_device(a.device))
     if out is not None:
-        check_grid(len(seeds), *config.model.image_shape[1:], a.nrow, a.scale)
+        check_grid(len(seeds) * len(temperatures), *config.model.image_shape[1:], nrow, a.scale)
     model = model.to(memory_format=torch.channels_last)
     graph = not a.no_cuda_graph
-    images = sample_seeds(model, seeds, a.temperature, progress=not a.quiet, cuda_graph=graph)
+    images = torch.cat(
+        [
+            sample_seeds(model, seeds, t, progress=not a.quiet, cuda_graph=graph)
+            for t in temperatures
+        ]
+    )
     if not distributed.is_main():
         return 0
-    info = {"temperature": a.temperature, "checkpoint": a.checkpoint, "seeds": a.seeds or a.num}
+    shown = ",".join(map(str, temperatures))
+    info = {"temperature": shown, "checkpoint": a.checkpoint, "seeds": a.seeds or a.num}
     if out is not None:
-        save_grid(images, out, a.nrow, num_bits=config.model.num_bits, scale=a.scale, metadata=info)
+        bits = config.model.num_bits
+        save_grid(images, out, nrow, num_bits=bits, scale=a.scale, metadata=info)
     if each_dir:
         each_dir.mkdir(parents=True, exist_ok=True)
-        pairs = zip(seeds, images, strict=True)
-        for seed, image in tqdm(pairs, "write", len(seeds), disable=a.quiet, leave=False):
-            to_pil(image, config.model.num_bits).save(each_dir / f"seed{seed:06d}.png")
+        names = [
+            f"seed{seed:06d}" + (f"_t{t:g}" if sweep else "") + ".png"
+            for t in temperatures
+            for seed in seeds
+        ]
+        pairs = zip(names, images, strict=True)
+        for name, image in tqdm(pairs, "write", len(names), disable=a.quiet, leave=False):
+            to_pil(image, config.model.num_bits).save(each_dir / name)
     written = ([str(out)] if out else []) + ([f"{each_dir}/"] if each_dir else [])
-    print(f"{len(seeds)} samples (temperature {a.temperature}) -> {', '.join(written)}")
+    at = f"temperature {shown}" if not sweep else f"at temperatures {shown}"
+    at += ", a row each" if sweep and out is not None and nrow == len(seeds) else ""
+    print(f"{len(seeds)} samples ({at}) -> {', '.join(written)}")
     return 0
 
 

@@ -123,6 +123,21 @@ def test_sample_seeds_are_reproducible_and_independent(tiny_run, tmp_path):
     assert main(argv) == 0
     small = Image.open(tmp_path / "c.png")
     assert small.size == (2 * 30 + 2, 30 + 2) and small.text["temperature"] == "0.5"
+    # a list of temperatures: the same seeds at each, a grid row per temperature in the given
+    # order, a PNG per seed and temperature
+    sweep = argv[:-7] + ["--out", str(tmp_path / "sweep.png"), "--scale", "1", "--quiet"]
+    assert main([*sweep, "--temperature", "0.5,1", "--each-dir", str(tmp_path / "sw")]) == 0
+    both = Image.open(tmp_path / "sweep.png")
+    assert both.size == (2 * 30 + 2, 2 * 30 + 2) and both.text["temperature"] == "0.5,1.0"
+    assert np.array_equal(np.asarray(both)[:32], np.asarray(small))  # row 1: T = 0.5
+    for column, seed in enumerate((2, 3)):
+        cell = np.asarray(both)[32:60, 2 + 30 * column : 30 + 30 * column]  # row 2: T = 1
+        assert np.array_equal(cell, np.asarray(Image.open(tmp_path / "a" / f"seed{seed:06d}.png")))
+        hot = np.asarray(Image.open(tmp_path / "sw" / f"seed{seed:06d}_t1.png"))
+        assert np.array_equal(cell, hot)
+        cool = np.asarray(Image.open(tmp_path / "sw" / f"seed{seed:06d}_t0.5.png"))
+        assert np.array_equal(np.asarray(small)[2:30, 2 + 30 * column : 30 + 30 * column], cool)
+    assert len(list((tmp_path / "sw").iterdir())) == 4
     # --no-grid: only the per-seed PNGs, the same images; nothing else written
     checkpoint = str(tiny_run / "final.pt")
     only = tmp_path / "only"

@@ -343,6 +343,26 @@ CASES = {
         lambda t: ["evaluate", "--checkpoint", str(_checkpoint(t)), "--k", "1,x"],
         "evaluate: --k '1,x': expected a number of samples or a list such as 1,10,100",
     ),
+    "weight average decay of 1": (
+        lambda t: [*TINY, "--out", str(t / "run"), "--set", "train.ema_decay=1"],
+        "train.ema_decay=1.0: must lie in [0, 1) (0 = off)",
+    ),
+    "weight average with running BatchNorm statistics": (
+        lambda t: [
+            *TINY,
+            "--out",
+            str(t / "run"),
+            "--set",
+            "train.ema_decay=0.999",
+            "--set",
+            "train.bn_recalibrate=0",
+        ],
+        "train.ema_decay=0.999 needs train.bn_recalibrate > 0",
+    ),
+    "malformed list of temperatures": (
+        lambda t: ["sample", "--checkpoint", str(_checkpoint(t)), "--temperature", "0.5,hot"],
+        "sample: --temperature '0.5,hot': expected a number or a list such as 0.5,0.7,1",
+    ),
     "bench report below a file": (
         lambda t: ["bench", "--preset", "tiny", "--json", str(_write(t / "taken", "x") / "r.json")],
         "taken is a file, not a folder",
