@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from denseflow import checkpoint as ckpt
 from denseflow.config import TrainConfig, load_config
+from denseflow.sample import sample_seeds, save_grid
 from denseflow.train import TrainingDiverged, learning_rate, train
 
 
@@ -414,6 +417,39 @@ def test_weight_average_changes_what_is_evaluated_not_what_is_trained(tmp_path):
     assert moved > 0.9 * len(average["weights"])  # trained parameters all differ from the average
     assert runs["averaged"]["test_bpd"] != runs["plain"]["test_bpd"]
     assert runs["resumed"]["test_bpd"] == runs["averaged"]["test_bpd"]
+    # the run's last sample grid is the exported average's samples (its 1x1 inverses included)
+    model, config = ckpt.load_model(tmp_path / "averaged" / "final.pt")
+    seeds = list(range(config.train.num_samples))
+    samples = sample_seeds(model, seeds, config.train.sample_temperature, cuda_graph=False)
+    save_grid(samples, tmp_path / "again.png", num_bits=config.model.num_bits)
+    grid = np.asarray(Image.open(tmp_path / "averaged" / "samples" / "step_0000008.png"))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), grid)
     assert last["resumed"]["average"]["count"] == 8
     for key, value in average["weights"].items():
         assert torch.equal(last["resumed"]["average"]["weights"][key], value), key
+
+
+def test_average_check_script_scores_what_the_run_scores(tmp_path):
+    """scripts/average_check.py (the README's weight-averaging table): its evaluation of the
+    run's own average is the run's test bpd, the weights' and the other averages' rows are
+    there, and each paired difference is the difference of the means."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, str(REPO / "scripts" / "average_check.py"), "--preset", "tiny"]
+    command += ["--out", str(tmp_path / "run"), "--decays", "0.5,0.9", "--k", "4"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "average_check.json").read_text())
+    rows = {row["weights"]: row for row in report["rows"]}
+    assert list(rows) == ["trained", "average 0.5", "average 0.9"] and report["steps"] == 8
+    assert rows["average 0.5"]["elbo_bpd"] == report["run_test_bpd"]
+    for name in ("average 0.5", "average 0.9"):
+        for bound in ("elbo", "iwbo4"):
+            difference = rows[name][f"{bound}_bpd"] - rows["trained"][f"{bound}_bpd"]
+            assert rows[name][f"{bound}_minus_trained"] == pytest.approx(difference, abs=1e-12)
+            assert 0 < rows[name][f"{bound}_minus_trained_sem"] < abs(difference)
