@@ -243,11 +243,15 @@ class RunOutputs:
 
     @property
     def batchnorm(self) -> str:
-        """Which BatchNorm statistics the run evaluates and exports with."""
+        """Which BatchNorm statistics the run evaluates and exports with (and, with
+        ``train.ema_decay``, that they are the weights' average's)."""
         cfg = self.config.train
-        if cfg.bn_recalibrate:
-            return describe(cfg.bn_recalibrate, cfg.batch_size, cfg.seed, self.train_images)
-        return ckpt.RUNNING_STATISTICS
+        if not cfg.bn_recalibrate:
+            return ckpt.RUNNING_STATISTICS
+        words = describe(cfg.bn_recalibrate, cfg.batch_size, cfg.seed, self.train_images)
+        if cfg.ema_decay:
+            words += f", for the weights' average (train.ema_decay={cfg.ema_decay:g})"
+        return words
 
     def export(self, name: str, model: DenseFlow) -> None:
         """Inference weights and config as ``name`` (``best.pt``, ``final.pt``), with the

@@ -409,7 +409,10 @@ def test_weight_average_changes_what_is_evaluated_not_what_is_trained(tmp_path):
         )
     average = last["averaged"]["average"]
     assert average["count"] == 8 and average["decay"] == 0.8
-    final = ckpt.load(tmp_path / "averaged" / "final.pt")["model"]
+    export = ckpt.load(tmp_path / "averaged" / "final.pt")
+    final = export["model"]
+    assert export["batchnorm"].endswith(", for the weights' average (train.ema_decay=0.8)")
+    assert "average" not in ckpt.load(tmp_path / "plain" / "final.pt")["batchnorm"]
     moved = 0
     for key, value in average["weights"].items():
         assert torch.equal(final[key], value), key
