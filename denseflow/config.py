@@ -305,7 +305,7 @@ class TrainConfig:
         for name in ("finetune_epochs", "warmup", "num_samples", "monitor_every", "bn_recalibrate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r}: must be >= 0")
-        for name in ("lr", "finetune_lr", "eps", "grad_clip", "sample_temperature", "ema_decay"):
+        for name in ("lr", "finetune_lr", "eps", "grad_clip", "sample_temperature"):
             if not math.isfinite(getattr(self, name)):  # the one-sided bounds below let inf pass
                 raise ConfigError(f"train.{name}={getattr(self, name)!r}: must be a finite number")
         for name in ("lr", "finetune_lr", "eps"):

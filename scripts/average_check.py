@@ -63,9 +63,8 @@ def main() -> None:
         with training.evaluation(model, config, trainset.images, average):
             row = {"weights": "trained" if average is None else f"average {average.decay:g}"}
             for name, k in (("elbo", None), (f"iwbo{a.k}", a.k)):
-                nats = score_images(
-                    model, testset.images, config.eval.batch_size, k, min(k or 1, 10), cfg.seed
-                )
+                kbs = min(k or 1, config.eval.kbs)  # as `denseflow evaluate` chooses it
+                nats = score_images(model, testset.images, config.eval.batch_size, k, kbs, cfg.seed)
                 bpd = to_bits_per_dim(model, nats)
                 row[f"{name}_bpd"] = bpd.mean().item()
                 if average is None:
