@@ -39,7 +39,7 @@ from .config import ConfigError, DataConfig, EvalConfig, ModelConfig, RunConfig,
 from .data import load_images
 from .evaluate import evaluate_images
 from .model import DenseFlow
-from .runlog import logged_train_seconds
+from .runlog import logged_train_seconds, nan_for_null, to_json
 from .runtime import prepare, resolve_device
 from .sample import sample_seeds, save_grid
 from .step import train_step
@@ -84,6 +84,16 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
 #: warm-up steps), no intermediate evaluations or sample grids; ``max_steps`` is the budget
 RECIPE = dataclasses.replace(
     _DEMO.train, epochs=1000, max_steps=None, eval_every=1000, num_samples=0, device="auto"
+)
+
+#: a run's figures in its result.json (a diverged run's non-finite ones stored as null)
+FIGURES = (
+    "elbo_bpd",
+    "elbo_bpd_iwbo_images",
+    "iwbo_bpd",
+    "train_seconds",
+    "run_seconds",
+    "eval_seconds",
 )
 
 DEFAULTS = {"steps": 800, "seeds": 2, "iwbo_k": 100, "iwbo_images": 500, "batch_size": 64}
@@ -263,7 +273,7 @@ def run_ablation(
         "runs": runs,
         "summary": summarize(runs),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.json").write_text(to_json(results, indent=1) + "\n")
     (out / "results.md").write_text(markdown_table(results))
     plot(results, out / "ablation.png", log)
     montage(results, out, "0.7", log)
@@ -284,7 +294,7 @@ def _run_one(
     """Train one variant for one seed (continuing an interrupted run) and evaluate it."""
     done = run_dir / "result.json"
     if done.exists():
-        result = json.loads(done.read_text())
+        result = nan_for_null(json.loads(done.read_text()), FIGURES)
         if (
             RunConfig.from_dict(result["config"]) == config
         ):  # fields added since then take their defaults
@@ -345,7 +355,7 @@ def _run_one(
         "samples": grids,
         "config": config.to_dict(),
     }
-    done.write_text(json.dumps(result, indent=1) + "\n")
+    done.write_text(to_json(result, indent=1) + "\n")
     log(
         f"{name} seed {seed}: ELBO {elbo['bpd']:.4f} bpd, IWBO-{k} {iwbo['bpd']:.4f} bpd, "
         f"{result['train_seconds'] / 60:.1f} min of training"
@@ -355,7 +365,8 @@ def _run_one(
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean and standard deviation over seeds (0 for one seed) of each variant's figures."""
+    """Mean and standard deviation over seeds (0 for one seed) of each variant's figures (NaN
+    where a run's figure is not finite)."""
     summary: dict[str, dict[str, float]] = {}
     for name in dict.fromkeys(r["variant"] for r in runs):
         mine = [r for r in runs if r["variant"] == name]
@@ -367,7 +378,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         for key in ("elbo_bpd", "elbo_bpd_iwbo_images", "iwbo_bpd", "train_seconds"):
             values = [r[key] for r in mine]
             row[key] = statistics.fmean(values)
-            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            if len(values) == 1:
+                row[f"{key}_std"] = 0.0
+            else:  # stdev raises on a non-finite value (a diverged run): NaN, as its mean
+                finite = all(math.isfinite(v) for v in values)
+                row[f"{key}_std"] = statistics.stdev(values) if finite else math.nan
         summary[name] = row
     return summary
 

@@ -42,7 +42,7 @@ from .data import load_images
 from .evaluate import evaluate_images
 from .experiment import _machine
 from .pretrained import open_model
-from .runlog import logged_train_seconds
+from .runlog import logged_train_seconds, nan_for_null, to_json
 from .runtime import resolve_device
 from .sample import save_grid
 from .seeding import stream
@@ -205,9 +205,9 @@ def _once(path: Path, identity: dict[str, Any], compute) -> dict[str, Any]:
         stored = json.loads(path.read_text())
         if stored.get("identity") != identity:
             raise ConfigError(f"{path} holds an arm of another configuration: choose another --out")
-        return stored["figures"]
+        return nan_for_null(stored["figures"], stored["figures"])
     figures = compute()
-    path.write_text(json.dumps({"identity": identity, "figures": figures}, indent=1) + "\n")
+    path.write_text(to_json({"identity": identity, "figures": figures}, indent=1) + "\n")
     return figures
 
 
@@ -265,7 +265,7 @@ def run_peers(
     dense |= {"params": sum(p.numel() for p in model.parameters()), **sample_health(z)}
     dense["batchnorm"] = batchnorm
     save_grid(quantized(z[:64]), out / "samples_denseflow_t1.0.png")
-    log(f"denseflow: {json.dumps(dense)}")
+    log(f"denseflow: {to_json(dense)}")
 
     # normflows Glow ----------------------------------------------------------------------------
     architecture = {n: settings["glow"][n] for n in ("L", "K", "hidden_channels")}
@@ -293,7 +293,7 @@ def run_peers(
         zg = zg[:draws].cpu()
     peer |= {"params": sum(p.numel() for p in glow.parameters()), **sample_health(zg)}
     save_grid(quantized(zg[:64]), out / "samples_glow_t1.0.png")
-    log(f"glow: {json.dumps(peer)}")
+    log(f"glow: {to_json(peer)}")
 
     results = {
         "command": {"quick": quick, **{n: settings[n] for n in ("images", "iwbo_k", "draws")}},
@@ -304,7 +304,7 @@ def run_peers(
         "steps": steps,
         "images_seen": dense["images_seen"],
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.json").write_text(to_json(results, indent=1) + "\n")
     (out / "results.md").write_text(markdown_table(results))
     return results
 

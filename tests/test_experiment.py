@@ -165,6 +165,19 @@ def test_quick_ablation_runs_end_to_end_and_continues(tmp_path, capsys):
     assert main(["experiment", "ablation", "--quick", "--out", str(out), "--quiet"]) == 0
     assert "no sample grid on disk for glow" in capsys.readouterr().out
     assert (out / "samples_t0.7.png").stat().st_size > 1000
+    # a diverged run's NaN figure: null in strict JSON, kept as NaN in the means and the table
+    kept = json.loads((run / "result.json").read_text())
+    (run / "result.json").write_text(json.dumps(kept | {"elbo_bpd": None}))
+    assert main(["experiment", "ablation", "--quick", "--out", str(out), "--quiet"]) == 0
+
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    strict = json.loads((out / "results.json").read_text(), parse_constant=refuse)
+    assert strict["summary"]["glow"]["elbo_bpd"] is None  # the mean of NaN and a number
+    assert strict["summary"]["glow"]["elbo_bpd_std"] is None
+    assert strict["summary"]["glow"]["iwbo_bpd"] == results["summary"]["glow"]["iwbo_bpd"]
+    assert "| glow | 1 | nan |" in (out / "results.md").read_text()
 
 
 def test_experiment_errors_are_one_line(tmp_path, capsys):

@@ -76,4 +76,20 @@ def test_quick_peer_comparison_end_to_end(tmp_path, capsys):
     assert {name: (out / name).stat().st_mtime_ns for name in stamps} == stamps
     for name in ("denseflow", "glow"):
         assert again[name] == results[name]
+    # a diverged arm's NaN bound: null in strict JSON, NaN in the table
+    stored = json.loads((out / "glow.json").read_text())
+    stored["figures"]["elbo_bpd"] = None
+    (out / "glow.json").write_text(json.dumps(stored))
+    assert main(["experiment", "peers", "--quick", "--quiet", "--out", str(out)]) == 0
+
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    strict = json.loads((out / "results.json").read_text(), parse_constant=refuse)
+    assert strict["glow"]["elbo_bpd"] is None
+    assert strict["glow"]["iwbo_bpd"] == results["glow"]["iwbo_bpd"]
+    assert (
+        f"| normflows Glow | {results['glow']['params']:,} | nan |"
+        in (out / "results.md").read_text()
+    )
     assert main(["experiment", "peers", "--steps", "3", "--out", str(out)]) == 2

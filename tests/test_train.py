@@ -315,7 +315,7 @@ def _strict(text: str):
 def test_logs_and_reports_are_strict_json_with_null_for_non_finite(tmp_path):
     """NaN and infinities are written as null (Python's NaN/Infinity tokens are not JSON);
     a log written before, with NaN tokens, still resumes and is rewritten strict."""
-    from denseflow.runlog import RunLog, plot_bpd_curve, read_records, to_json
+    from denseflow.runlog import RunLog, nan_for_null, plot_bpd_curve, read_records, to_json
 
     value = {"a": math.nan, "b": [1.5, -math.inf, {"c": math.inf}], "d": (2, "x"), "e": None}
     assert _strict(to_json(value)) == {
@@ -325,6 +325,9 @@ def test_logs_and_reports_are_strict_json_with_null_for_non_finite(tmp_path):
         "e": None,
     }
     assert to_json({"n": 3, "f": 0.1}) == '{"n": 3, "f": 0.1}'
+    # read back: the named figures written as null are NaN again, other nulls stay None
+    back = nan_for_null(_strict(to_json(value)), ("a", "e2", "n"))
+    assert math.isnan(back["a"]) and back["e"] is None and "e2" not in back
     log = RunLog(tmp_path, resume_step=0)
     log.write({"kind": "eval", "step": 1, "epoch": 0, "test_bpd": math.nan})
     log.write({"kind": "train", "step": 2, "epoch": 0, "bpd": 3.25})
