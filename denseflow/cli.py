@@ -148,7 +148,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--data-dir", help="folder holding the dataset (default: as in the run)")
-    p.add_argument("--split", default="test", choices=["test", "train"])
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["test", "train", "validation"],
+        help="the run's test images, its training images, or those it held out (data.validation)",
+    )
     p.add_argument("--images", help="score this folder of PNG/JPEG images instead of a dataset")
     p.add_argument(
         "--per-image", metavar="CSV", help="also write every image's bits/dim to this CSV"
@@ -455,6 +460,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     )
     from .pretrained import open_model
     from .runtime import resolve_device
+    from .train import run_images
 
     _positive("evaluate", a, "kbs", "batch_size", "limit")
     a.k = _ks(a.k) if a.k is not None else None
@@ -467,10 +473,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         what = "images"
         images = load_images("folder", "all", a.images, config.model.image_shape[1:], limit=a.limit)
     else:
-        what, limit = a.split, data.test_limit if a.split == "test" else data.train_limit
-        size = dict(image_size=config.model.image_shape[1:], celeba_crop=data.celeba_crop)
-        data_dir = a.data_dir or data.data_dir
-        images = load_images(data.dataset, a.split, data_dir, limit=a.limit or limit, **size)
+        what, images = a.split, run_images(config, a.split, a.data_dir, a.limit)
     if images.images.shape[1:] != model.config.image_shape:
         raise ConfigError(
             f"{a.images or data.dataset}: images of shape {tuple(images.images.shape[1:])}, "
@@ -544,23 +547,16 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def _cmd_recalibrate(a: argparse.Namespace) -> int:
-    from .data import load_images
     from .pretrained import open_model
     from .recalibrate import describe, recalibrate_batchnorm
     from .runtime import resolve_device
+    from .train import run_images
 
     _positive("recalibrate", a, "batches", "batch_size")
     out = _output(a.out)
     model, config, _ = open_model(a.checkpoint, resolve_device(a.device))
     model = model.to(memory_format=torch.channels_last)  # as training, evaluate and sample run
-    images = load_images(
-        config.data.dataset,
-        "train",
-        a.data_dir or config.data.data_dir,
-        image_size=config.model.image_shape[1:],
-        celeba_crop=config.data.celeba_crop,
-        limit=config.data.train_limit,
-    ).images
+    images = run_images(config, "train", a.data_dir).images  # without those held out
     batch_size = a.batch_size or config.train.batch_size
     recalibrate_batchnorm(model, images, a.batches, batch_size, a.seed, progress=not a.quiet)
     statistics = describe(a.batches, batch_size, a.seed, images=len(images))

@@ -194,7 +194,11 @@ class DataConfig:
     §13.4. ``data_dir``: the absolute folder a run read its data from (``--data-dir``); later
     evaluations, recalibrations and resumes read it again unless told otherwise. ``None``: the
     dataset's default place (Fashion-MNIST: the Debian package's folder, else the bundled
-    subset)."""
+    subset). ``validation`` > 0: that many training images (of the ``train_limit`` read) are held
+    out (:func:`denseflow.data.hold_out`: the same ones for every ``train.seed``): the run never
+    trains or recalibrates on them, evaluates on them during training and chooses ``best.pt`` by
+    them; the test set is evaluated once, at the end. 0 (the paper presets, as the official code):
+    every evaluation reads the test set, and ``best.pt`` is the best on it."""
 
     dataset: str = "cifar10"
     augmentation: str = "eta"
@@ -202,6 +206,7 @@ class DataConfig:
     train_limit: int | None = None
     test_limit: int | None = None
     data_dir: str | None = None
+    validation: int = 0
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -214,6 +219,8 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"data.{name}={value!r}: must be >= 1 or null")
+        if self.validation < 0:
+            raise ConfigError(f"data.validation={self.validation!r}: must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -210,19 +210,28 @@ class RunOutputs:
         )
         self.bar.n = self.saved_step = state.step
 
-    def evaluated(self, state: LoopState, test_bpd: float, model: DenseFlow) -> None:
-        """An evaluation: its record, the bits/dim curve, ``best.pt`` when it is the best so far."""
-        self.log.write(
-            {"kind": "eval", "step": state.step, "epoch": state.epoch, "test_bpd": test_bpd}
-        )
+    def evaluated(
+        self, state: LoopState, model: DenseFlow, bpd: float, test_bpd: float | None = None
+    ) -> None:
+        """An evaluation of ELBO ``bpd`` (on the test set, or on the held-out training images
+        where ``data.validation`` holds some out, with the test set's ``test_bpd`` at the end):
+        its record, the bits/dim curve, and ``best.pt`` when ``bpd`` is the best so far."""
+        record = {"kind": "eval", "step": state.step, "epoch": state.epoch}
+        if self.config.data.validation:
+            record["val_bpd"] = bpd
+            if test_bpd is not None:
+                record["test_bpd"] = test_bpd
+        else:
+            record["test_bpd"] = bpd
+        self.log.write(record)
         if self.main and not plot_bpd_curve(self.log.records(), self.run_dir / "bpd_curve.png"):
             if not self.plot_warned:
                 distributed.say(
                     "matplotlib is not installed (pip install 'denseflow[plot]'): no bpd_curve.png"
                 )
             self.plot_warned = True
-        if test_bpd < state.best_test_bpd:
-            state.best_test_bpd = test_bpd
+        if bpd < state.best_bpd:
+            state.best_bpd = bpd
             self.export("best.pt", model)
 
     def grid(self, step: int) -> Path | None:
@@ -317,7 +326,8 @@ def logged_train_seconds(run: Path, cfg: TrainConfig) -> float:
 
 
 def plot_bpd_curve(records: list[dict[str, Any]], path: Path) -> bool:
-    """Train and test bits/dim against steps into ``path``; False if matplotlib is missing."""
+    """Train, test and validation bits/dim against steps into ``path``; False if matplotlib is
+    missing."""
     try:
         import matplotlib
 
@@ -328,9 +338,10 @@ def plot_bpd_curve(records: list[dict[str, Any]], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind, key, label in (
         ("train", "bpd", "train (batch ELBO)"),
+        ("eval", "val_bpd", "validation (ELBO)"),
         ("eval", "test_bpd", "test (ELBO)"),
     ):
-        points = [(r["step"], r[key]) for r in records if r["kind"] == kind]
+        points = [(r["step"], r[key]) for r in records if r["kind"] == kind and key in r]
         if points:
             ax.plot(*zip(*points, strict=True), marker="o" if kind == "eval" else None, label=label)
     ax.set_xlabel("step")

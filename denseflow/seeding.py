@@ -16,6 +16,7 @@ Purposes:
 ``eval`` (batch)               the noise of an evaluation batch (ELBO or IWBO)
 ``sample``                     the latent draws of one sampled image (seeded by its own seed)
 ``recalibrate`` (batch)        the images and noise of BatchNorm recalibration
+``validation``                 which training images ``data.validation`` holds out (seed 0)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import hashlib
 
 import torch
 
-PURPOSES = ("order", "augment", "noise", "init", "eval", "sample", "recalibrate")
+PURPOSES = ("order", "augment", "noise", "init", "eval", "sample", "recalibrate", "validation")
 
 
 def stream_seed(seed: int, purpose: str, *index: int) -> int:

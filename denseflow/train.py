@@ -7,8 +7,12 @@ Run directory::
     metrics.jsonl        one JSON object per logged step ("train") and per evaluation ("eval")
     checkpoints/         step_XXXXXXX.pt, the last ``train.keep_checkpoints`` kept
     samples/             step_XXXXXXX.png, a grid at every evaluation
-    best.pt, final.pt    inference exports (weights + config): best test bpd, end of training
-    bpd_curve.png        train and test bits/dim (needs matplotlib)
+    best.pt, final.pt    inference exports (weights + config): best evaluation, end of training
+    bpd_curve.png        train and test (or validation) bits/dim (needs matplotlib)
+
+An evaluation (every ``train.eval_every`` epochs and at the end) scores the test set, or, where
+``data.validation`` holds training images out, those, and the test set once at the end; ``best.pt``
+is the weights of the best one.
 
 Every random choice of step ``t`` (batch order of its epoch, augmentation, model noise per
 chunk) comes from a stream of its own, named by ``train.seed``, the purpose and the position
@@ -24,7 +28,7 @@ import math
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -32,7 +36,7 @@ from . import checkpoint as ckpt
 from . import distributed, runtime
 from .average import WeightAverage
 from .config import ConfigError, RunConfig, TrainConfig
-from .data import ImageSet, load_images
+from .data import ImageSet, hold_out, load_images
 from .errors import DenseFlowError
 from .evaluate import evaluate_images
 from .model import DenseFlow
@@ -56,7 +60,7 @@ class LoopState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     batch: int = 0  # batches done in this epoch
-    best_test_bpd: float = math.inf
+    best_bpd: float = math.inf  # of the evaluations (test, or validation where held out)
     skipped_steps: int = 0  # steps whose update a non-finite loss or gradient skipped
     lr_scale: float = 1.0  # learning-rate factor after rollbacks
     rollbacks: int = 0
@@ -66,6 +70,8 @@ class LoopState:
     def from_checkpoint(cls, payload: dict[str, Any]) -> LoopState:
         """The loop state a training checkpoint stores (fields it lacks keep their defaults)."""
         names = [f.name for f in dataclasses.fields(cls)]
+        if "best_test_bpd" in payload:  # its name in checkpoints written before data.validation
+            payload = {"best_bpd": payload["best_test_bpd"]} | payload
         return cls(**{name: payload[name] for name in names if name in payload})
 
 
@@ -95,7 +101,9 @@ def check_start(run_dir: Path, config: RunConfig, resumed: RunConfig | None) -> 
             )
         return
     fixed = [("model", f.name) for f in dataclasses.fields(config.model)]
-    fixed += [("data", "dataset"), ("data", "celeba_crop")]
+    fixed += [("data", "dataset"), ("data", "celeba_crop"), ("data", "validation")]
+    if config.data.validation:  # which images are held out depends on how many are read
+        fixed.append(("data", "train_limit"))
     for section, name in fixed:
         saved, now = (
             getattr(getattr(resumed, section), name),
@@ -185,10 +193,8 @@ def evaluation(
         model.train().set_net_precision(runtime.net_dtype(cfg))
 
 
-def evaluate_and_sample(
-    model: DenseFlow, images: torch.Tensor, config: RunConfig, grid: Path | None
-) -> float:
-    """Test ELBO bits/dim of the model as it is, and a sample grid into ``grid``."""
+def elbo_bpd(model: DenseFlow, images: torch.Tensor, config: RunConfig) -> float:
+    """ELBO bits/dim of the model as it is on ``images`` (the noises of ``train.seed``)."""
     cfg = config.train
     result = evaluate_images(
         model,
@@ -198,18 +204,34 @@ def evaluate_and_sample(
         progress=False,
         cuda_graph=cfg.cuda_graph,
     )
+    return result["bpd"]
+
+
+def sample_grid(model: DenseFlow, config: RunConfig, grid: Path | None) -> None:
+    """``train.num_samples`` samples of the model as it is, as a grid into ``grid`` (None: drawn
+    but not written, on ranks other than 0)."""
+    cfg = config.train
     if cfg.num_samples:
         seeds = list(range(cfg.num_samples))
         samples = sample_seeds(model, seeds, cfg.sample_temperature, cuda_graph=cfg.cuda_graph)
         if grid is not None:
             info = {"temperature": cfg.sample_temperature, "seeds": f"0-{cfg.num_samples - 1}"}
             save_grid(samples, grid, num_bits=config.model.num_bits, metadata=info)
-    return result["bpd"]
 
 
-def load_datasets(config: RunConfig, first_only: bool = False) -> tuple[ImageSet, ImageSet]:
-    """The run's training and test images from ``data.data_dir``, checked against the model's
-    image shape (``first_only``: one image of each, to check that they can be read)."""
+class Datasets(NamedTuple):
+    """A run's images: ``train`` (without those held out), ``test``, and ``validation`` (the
+    ``data.validation`` training images held out; None where the run holds none out)."""
+
+    train: ImageSet
+    test: ImageSet
+    validation: ImageSet | None = None
+
+
+def load_datasets(config: RunConfig, first_only: bool = False) -> Datasets:
+    """The run's images from ``data.data_dir``, checked against the model's image shape
+    (``first_only``: one training and one test image, to check that they can be read; nothing
+    held out)."""
     data, shape = config.data, config.model.image_shape
     size = dict(image_size=shape[1:], celeba_crop=data.celeba_crop)
     limits = (1, 1) if first_only else (data.train_limit, data.test_limit)
@@ -220,7 +242,46 @@ def load_datasets(config: RunConfig, first_only: bool = False) -> tuple[ImageSet
             f"{data.dataset} images are {tuple(trainset.images.shape[1:])}, "
             f"the model expects model.image_shape={shape}"
         )
-    return trainset, testset
+    if data.validation and not first_only:
+        trainset, validation = hold_out(trainset, data.validation)
+        return Datasets(trainset, testset, validation)
+    return Datasets(trainset, testset)
+
+
+def run_images(
+    config: RunConfig,
+    split: str,
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+) -> ImageSet:
+    """A run's images of ``split``, read from ``data_dir`` (default ``data.data_dir``) with the
+    run's limits: ``"test"``, ``"train"`` (without the images ``data.validation`` holds out) or
+    ``"validation"`` (those). ``limit``: the first ``limit`` of them instead (read in place of the
+    run's limit where no images are held out, so that it can also read more)."""
+    data = config.data
+    if split == "validation" and not data.validation:
+        raise ConfigError(
+            "split 'validation': the run held no training images out (data.validation=0)"
+        )
+    held = data.validation if split != "test" else 0
+    read = "test" if split == "test" else "train"
+    run_limit = data.test_limit if read == "test" else data.train_limit
+    images = load_images(
+        data.dataset,
+        read,
+        data_dir or data.data_dir,
+        image_size=config.model.image_shape[1:],
+        celeba_crop=data.celeba_crop,
+        limit=run_limit if held or not limit else limit,
+    )
+    if not held:
+        return images
+    images = hold_out(images, held)[split == "validation"]
+    if limit is None or limit >= len(images.images):
+        return images
+    names = None if images.names is None else images.names[:limit]
+    source = images.source | {"num_images": limit}
+    return dataclasses.replace(images, images=images.images[:limit], source=source, names=names)
 
 
 def train(
@@ -231,7 +292,8 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Train ``config`` into ``run_dir``; return a summary (steps, last test bpd, paths).
+    """Train ``config`` into ``run_dir``; return a summary (steps, last test bpd, paths; with
+    ``data.validation``, the last validation bpd and the best one, which ``best.pt`` holds).
 
     ``data_dir``: where the data is (recorded in the run's configuration as ``data.data_dir``;
     default: the configuration's). ``resume``: a run directory or checkpoint to continue from
@@ -253,7 +315,8 @@ def train(
         distributed.say(f"train.batch_chunks raised to {chunks}, a multiple of the {world} ranks")
     cfg = config.train
     device = runtime.resolve_device(cfg.device)
-    trainset, testset = load_datasets(config)
+    trainset, testset, validation = load_datasets(config)
+    evalset = testset if validation is None else validation  # what the evaluations score
     plan = Plan.of(cfg, len(trainset.images))
 
     with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed alone
@@ -269,13 +332,16 @@ def train(
             "nothing to train (more epochs: --set train.epochs=N)"
         )
     sources = {"train": trainset.source, "test": testset.source}
+    if validation is not None:
+        sources["validation"] = validation.source
     out = RunOutputs(
         run_dir, config, sources, len(trainset.images), state, plan.total_steps, progress
     )
     monitor = LayerMonitor(model) if cfg.monitor_every else None
     batches = Batches(trainset.images, cfg, config.data.augmentation)
 
-    ddp, synced, test_bpd, bad_in_a_row = None, False, None, 0
+    ddp, synced, bad_in_a_row = None, False, 0
+    test_bpd = val_bpd = None
     eval_seconds, started = 0.0, time.perf_counter()
     model.train()
     with stop_requests() as stop, runtime.ddp_warnings_scope():
@@ -325,9 +391,14 @@ def train(
             if state.batch == 0 and state.epoch % cfg.eval_every == 0 or last:
                 began = time.perf_counter()
                 with evaluation(model, config, trainset.images, average):
-                    grid = out.grid(state.step)
-                    test_bpd = evaluate_and_sample(model, testset.images, config, grid)
-                    out.evaluated(state, test_bpd, model)
+                    bpd = elbo_bpd(model, evalset.images, config)
+                    sample_grid(model, config, out.grid(state.step))
+                    if validation is None:
+                        test_bpd = bpd
+                    else:
+                        val_bpd = bpd
+                        test_bpd = elbo_bpd(model, testset.images, config) if last else None
+                    out.evaluated(state, model, bpd, test_bpd)
                     if last:
                         out.export("final.pt", model)
                 out.save(model, optimizer, state, average)
@@ -350,7 +421,9 @@ def train(
         "test_bpd": test_bpd,
         "batchnorm": out.batchnorm,  # the statistics test_bpd was evaluated with
     }
+    if validation is not None:
+        summary["val_bpd"] = val_bpd
     if not stopped:
-        summary["best_test_bpd"] = state.best_test_bpd
+        summary["best_val_bpd" if validation is not None else "best_test_bpd"] = state.best_bpd
     train_seconds = time.perf_counter() - started - eval_seconds
     return summary | {"images_seen": state.images_seen, "train_seconds": train_seconds}

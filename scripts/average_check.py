@@ -57,7 +57,7 @@ def main() -> None:
     summary = training.train(config, a.out, progress=True)
     train_wall = time.perf_counter() - began
     model, cfg = kept["model"], config.train
-    trainset, testset = training.load_datasets(config)
+    trainset, testset, _ = training.load_datasets(config)
     rows, trained = [], {}  # trained: the weights' per-image bits/dim, by bound
     for average in [None, *kept["averages"]]:
         with training.evaluation(model, config, trainset.images, average):

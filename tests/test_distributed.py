@@ -371,7 +371,7 @@ def test_every_rank_evaluates_with_the_statistics_the_checkpoint_holds(tmp_path,
     _spawn(_train_worker, tmp_path, config.to_dict(), run, None, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     model, saved = ckpt.load_model(run / "final.pt")
-    _, testset = train_module.load_datasets(saved)
+    testset = train_module.load_datasets(saved).test
     with _one_thread():
         result = evaluate_images(
             model.to(memory_format=torch.channels_last),

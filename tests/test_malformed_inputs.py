@@ -363,6 +363,19 @@ CASES = {
         lambda t: ["sample", "--checkpoint", str(_checkpoint(t)), "--temperature", "0.5,hot"],
         "sample: --temperature '0.5,hot': expected a number or a list such as 0.5,0.7,1",
     ),
+    "negative validation set": (
+        lambda t: [*TINY, "--out", str(t / "run"), "--set", "data.validation=-1"],
+        "data.validation=-1: must be >= 0",
+    ),
+    "validation set of every training image": (
+        lambda t: [*TINY, "--out", str(t / "run"), "--set", "data.validation=64"],
+        "fashion_mnist: data.validation=64 must leave training images: between 1 and 63 of the "
+        "64 read",
+    ),
+    "validation split of a run without one": (
+        lambda t: ["evaluate", "--checkpoint", str(_checkpoint(t)), "--split", "validation"],
+        "split 'validation': the run held no training images out (data.validation=0)",
+    ),
     "bench report below a file": (
         lambda t: ["bench", "--preset", "tiny", "--json", str(_write(t / "taken", "x") / "r.json")],
         "taken is a file, not a folder",

@@ -58,4 +58,13 @@ def test_batch_order_and_augmentation_of_a_training_run_are_independent_streams(
 def test_unknown_purpose_is_refused():
     with pytest.raises(ValueError, match="unknown stream purpose 'noize'"):
         stream(0, "noize")
-    assert set(PURPOSES) == {"order", "augment", "noise", "init", "eval", "sample", "recalibrate"}
+    assert set(PURPOSES) == {
+        "order",
+        "augment",
+        "noise",
+        "init",
+        "eval",
+        "sample",
+        "recalibrate",
+        "validation",
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -459,3 +460,95 @@ def test_average_check_script_scores_what_the_run_scores(tmp_path):
             difference = rows[name][f"{bound}_bpd"] - rows["trained"][f"{bound}_bpd"]
             assert rows[name][f"{bound}_minus_trained"] == pytest.approx(difference, abs=1e-12)
             assert 0 < rows[name][f"{bound}_minus_trained_sem"] < abs(difference)
+
+
+def test_a_held_out_validation_set_chooses_best_and_is_never_trained_on(tmp_path, monkeypatch):
+    """data.validation=16 of tiny's 64 training images: training batches and BatchNorm
+    recalibration read the other 48 (3 steps an epoch), every evaluation scores the 16, the
+    test set is scored once at the end, best.pt is the best validation evaluation (scored again
+    from the file by `denseflow evaluate --split validation`); a resume keeps the split."""
+    from denseflow import train as train_module
+    from denseflow.cli import main
+    from denseflow.config import ConfigError
+    from denseflow.data import hold_out, load_images
+
+    settings = ["data.validation=16", "train.epochs=3", "train.lr=0.2"]  # worse after epoch 1
+    config = load_config("tiny").override(settings)
+    read = {}
+    batches = train_module.Batches
+
+    def recording(images, *args):
+        read["batches"] = images
+        return batches(images, *args)
+
+    monkeypatch.setattr(train_module, "Batches", recording)
+    run = tmp_path / "run"
+    summary = train(config, run, progress=False)
+    every = load_images("fashion_mnist", "train", limit=64)
+    rest, held = hold_out(every, 16)
+    assert torch.equal(read["batches"], rest.images) and summary["step"] == 3 * 3
+    assert not any((held.images[i] == rest.images).flatten(1).all(1).any() for i in range(16))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6, 9]
+    assert [sorted(r) for r in evals[:2]] == [["epoch", "kind", "step", "val_bpd"]] * 2
+    assert evals[2]["test_bpd"] == summary["test_bpd"] and evals[2]["val_bpd"] == summary["val_bpd"]
+    best = min(r["val_bpd"] for r in evals)
+    assert best == evals[0]["val_bpd"] < summary["val_bpd"]  # best.pt is not final.pt
+    assert summary["best_val_bpd"] == best and "best_test_bpd" not in summary
+    data = json.loads((run / "data.json").read_text())
+    assert data["train"]["num_images"] == 48 and data["validation"]["num_images"] == 16
+    assert data["validation"]["validation"] == {
+        "held_out": 16,
+        "of": 64,
+        "indices_sha256": data["train"]["validation"]["indices_sha256"],
+    }
+    for name in ("best", "final"):
+        out = tmp_path / f"{name}.json"
+        argv = ["evaluate", "--checkpoint", str(run / f"{name}.pt"), "--split", "validation"]
+        assert main([*argv, "--json", str(out), "--quiet"]) == 0
+        scored = json.loads(out.read_text())
+        assert scored["split"] == "validation"
+        assert scored["bpd"] == (best if name == "best" else summary["val_bpd"])
+    assert train_module.run_images(config, "train").images.equal(rest.images)
+    assert train_module.run_images(config, "validation", limit=5).images.equal(held.images[:5])
+    # the same run resumed continues on the same split; another split is refused
+    train(config, tmp_path / "stopped", progress=False, stop_after=4)
+    again = train(config, tmp_path / "stopped", resume=tmp_path / "stopped", progress=False)
+    assert again["best_val_bpd"] == best and again["test_bpd"] == summary["test_bpd"]
+    for change in ("data.validation=8", "data.train_limit=48"):
+        with pytest.raises(ConfigError, match=change.split("=")[0]):
+            train(config.override([change]), run, resume=run, progress=False)
+
+
+def test_checkpoints_before_validation_sets_keep_their_best():
+    """``LoopState.best_bpd`` was ``best_test_bpd`` (always the test set's) in older checkpoints:
+    a resumed run still knows its best, and does not overwrite best.pt with a worse one."""
+    from denseflow.train import LoopState
+
+    assert LoopState.from_checkpoint({"step": 2, "best_test_bpd": 3.5}).best_bpd == 3.5
+    assert LoopState.from_checkpoint({"step": 2}).best_bpd == math.inf
+
+
+def test_hold_out_is_fixed_disjoint_and_keeps_order():
+    from denseflow.data import DataError, ImageSet, hold_out
+
+    images = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1).expand(20, 1, 2, 2)
+    names = tuple(f"{i:02d}.png" for i in range(20))
+    every = ImageSet(images.contiguous(), "folder", "train", {"num_images": 20}, names)
+    torch.manual_seed(1)
+    rest, held = hold_out(every, 5)
+    torch.manual_seed(2)  # the global generator plays no part
+    assert hold_out(every, 5)[1].images.equal(held.images)
+    index = {part.split: part.images[:, 0, 0, 0].long().tolist() for part in (rest, held)}
+    rest_i, held_i = index["train"], index["validation"]
+    assert len(held_i) == 5 and sorted(rest_i + held_i) == list(range(20))
+    assert rest_i == sorted(rest_i) and held_i == sorted(held_i)
+    assert held.names == tuple(f"{i:02d}.png" for i in held_i)
+    assert (rest.split, held.split, rest.source["num_images"]) == ("train", "validation", 15)
+    digest = hashlib.sha256(np.array(held_i, dtype="<i8").tobytes()).hexdigest()
+    assert held.source["validation"] == {"held_out": 5, "of": 20, "indices_sha256": digest}
+    assert set(held_i) < set(hold_out(every, 6)[1].images[:, 0, 0, 0].tolist())  # a prefix
+    for n in (0, 20):
+        with pytest.raises(DataError, match=f"data.validation={n} must leave training images"):
+            hold_out(every, n)

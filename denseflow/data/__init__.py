@@ -11,15 +11,20 @@ Readers (spec §15; layouts and sources in ``docs/data.md``), one module per on-
 (``mnist``, ``fashion_mnist``) and ``folder``; :data:`READERS` maps each dataset name to its
 reader. ``files`` reads the files (restricted unpickler, sha256 digests), ``base`` holds what the
 readers share, ``augment`` the training augmentations.
+
+:func:`hold_out` splits a validation set off the training images (``data.validation``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ..seeding import stream
 from .augment import AUGMENTATIONS, augment
 from .base import DataError, ImageSet, Read, Reader, Request, fmt
 from .celeba import read_celeba
@@ -50,6 +55,7 @@ __all__ = [
     "ImageSet",
     "augment",
     "embedded_fashion_mnist_dir",
+    "hold_out",
     "load_images",
 ]
 
@@ -150,3 +156,37 @@ def load_images(
     )
     source["num_images"] = int(images.shape[0])
     return ImageSet(images=images.contiguous(), name=name, split=split, source=source, names=names)
+
+
+def hold_out(trainset: ImageSet, n: int) -> tuple[ImageSet, ImageSet]:
+    """Split ``n`` images off a training set as a validation set (``data.validation``): the first
+    ``n`` of a fixed permutation of its images, drawn from the stream ``(0, "validation")``, so
+    that runs of every ``train.seed`` hold out the same images of a dataset read with the same
+    ``data.train_limit``.
+
+    Returns the image sets ``(train, validation)``, each in the order of ``trainset`` (a
+    folder's file names follow their images); the ``source`` of both gains ``validation``: how
+    many images were held out of how many, and the sha256 of their indices (int64 little-endian).
+
+    Raises:
+        DataError: ``n`` is not between 1 and the number of training images minus one.
+    """
+    total = len(trainset.images)
+    if not 0 < n < total:
+        raise DataError(
+            f"{trainset.name}: data.validation={n} must leave training images: between 1 and "
+            f"{total - 1} of the {total} read"
+        )
+    held = torch.zeros(total, dtype=torch.bool)
+    held[torch.randperm(total, generator=stream(0, "validation"))[:n]] = True
+    indices = held.nonzero().flatten().numpy().astype("<i8")
+    record = {"held_out": n, "of": total, "indices_sha256": hashlib.sha256(indices).hexdigest()}
+
+    def part(keep: torch.Tensor, split: str) -> ImageSet:
+        names = trainset.names
+        if names is not None:
+            names = tuple(name for name, k in zip(names, keep.tolist(), strict=True) if k)
+        source = trainset.source | {"num_images": int(keep.sum()), "validation": record}
+        return ImageSet(trainset.images[keep].contiguous(), trainset.name, split, source, names)
+
+    return part(~held, "train"), part(held, "validation")

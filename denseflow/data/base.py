@@ -40,7 +40,8 @@ class ImageSet:
     Attributes:
         images: uint8 tensor ``(N, C, H, W)``, contiguous, values 0..255.
         name: the dataset name passed to :func:`load_images`.
-        split: ``"train"``, ``"test"`` or (``folder`` only) ``"all"``.
+        split: ``"train"``, ``"test"``, (``folder`` only) ``"all"`` or (the images
+            :func:`denseflow.data.hold_out` sets aside) ``"validation"``.
         source: provenance, JSON-serialisable: ``path`` (folder the data was found in),
             ``release``, ``files`` (file or folder name relative to ``path`` -> sha256 hex digest
             of what was read; for a folder of images, the digest of the ``sha256sum``-format
