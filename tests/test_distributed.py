@@ -326,6 +326,27 @@ def test_a_rollback_under_ddp_restores_the_checkpoint_rank_0_chose_on_every_rank
     assert state["rollbacks"] == 1 and state["skipped_steps"] == 1  # as saved at step 6
 
 
+def test_two_ranks_hold_out_and_score_the_validation_set_as_one_process(tmp_path):
+    """data.validation under data parallelism: every rank trains on the same 48 of tiny's 64
+    images and scores the 16 held out; the run's evaluations, its best and its test bpd are the
+    single process's, bitwise."""
+    config = CONFIG.override(["data.validation=16", "train.eval_every=1", "train.epochs=2"])
+    with _one_thread():
+        alone = train_module.train(config, tmp_path / "alone", progress=False)
+    run = tmp_path / "ddp"
+    _spawn(_train_worker, tmp_path, config.to_dict(), run, None, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["step"] == alone["step"] == 2 * 3  # 48 images in batches of 16
+    for key in ("val_bpd", "best_val_bpd", "test_bpd"):
+        assert summary[key] == alone[key], key
+
+    def evaluations(folder):
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["kind"] == "eval"]
+
+    assert evaluations(run) == evaluations(tmp_path / "alone") and len(evaluations(run)) == 2
+
+
 def _leave_worker(rank: int, init: Path, out: Path, failed_rank: int | None) -> None:
     """Both ranks leave after their work; rank 1 arrives 0.5 s late. ``failed_rank`` leaves as
     after an error (no barrier) at once."""
