@@ -10,6 +10,7 @@ and skip the tests that need them with one reason saying so.
 from __future__ import annotations
 
 import faulthandler
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,3 +59,12 @@ def gloo_group(rank: int, init: Path, world: int) -> Iterator[None]:
         finished = True
     finally:
         distributed.leave(finished)
+
+
+def strict_json(text: str):
+    """``json.loads`` that refuses Python's NaN and Infinity tokens (not JSON)."""
+
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)

@@ -25,6 +25,8 @@ from denseflow.runlog import logged_train_seconds
 from denseflow.transforms.cross_unit import CrossUnitCoupling
 from denseflow.transforms.dequantization import UniformDequantization, VariationalDequantization
 
+from .conftest import strict_json
+
 
 def test_variants_have_parameter_counts_within_5_percent():
     reference = num_params(matched_config("denseflow"))
@@ -170,10 +172,7 @@ def test_quick_ablation_runs_end_to_end_and_continues(tmp_path, capsys):
     (run / "result.json").write_text(json.dumps(kept | {"elbo_bpd": None}))
     assert main(["experiment", "ablation", "--quick", "--out", str(out), "--quiet"]) == 0
 
-    def refuse(token):
-        raise ValueError(f"not strict JSON: {token}")
-
-    strict = json.loads((out / "results.json").read_text(), parse_constant=refuse)
+    strict = strict_json((out / "results.json").read_text())
     assert strict["summary"]["glow"]["elbo_bpd"] is None  # the mean of NaN and a number
     assert strict["summary"]["glow"]["elbo_bpd_std"] is None
     assert strict["summary"]["glow"]["iwbo_bpd"] == results["summary"]["glow"]["iwbo_bpd"]

@@ -18,6 +18,8 @@ from denseflow.peers import (
 )
 from denseflow.seeding import stream
 
+from .conftest import strict_json
+
 pytest.importorskip("normflows")
 
 
@@ -82,10 +84,7 @@ def test_quick_peer_comparison_end_to_end(tmp_path, capsys):
     (out / "glow.json").write_text(json.dumps(stored))
     assert main(["experiment", "peers", "--quick", "--quiet", "--out", str(out)]) == 0
 
-    def refuse(token):
-        raise ValueError(f"not strict JSON: {token}")
-
-    strict = json.loads((out / "results.json").read_text(), parse_constant=refuse)
+    strict = strict_json((out / "results.json").read_text())
     assert strict["glow"]["elbo_bpd"] is None
     assert strict["glow"]["iwbo_bpd"] == results["glow"]["iwbo_bpd"]
     assert (

@@ -16,6 +16,8 @@ from denseflow.config import TrainConfig, load_config
 from denseflow.sample import sample_seeds, save_grid
 from denseflow.train import TrainingDiverged, learning_rate, train
 
+from .conftest import strict_json
+
 
 def test_official_schedule_closed_form():
     cfg = TrainConfig(lr=1e-3, warmup=100, gamma=0.9, epochs=3, finetune_epochs=1, finetune_lr=2e-5)
@@ -306,20 +308,13 @@ def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, capsys):
     assert steps[-1] == 8 and steps.count(9) == 0
 
 
-def _strict(text: str):
-    def refuse(token):
-        raise ValueError(f"not strict JSON: {token}")
-
-    return json.loads(text, parse_constant=refuse)
-
-
 def test_logs_and_reports_are_strict_json_with_null_for_non_finite(tmp_path):
     """NaN and infinities are written as null (Python's NaN/Infinity tokens are not JSON);
     a log written before, with NaN tokens, still resumes and is rewritten strict."""
     from denseflow.runlog import RunLog, nan_for_null, plot_bpd_curve, read_records, to_json
 
     value = {"a": math.nan, "b": [1.5, -math.inf, {"c": math.inf}], "d": (2, "x"), "e": None}
-    assert _strict(to_json(value)) == {
+    assert strict_json(to_json(value)) == {
         "a": None,
         "b": [1.5, None, {"c": None}],
         "d": [2, "x"],
@@ -327,18 +322,18 @@ def test_logs_and_reports_are_strict_json_with_null_for_non_finite(tmp_path):
     }
     assert to_json({"n": 3, "f": 0.1}) == '{"n": 3, "f": 0.1}'
     # read back: the named figures written as null are NaN again, other nulls stay None
-    back = nan_for_null(_strict(to_json(value)), ("a", "e2", "n"))
+    back = nan_for_null(strict_json(to_json(value)), ("a", "e2", "n"))
     assert math.isnan(back["a"]) and back["e"] is None and "e2" not in back
     log = RunLog(tmp_path, resume_step=0)
     log.write({"kind": "eval", "step": 1, "epoch": 0, "test_bpd": math.nan})
     log.write({"kind": "train", "step": 2, "epoch": 0, "bpd": 3.25})
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [_strict(line).get("test_bpd", "-") for line in lines] == [None, "-"]
+    assert [strict_json(line).get("test_bpd", "-") for line in lines] == [None, "-"]
     old = tmp_path / "old"
     old.mkdir()
     (old / "metrics.jsonl").write_text('{"kind": "eval", "step": 1, "test_bpd": NaN}\n')
     RunLog(old, resume_step=1)  # resuming rewrites the kept records
-    assert _strict((old / "metrics.jsonl").read_text()) == {
+    assert strict_json((old / "metrics.jsonl").read_text()) == {
         "kind": "eval",
         "step": 1,
         "test_bpd": None,
