@@ -35,7 +35,7 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed, runtime
 from .average import WeightAverage
-from .config import ConfigError, RunConfig, TrainConfig
+from .config import ConfigError, DataConfig, RunConfig, TrainConfig
 from .data import ImageSet, hold_out, load_images
 from .errors import DenseFlowError
 from .evaluate import evaluate_images
@@ -220,12 +220,25 @@ def sample_grid(model: DenseFlow, config: RunConfig, grid: Path | None) -> None:
 
 
 class Datasets(NamedTuple):
-    """A run's images: ``train`` (without those held out), ``test``, and ``validation`` (the
-    ``data.validation`` training images held out; None where the run holds none out)."""
+    """A run's images: ``train`` (without those held out), ``test`` (None for a plain folder,
+    :func:`training_split`), and ``validation`` (the ``data.validation`` training images held
+    out; None where the run holds none out)."""
 
     train: ImageSet
-    test: ImageSet
+    test: ImageSet | None
     validation: ImageSet | None = None
+
+
+def training_split(data: DataConfig, data_dir: str | Path | None = None) -> str:
+    """The split a run trains on: ``"train"``, or ``"all"`` for a ``folder`` dataset without
+    ``train/`` and ``test/`` subfolders (its images themselves) where ``data.validation`` holds
+    some of them out: such a run has no test set, its held-out images are its evaluation."""
+    folder = data_dir or data.data_dir
+    if data.dataset != "folder" or not data.validation or folder is None:
+        return "train"
+    root = Path(folder).expanduser()
+    plain = root.is_dir() and not any((root / s).is_dir() for s in ("train", "test"))
+    return "all" if plain else "train"
 
 
 def load_datasets(config: RunConfig, first_only: bool = False) -> Datasets:
@@ -235,8 +248,11 @@ def load_datasets(config: RunConfig, first_only: bool = False) -> Datasets:
     data, shape = config.data, config.model.image_shape
     size = dict(image_size=shape[1:], celeba_crop=data.celeba_crop)
     limits = (1, 1) if first_only else (data.train_limit, data.test_limit)
-    trainset = load_images(data.dataset, "train", data.data_dir, limit=limits[0], **size)
-    testset = load_images(data.dataset, "test", data.data_dir, limit=limits[1], **size)
+    split = training_split(data)
+    trainset = load_images(data.dataset, split, data.data_dir, limit=limits[0], **size)
+    testset = None
+    if split == "train":
+        testset = load_images(data.dataset, "test", data.data_dir, limit=limits[1], **size)
     if tuple(trainset.images.shape[1:]) != shape:
         raise ConfigError(
             f"{data.dataset} images are {tuple(trainset.images.shape[1:])}, "
@@ -263,8 +279,15 @@ def run_images(
         raise ConfigError(
             "split 'validation': the run held no training images out (data.validation=0)"
         )
+    trained = training_split(data, data_dir)
+    if split == "test" and trained == "all":
+        raise ConfigError(
+            f"split 'test': the run trained on a folder without train/ and test/ subfolders "
+            f"({data_dir or data.data_dir}), so it has no test set; its held-out images: "
+            "split 'validation'"
+        )
     held = data.validation if split != "test" else 0
-    read = "test" if split == "test" else "train"
+    read = "test" if split == "test" else trained
     run_limit = data.test_limit if read == "test" else data.train_limit
     images = load_images(
         data.dataset,
@@ -331,9 +354,10 @@ def train(
             f"{run_dir}: the run had finished ({state.step} of {plan.total_steps} steps); "
             "nothing to train (more epochs: --set train.epochs=N)"
         )
-    sources = {"train": trainset.source, "test": testset.source}
-    if validation is not None:
-        sources["validation"] = validation.source
+    sources = {"train": trainset.source}
+    for name, images in (("test", testset), ("validation", validation)):
+        if images is not None:
+            sources[name] = images.source
     out = RunOutputs(
         run_dir, config, sources, len(trainset.images), state, plan.total_steps, progress
     )
@@ -397,7 +421,8 @@ def train(
                         test_bpd = bpd
                     else:
                         val_bpd = bpd
-                        test_bpd = elbo_bpd(model, testset.images, config) if last else None
+                        scored = last and testset is not None  # a plain folder has none
+                        test_bpd = elbo_bpd(model, testset.images, config) if scored else None
                     out.evaluated(state, model, bpd, test_bpd)
                     if last:
                         out.export("final.pt", model)

@@ -598,8 +598,9 @@ def test_folder_without_train_and_test_subfolders_is_refused(tmp_path: Path) -> 
         Image.new("RGB", (8, 8), (i, i, i)).save(tmp_path / f"{i}.png")
     expected = (
         f"{tmp_path}: a folder without train/ and test/ subfolders has no held-out test images; "
-        f"put the images in {tmp_path / 'train'} and {tmp_path / 'test'}, or score the folder "
-        f"as it is (split 'all': denseflow evaluate --images {tmp_path})"
+        f"put the images in {tmp_path / 'train'} and {tmp_path / 'test'}, train on them with "
+        f"some held out (--set data.validation=N), or score the folder as it is (split 'all': "
+        f"denseflow evaluate --images {tmp_path})"
     )
     for split in ("train", "test"):
         with pytest.raises(DataError) as err:

@@ -547,3 +547,35 @@ def test_hold_out_is_fixed_disjoint_and_keeps_order():
     for n in (0, 20):
         with pytest.raises(DataError, match=f"data.validation={n} must leave training images"):
             hold_out(every, n)
+
+
+def test_a_plain_folder_trains_with_its_held_out_images_as_its_evaluation(tmp_path, capsys):
+    """A folder of images without train/ and test/ subfolders: refused as before without a
+    validation set; with data.validation=8 the run trains on 32 of its 40 images, evaluates on
+    the 8 others and has no test set (evaluate --split test says so, in one line)."""
+    from denseflow.cli import main
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image, mode="L").save(folder / f"{i:03d}.png")
+    run = tmp_path / "run"
+    argv = ["train", "--preset", "tiny", "--data-dir", str(folder), "--out", str(run), "--quiet"]
+    argv += ["--set", "data.dataset=folder", "--set", "train.epochs=1"]
+    assert main(argv) == 2
+    assert "train on them with some held out (--set data.validation=N)" in capsys.readouterr().err
+    assert main([*argv, "--set", "data.validation=8"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 2 and summary["test_bpd"] is None  # 32 images, batches of 16
+    assert math.isfinite(summary["val_bpd"])
+    data = json.loads((run / "data.json").read_text())
+    assert sorted(data) == ["train", "validation"] and data["train"]["num_images"] == 32
+    out = tmp_path / "scored.json"
+    scored = ["evaluate", "--checkpoint", str(run), "--quiet", "--json", str(out)]
+    assert main([*scored, "--split", "validation"]) == 0
+    assert json.loads(out.read_text())["bpd"] == summary["val_bpd"]
+    assert main(scored) == 2
+    err = capsys.readouterr().err
+    assert "split 'test': the run trained on a folder without train/ and test/" in err
+    assert err.count("\n") == 1

@@ -41,8 +41,9 @@ def _folder_for_split(root: Path, split: str) -> Path:
         raise DataError(f"{own}: missing ({root} has {other.name}/ but no {split}/ subfolder)")
     raise DataError(
         f"{root}: a folder without train/ and test/ subfolders has no held-out test images; put "
-        f"the images in {root / 'train'} and {root / 'test'}, or score the folder as it is "
-        f"(split 'all': denseflow evaluate --images {root})"
+        f"the images in {root / 'train'} and {root / 'test'}, train on them with some held out "
+        f"(--set data.validation=N), or score the folder as it is (split 'all': denseflow "
+        f"evaluate --images {root})"
     )
 
 
