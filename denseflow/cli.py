@@ -625,6 +625,7 @@ def _cmd_interpolate(a: argparse.Namespace) -> int:
     from .pretrained import open_model
     from .runtime import resolve_device
     from .sample import interpolate, save_grid
+    from .train import training_split
 
     if a.steps < 2:
         raise ConfigError(f"interpolate: --steps must be >= 2, got {a.steps}")
@@ -637,6 +638,11 @@ def _cmd_interpolate(a: argparse.Namespace) -> int:
         if given.isdigit():
             if testset is None:
                 data = config.data
+                if training_split(data, a.data_dir) == "all":
+                    raise ConfigError(
+                        f"interpolate: {flag} {given}: a test-set index, but the run trained on "
+                        "a folder without a test set; give image files"
+                    )
                 testset = load_images(
                     data.dataset, "test", a.data_dir or data.data_dir, shape[1:], data.celeba_crop
                 ).images

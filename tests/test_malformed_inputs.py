@@ -15,6 +15,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from denseflow import checkpoint as ckpt
 from denseflow.cli import main
@@ -376,6 +377,19 @@ CASES = {
         lambda t: ["evaluate", "--checkpoint", str(_checkpoint(t)), "--split", "validation"],
         "split 'validation': the run held no training images out (data.validation=0)",
     ),
+    "test-set index for a run without a test set": (
+        lambda t: [
+            "interpolate",
+            "--checkpoint",
+            str(_plain_folder_run(t)),
+            "--a",
+            "0",
+            "--b",
+            "1",
+        ],
+        "interpolate: --a 0: a test-set index, but the run trained on a folder without a test "
+        "set; give image files",
+    ),
     "bench report below a file": (
         lambda t: ["bench", "--preset", "tiny", "--json", str(_write(t / "taken", "x") / "r.json")],
         "taken is a file, not a folder",
@@ -419,6 +433,17 @@ def _fake_run(tmp):
 def _tiny_run(tmp):
     run = tmp / "tiny"
     assert main([*TINY, "--out", str(run), "--set", "train.epochs=1"]) == 0
+    return run
+
+
+def _plain_folder_run(tmp):
+    folder = tmp / "mine"
+    folder.mkdir()
+    for i in range(24):
+        Image.new("L", (28, 28), 10 * i).save(folder / f"{i:02d}.png")
+    run = tmp / "plain"
+    argv = [*TINY, "--data-dir", str(folder), "--out", str(run), "--set", "data.dataset=folder"]
+    assert main([*argv, "--set", "data.validation=8", "--set", "train.epochs=1"]) == 0
     return run
 
 
@@ -500,8 +525,6 @@ def test_checkpoint_of_another_architecture(tmp_path, capsys):
 def test_images_of_the_wrong_size(tmp_path, capsys):
     rng = np.random.default_rng(0)
     folder = _mkdir(tmp_path / "imgs")
-    from PIL import Image
-
     Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(folder / "a.png")
     argv = [
         *TINY,
