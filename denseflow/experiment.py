@@ -86,16 +86,6 @@ RECIPE = dataclasses.replace(
     _DEMO.train, epochs=1000, max_steps=None, eval_every=1000, num_samples=0, device="auto"
 )
 
-#: a run's figures in its result.json (a diverged run's non-finite ones stored as null)
-FIGURES = (
-    "elbo_bpd",
-    "elbo_bpd_iwbo_images",
-    "iwbo_bpd",
-    "train_seconds",
-    "run_seconds",
-    "eval_seconds",
-)
-
 DEFAULTS = {"steps": 800, "seeds": 2, "iwbo_k": 100, "iwbo_images": 500, "batch_size": 64}
 #: --quick: the pipeline on a tiny subset (CI), not the numbers
 QUICK = {
@@ -294,7 +284,7 @@ def _run_one(
     """Train one variant for one seed (continuing an interrupted run) and evaluate it."""
     done = run_dir / "result.json"
     if done.exists():
-        result = nan_for_null(json.loads(done.read_text()), FIGURES)
+        result = nan_for_null(json.loads(done.read_text()))
         if (
             RunConfig.from_dict(result["config"]) == config
         ):  # fields added since then take their defaults

@@ -205,7 +205,7 @@ def _once(path: Path, identity: dict[str, Any], compute) -> dict[str, Any]:
         stored = json.loads(path.read_text())
         if stored.get("identity") != identity:
             raise ConfigError(f"{path} holds an arm of another configuration: choose another --out")
-        return nan_for_null(stored["figures"], stored["figures"])
+        return nan_for_null(stored["figures"])
     figures = compute()
     path.write_text(to_json({"identity": identity, "figures": figures}, indent=1) + "\n")
     return figures

@@ -16,7 +16,6 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,11 +57,12 @@ def to_json(value: Any, indent: int | None = None) -> str:
     return json.dumps(strict(value), indent=indent, allow_nan=False)
 
 
-def nan_for_null(record: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
-    """``record`` read back from :func:`to_json`'s text, with the figures among ``keys`` that it
-    wrote as ``null`` (non-finite: a diverged run's bits/dim) NaN again, so that means and
-    tables treat them as the numbers they were."""
-    return record | {key: math.nan for key in keys if key in record and record[key] is None}
+def nan_for_null(figures: dict[str, Any]) -> dict[str, Any]:
+    """``figures`` read back from :func:`to_json`'s text, with every top-level ``null`` (a
+    non-finite number it wrote: a diverged run's bits/dim; the experiments' records hold no other
+    top-level null) NaN again, so that means and tables treat them as the numbers they were;
+    nested values are left as read."""
+    return figures | {key: math.nan for key, value in figures.items() if value is None}
 
 
 def read_records(path: Path, drop_torn_tail: bool = False) -> list[dict[str, Any]]:
