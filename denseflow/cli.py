@@ -71,7 +71,9 @@ EXAMPLES = {
         "examples:\n"
         "  denseflow interpolate --checkpoint runs/demo/final.pt --a 0 --b 7 --steps 10\n"
         "  denseflow interpolate --checkpoint fashion-mnist --a shoe.png --b bag.png"
-        " --out strip.png"
+        " --out strip.png\n"
+        "  denseflow interpolate --checkpoint runs/mine --split validation --a 0 --b 1"
+        "   # a folder run's held-out images"
     ),
     "recalibrate": (
         "examples:\n"
@@ -148,12 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--data-dir", help="folder holding the dataset (default: as in the run)")
-    p.add_argument(
-        "--split",
-        default="test",
-        choices=["test", "train", "validation"],
-        help="the run's test images, its training images, or those it held out (data.validation)",
-    )
+    _split_option(p, "the run's test images, its training images, or those it held out")
     p.add_argument("--images", help="score this folder of PNG/JPEG images instead of a dataset")
     p.add_argument(
         "--per-image", metavar="CSV", help="also write every image's bits/dim to this CSV"
@@ -219,8 +216,9 @@ def _parser() -> argparse.ArgumentParser:
         "Encode two images exactly, interpolate their latents (spherically), decode: a strip.",
     )
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    p.add_argument("--a", required=True, help="first image: a PNG/JPEG file or a test-set index")
-    p.add_argument("--b", required=True, help="last image: a PNG/JPEG file or a test-set index")
+    p.add_argument("--a", required=True, help="first image: a PNG/JPEG file or an index (--split)")
+    p.add_argument("--b", required=True, help="last image: a PNG/JPEG file or an index (--split)")
+    _split_option(p, "what an index counts in: the run's test, training or held-out images")
     p.add_argument("--steps", type=int, default=8, help="images in the strip, ends included")
     p.add_argument("--out", default="interpolation.png", help="the strip's PNG")
     p.add_argument("--data-dir", help="folder holding the dataset (default: as in the run)")
@@ -408,6 +406,15 @@ def _temperatures(text: str) -> list[float]:
         if t == float("inf"):
             raise ConfigError("sample: --temperature must be finite, got inf")
     return temperatures
+
+
+def _split_option(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=["test", "train", "validation"],
+        help=f"{help} (data.validation); default test",
+    )
 
 
 def _positive(command: str, a: argparse.Namespace, *names: str) -> None:
@@ -620,35 +627,30 @@ def _cmd_sample(a: argparse.Namespace) -> int:
 
 
 def _cmd_interpolate(a: argparse.Namespace) -> int:
-    from .data import load_images
     from .data.folder import read_image_files
     from .pretrained import open_model
     from .runtime import resolve_device
     from .sample import interpolate, save_grid
-    from .train import training_split
+    from .train import run_images
 
     if a.steps < 2:
         raise ConfigError(f"interpolate: --steps must be >= 2, got {a.steps}")
     _positive("interpolate", a, "scale")
     out = _output(a.out)
     model, config, _ = open_model(a.checkpoint, resolve_device(a.device))
-    shape, testset = config.model.image_shape, None
-    ends = []
+    shape, ends = config.model.image_shape, []
+    indices = [int(given) for given in (a.a, a.b) if given.isdigit()]
+    if indices:  # the images up to the larger index are read, no more
+        images = run_images(config, a.split, a.data_dir, limit=max(indices) + 1).images
     for flag, given in (("--a", a.a), ("--b", a.b)):
         if given.isdigit():
-            if testset is None:
-                data = config.data
-                if training_split(data, a.data_dir) == "all":
-                    raise ConfigError(
-                        f"interpolate: {flag} {given}: a test-set index, but the run trained on "
-                        "a folder without a test set; give image files"
-                    )
-                testset = load_images(
-                    data.dataset, "test", a.data_dir or data.data_dir, shape[1:], data.celeba_crop
-                ).images
-            if int(given) >= len(testset):
-                raise ConfigError(f"interpolate: {flag} {given}: the test set has {len(testset)}")
-            ends.append(testset[int(given)])
+            index = int(given)
+            if index >= len(images):
+                raise ConfigError(
+                    f"interpolate: {flag} {given}: out of range: the run has {len(images)} "
+                    f"{a.split} images"
+                )
+            ends.append(images[index])
         else:
             image = Path(given)
             if not image.is_file():
@@ -660,7 +662,7 @@ def _cmd_interpolate(a: argparse.Namespace) -> int:
                 f"the model takes {shape}"
             )
     strip = interpolate(model, ends[0], ends[1], a.steps, a.seed)
-    info = {"checkpoint": a.checkpoint, "a": a.a, "b": a.b, "seed": a.seed}
+    info = {"checkpoint": a.checkpoint, "a": a.a, "b": a.b, "split": a.split, "seed": a.seed}
     save_grid(
         strip, out, nrow=a.steps, num_bits=config.model.num_bits, scale=a.scale, metadata=info
     )

@@ -284,7 +284,7 @@ def run_images(
         raise ConfigError(
             f"split 'test': the run trained on a folder without train/ and test/ subfolders "
             f"({data_dir or data.data_dir}), so it has no test set; its held-out images: "
-            "split 'validation'"
+            "--split validation"
         )
     held = data.validation if split != "test" else 0
     read = "test" if split == "test" else trained

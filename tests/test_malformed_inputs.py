@@ -387,8 +387,21 @@ CASES = {
             "--b",
             "1",
         ],
-        "interpolate: --a 0: a test-set index, but the run trained on a folder without a test "
-        "set; give image files",
+        "so it has no test set; its held-out images: --split validation",
+    ),
+    "index beyond the held-out images": (
+        lambda t: [
+            "interpolate",
+            "--checkpoint",
+            str(_plain_folder_run(t)),
+            "--split",
+            "validation",
+            "--a",
+            "0",
+            "--b",
+            "8",
+        ],
+        "interpolate: --b 8: out of range: the run has 8 validation images",
     ),
     "bench report below a file": (
         lambda t: ["bench", "--preset", "tiny", "--json", str(_write(t / "taken", "x") / "r.json")],

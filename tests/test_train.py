@@ -580,3 +580,15 @@ def test_a_plain_folder_trains_with_its_held_out_images_as_its_evaluation(tmp_pa
     err = capsys.readouterr().err
     assert "split 'test': the run trained on a folder without train/ and test/" in err
     assert err.count("\n") == 1
+    # interpolate between held-out images by their index, in evaluate's order
+    from denseflow.pretrained import open_model
+    from denseflow.train import run_images
+
+    held = run_images(open_model(str(run))[1], "validation").images
+    assert len(held) == 8 and not any(torch.equal(held[0], held[i]) for i in range(1, 8))
+    strip = tmp_path / "strip.png"
+    ends = ["interpolate", "--checkpoint", str(run), "--split", "validation", "--a", "2"]
+    assert main([*ends, "--b", "7", "--steps", "3", "--scale", "1", "--out", str(strip)]) == 0
+    grid = np.asarray(Image.open(strip))  # 3 frames of 28 px, 2 px of padding around each
+    assert np.array_equal(grid[2:30, 2:30], held[2, 0].numpy())
+    assert np.array_equal(grid[2:30, 2 + 2 * 30 : 30 + 2 * 30], held[7, 0].numpy())
