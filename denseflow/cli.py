@@ -324,7 +324,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from .train import train
+    from .train import check_start, run_folder, train
 
     state, resume = None, a.resume
     if resume == "auto":  # what a restarted torchrun group runs: continue if there is something
@@ -337,8 +337,10 @@ def _cmd_train(a: argparse.Namespace) -> int:
             raise ConfigError(f"train: {run_dir} holds no checkpoint; give --preset to start it")
     if resume:
         state = ckpt.load_on_every_rank(resume)  # read once: its config here, weights in train()
-        config = ckpt.run_config(state, resume)
-        run_dir = Path(a.out) if a.out else _run_dir_of(Path(resume))
+        config = ckpt.run_config(state, str(resume))
+        run_dir = Path(a.out) if a.out else run_folder(resume)
+        if a.preset:  # the run continues with its own configuration: the preset must fit it
+            check_start(run_dir, load_config(a.preset).override(a.set), state)
     elif a.preset:
         config = load_config(a.preset)
         run_dir = Path(a.out or Path("runs") / Path(a.preset).stem)
@@ -346,12 +348,12 @@ def _cmd_train(a: argparse.Namespace) -> int:
         raise ConfigError("train: give --preset NAME (or a YAML file) or --resume RUN_DIR")
     config = config.override(a.set).with_data_dir(a.data_dir)
     _folder(run_dir, "--out")
-    if a.dry_run:  # refuse what the run would refuse, then show what it would do
+    check_start(run_dir, config, state, resume)  # refuse what the run would refuse, before it
+    if a.dry_run:  # then show what it would do
         from .runtime import resolve_device
-        from .train import check_start, load_datasets
+        from .train import load_datasets
 
         resolve_device(config.train.device)
-        check_start(run_dir, config, None if state is None else ckpt.run_config(state))
         load_datasets(config, first_only=True)
         where = config.data.data_dir or "(the dataset's default location)"
         print(f"# run directory: {run_dir}\n# data: {where}")
@@ -372,10 +374,6 @@ def _cap_heap_growth(config: RunConfig) -> None:
 
     if config.train.low_memory and resolve_device(config.train.device).type == "cpu":
         cap_heap_growth()
-
-
-def _run_dir_of(path: Path) -> Path:
-    return path if path.is_dir() else path.parent.parent
 
 
 def _ks(text: str) -> list[int]:

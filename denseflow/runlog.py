@@ -94,8 +94,10 @@ class RunLog:
         if self.path is None:
             return
         kept = []
-        if self.path.exists():
+        if self.path.exists() and resume_step:
             kept = [r for r in read_records(self.path, True) if r["step"] <= resume_step]
+        elif self.path.exists():  # a new run: an earlier log here has no checkpoint to continue
+            tqdm.write(f"{self.path}: a log without a checkpoint to resume, replaced")
         tmp = self.path.with_name(f".{self.path.name}.tmp")  # replaced whole, never half-written
         tmp.write_text("".join(to_json(r) + "\n" for r in kept))
         os.replace(tmp, self.path)

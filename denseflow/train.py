@@ -24,6 +24,7 @@ checkpoint holds the weights, the Adamax state, the :class:`LoopState` and, with
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from contextlib import contextmanager, nullcontext
@@ -90,9 +91,24 @@ def restore(
     return LoopState.from_checkpoint(payload)
 
 
-def check_start(run_dir: Path, config: RunConfig, resumed: RunConfig | None) -> None:
-    """Refuse a new run in a folder that holds a run's checkpoints, and a resume that changes
-    the architecture or the data (``resumed``: the configuration the checkpoint was saved with)."""
+def run_folder(source: str | Path) -> Path:
+    """The run directory a resume source belongs to: the folder itself, or the run above a
+    ``checkpoints/step_*.pt`` file (another file: its folder)."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def check_start(
+    run_dir: Path,
+    config: RunConfig,
+    resumed: dict[str, Any] | None,
+    source: str | Path | None = None,
+) -> None:
+    """Refuse a new run in a folder that holds a run's checkpoints; a resume from weights alone
+    (``final.pt``, ``best.pt``), into a folder holding another run (``source``: where the
+    checkpoint ``resumed`` was read, where known), or that changes the architecture or the data."""
     if resumed is None:
         if any((run_dir / "checkpoints").glob("step_*.pt")):
             raise ConfigError(
@@ -100,20 +116,51 @@ def check_start(run_dir: Path, config: RunConfig, resumed: RunConfig | None) -> 
                 f"--resume {run_dir}, or choose another --out"
             )
         return
+    where = source or "the checkpoint"
+    if "optimizer" not in resumed:
+        raise ConfigError(
+            f"--resume {where}: weights without the optimizer's state (final.pt, best.pt, an "
+            "export), not a training checkpoint: --resume the run folder or a "
+            "checkpoints/step_*.pt"
+        )
+    if source is not None and run_folder(source).resolve() != run_dir.resolve():
+        held = [n for n in ("checkpoints", "metrics.jsonl") if (run_dir / n).exists()]
+        if held:
+            raise ConfigError(
+                f"--resume {source} into {run_dir}, which holds another run ({', '.join(held)}): "
+                f"continue it in its own folder (--out {run_folder(source)}) or in a new one"
+            )
+    saved = ckpt.run_config(resumed, str(where))
     fixed = [("model", f.name) for f in dataclasses.fields(config.model)]
     fixed += [("data", "dataset"), ("data", "celeba_crop"), ("data", "validation")]
     if config.data.validation:  # which images are held out depends on how many are read
         fixed.append(("data", "train_limit"))
     for section, name in fixed:
-        saved, now = (
-            getattr(getattr(resumed, section), name),
-            getattr(getattr(config, section), name),
-        )
-        if saved != now:
+        was, now = getattr(getattr(saved, section), name), getattr(getattr(config, section), name)
+        if was != now:
             raise ConfigError(
-                f"--resume: {section}.{name} was {saved!r} in the checkpoint, now {now!r}; a run "
+                f"--resume: {section}.{name} was {was!r} in the checkpoint, now {now!r}; a run "
                 "keeps its architecture and dataset: start a new run (another --out)"
             )
+
+
+def check_same_data(run_dir: Path, trained: dict[str, Any]) -> None:
+    """Refuse a resume whose training images (``trained``: their source record) are not those the
+    run's ``data.json`` records: another release, or other files at the same count of images
+    (a changed ``data.train_limit`` reads another count, and may)."""
+    try:
+        recorded = json.loads((run_dir / "data.json").read_text())["train"]
+    except (OSError, ValueError, KeyError, TypeError):  # none (a new folder) or unreadable
+        return
+    keys = ("release", "files") if recorded.get("num_images") == trained["num_images"] else ()
+    if recorded.get("release") != trained["release"] or any(
+        recorded.get(key) != trained[key] for key in keys
+    ):
+        raise ConfigError(
+            f"--resume: the training images in {trained['path']} are not those "
+            f"{run_dir / 'data.json'} records ({recorded.get('path')}): give the run's data "
+            f"(--data-dir), or start a new run (another --out)"
+        )
 
 
 def start(
@@ -127,10 +174,12 @@ def start(
 ) -> LoopState:
     """The loop state to start from: a new run's, or the resumed checkpoint's (a run directory,
     a checkpoint file, or a loaded checkpoint), after :func:`check_start`."""
-    payload = None
-    if resume is not None:
-        payload = resume if isinstance(resume, dict) else ckpt.load_on_every_rank(resume)
-    check_start(run_dir, config, None if payload is None else ckpt.run_config(payload))
+    payload, source = None, None
+    if isinstance(resume, dict):
+        payload = resume
+    elif resume is not None:
+        payload, source = ckpt.load_on_every_rank(resume), resume
+    check_start(run_dir, config, payload, source)
     if payload is None:
         return LoopState()
     state = restore(model, opt, payload, average)
@@ -253,11 +302,12 @@ def load_datasets(config: RunConfig, first_only: bool = False) -> Datasets:
     testset = None
     if split == "train":
         testset = load_images(data.dataset, "test", data.data_dir, limit=limits[1], **size)
-    if tuple(trainset.images.shape[1:]) != shape:
-        raise ConfigError(
-            f"{data.dataset} images are {tuple(trainset.images.shape[1:])}, "
-            f"the model expects model.image_shape={shape}"
-        )
+    for images in (trainset, testset):  # every split, before any step is trained
+        if images is not None and tuple(images.images.shape[1:]) != shape:
+            raise ConfigError(
+                f"{data.dataset} {images.split} images are {tuple(images.images.shape[1:])}, "
+                f"the model expects model.image_shape={shape}"
+            )
     if data.validation and not first_only:
         trainset, validation = hold_out(trainset, data.validation)
         return Datasets(trainset, testset, validation)
@@ -349,6 +399,8 @@ def train(
     graphed = graphed_step(model, optimizer, cfg, device, world, say=distributed.say)
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
     state = start(model, optimizer, resume, run_dir, plan, config, average)
+    if resume is not None:
+        check_same_data(run_dir, trainset.source)
     if state.step >= plan.total_steps:
         distributed.say(
             f"{run_dir}: the run had finished ({state.step} of {plan.total_steps} steps); "

@@ -403,6 +403,49 @@ CASES = {
         ],
         "interpolate: --b 8: out of range: the run has 8 validation images",
     ),
+    "resume from weights alone": (
+        lambda t: ["train", "--resume", str(_checkpoint(t)), "--out", str(t / "run")],
+        "weights without the optimizer's state (final.pt, best.pt, an export), not a training "
+        "checkpoint: --resume the run folder or a checkpoints/step_*.pt",
+    ),
+    "resume into another run's folder": (
+        lambda t: [
+            "train",
+            "--resume",
+            str(_tiny_run(t / "a") / "checkpoints" / "step_0000004.pt"),
+            "--out",
+            str(_tiny_run(t / "b")),
+        ],
+        "which holds another run (checkpoints, metrics.jsonl): continue it in its own folder",
+    ),
+    "preset that does not fit the resumed run": (
+        lambda t: ["train", "--preset", "demo", "--resume", str(_tiny_run(t / "a"))],
+        "--resume: model.block_conf was (2, 1) in the checkpoint, now (3, 2)",
+    ),
+    "resume on other training images": (
+        lambda t: [
+            "train",
+            "--resume",
+            str(_tiny_run(t / "a", "--data-dir", str(_image_folder(t / "one", 0)))),
+            "--data-dir",
+            str(_image_folder(t / "two", 1)),
+            "--set",
+            "train.epochs=2",
+        ],
+        "data.json records (",
+    ),
+    "colour test images for a grey model": (
+        lambda t: [
+            *TINY,
+            "--out",
+            str(t / "run"),
+            "--data-dir",
+            str(_image_folder(t / "mixed", 0, test_mode="RGB")),
+            "--set",
+            "data.dataset=folder",
+        ],
+        "folder test images are (3, 28, 28), the model expects model.image_shape=(1, 28, 28)",
+    ),
     "bench report below a file": (
         lambda t: ["bench", "--preset", "tiny", "--json", str(_write(t / "taken", "x") / "r.json")],
         "taken is a file, not a folder",
@@ -447,6 +490,25 @@ def _tiny_run(tmp):
     run = tmp / "tiny"
     assert main([*TINY, "--out", str(run), "--set", "train.epochs=1"]) == 0
     return run
+
+
+def _tiny_run(run, *flags):
+    """A finished one-epoch run of the tiny preset (4 steps, checkpoints at 3 and 4)."""
+    dataset = ["--set", "data.dataset=folder"] if flags else []
+    argv = [*TINY, "--out", str(run), "--set", "train.epochs=1", *flags, *dataset]
+    assert main(argv) == 0
+    return run
+
+
+def _image_folder(root, seed, test_mode="L"):
+    """train/ (64 grey images) and test/ (8, of ``test_mode``) of random pixels."""
+    rng = np.random.default_rng(seed)
+    for split, count, mode in (("train", 64, "L"), ("test", 8, test_mode)):
+        (root / split).mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (28, 28) if mode == "L" else (28, 28, 3), np.uint8)
+            Image.fromarray(pixels).save(root / split / f"{i:02d}.png")
+    return root
 
 
 def _plain_folder_run(tmp):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -306,6 +307,46 @@ def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, capsys):
     assert f"{run / 'metrics.jsonl'}: dropped a torn last line" in out
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 8 and steps.count(9) == 0
+
+
+def test_what_a_resume_may_read_and_where_it_may_write(tmp_path, capsys):
+    """A run continues in a new folder (its own left as it was) and on its data copied elsewhere
+    (the same files, so data.json's digests match) or with another train_limit; a new run in a
+    folder holding a log but no checkpoint replaces the log and says so (malformed rows 68-72:
+    the refusals)."""
+    from denseflow.cli import main
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    for split, count in (("train", 48), ("test", 8)):
+        (data / split).mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (28, 28), np.uint8)
+            Image.fromarray(pixels).save(data / split / f"{i}.png")
+    run, tiny = tmp_path / "run", ["train", "--preset", "tiny", "--quiet"]
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("not a log\nof denseflow\n")  # no checkpoint beside it
+    folder = ["--set", "data.dataset=folder", "--set", "train.epochs=1"]
+    assert main([*tiny, "--out", str(run), "--data-dir", str(data), *folder]) == 0
+    assert f"{run / 'metrics.jsonl'}: a log without a checkpoint to resume, replaced" in (
+        capsys.readouterr().out
+    )
+    assert [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()][0] == 1
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    step = run / "checkpoints" / "step_0000003.pt"
+    branch = ["train", "--resume", str(step), "--out", str(tmp_path / "branch")]
+    assert main([*branch, "--set", "train.epochs=2"]) == 0
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert json.loads((tmp_path / "branch" / "data.json").read_text())["train"]["num_images"] == 48
+    copy = tmp_path / "moved"
+    shutil.copytree(data, copy)
+    more = ["--set", "train.epochs=2", "--data-dir", str(copy)]
+    assert main(["train", "--resume", str(run), "--quiet", *more]) == 0
+    recorded = json.loads((run / "data.json").read_text())["train"]
+    assert recorded["path"] == str(copy) and recorded["num_images"] == 48
+    fewer = ["--set", "train.epochs=3", "--set", "data.train_limit=32"]
+    assert main(["train", "--resume", str(run), "--quiet", *fewer]) == 0
+    assert json.loads((run / "data.json").read_text())["train"]["num_images"] == 32
 
 
 def test_logs_and_reports_are_strict_json_with_null_for_non_finite(tmp_path):
