@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -107,17 +108,42 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.numpy())
 
 
+def check_target(path: str | os.PathLike) -> Path:
+    """``path`` if a checkpoint may be written there: nothing or a regular file is there. A
+    checkpoint is renamed over what is there, which would replace a symbolic link (not its
+    target), a device or a named pipe with a regular file: a CheckpointError instead."""
+    path = Path(path)
+    try:
+        mode = path.lstat().st_mode
+    except OSError:  # nothing there
+        return path
+    if not stat.S_ISREG(mode):
+        kind = {"l": "a symbolic link", "p": "a named pipe", "d": "a folder"}.get(
+            stat.filemode(mode)[0], "a device or socket"
+        )
+        raise CheckpointError(
+            f"{path}: {kind}, not a regular file; writing a checkpoint would replace it: choose "
+            "another name"
+        )
+    return path
+
+
 def save(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write ``payload`` plus format, version and checksum atomically and durably (temporary file,
-    fsync, rename, fsync of the folder)."""
-    path = Path(path)
+    fsync, rename, fsync of the folder) to ``path``, which holds nothing or a regular file
+    (:func:`check_target`); a failed write leaves no temporary file."""
+    path = check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     content = {"format": FORMAT, "version": VERSION, "denseflow_version": __version__, **payload}
-    with open(tmp, "wb") as handle:
-        torch.save({**content, "checksum": checksum(content)}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save({**content, "checksum": checksum(content)}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except Exception:  # a full disk, say (a process that dies leaves it: the next save replaces it)
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     _fsync_folder(path.parent)
     return path

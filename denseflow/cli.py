@@ -6,8 +6,13 @@ Bad input is reported as one line on stderr with exit code 2 (``--debug`` shows 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+import tempfile
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +32,10 @@ CHECKPOINT_HELP = (
 NO_GRAPH_HELP = "on a GPU: run the model's calls eagerly instead of replaying CUDA graphs"
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
 SCALE_HELP = "show each pixel as SCALE x SCALE (default: a 28 px image at 84 px or more)"
+BESIDE_HELP = (
+    "beside the checkpoint file; for a run folder, in it (beside its final.pt); for a published "
+    "model or a save_pretrained folder, in the current folder"
+)
 
 EXAMPLES = {
     "train": """examples:
@@ -178,8 +187,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument(
         "--json",
-        help="where to write the result (default: beside the checkpoint, named by "
-        "split, bound, k, limit and precision)",
+        help="where to write the result (default: a name that says split, bound, k, limit and "
+        f"precision, {BESIDE_HELP})",
     )
     p.add_argument("--no-cuda-graph", action="store_true", help=NO_GRAPH_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -196,7 +205,7 @@ def _parser() -> argparse.ArgumentParser:
         help="scale of the latent draws (official: 1.0); a list such as 0,0.5,0.7,1 samples "
         "the same seeds at each, one grid row per temperature",
     )
-    p.add_argument("--out", help="grid PNG path (default: samples.png beside the checkpoint)")
+    p.add_argument("--out", help=f"the grid's .png file (default: samples.png {BESIDE_HELP})")
     p.add_argument("--each-dir", help="also write one PNG per seed into this folder")
     p.add_argument(
         "--no-grid", action="store_true", help="no grid, only --each-dir's PNGs (many images)"
@@ -220,7 +229,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--b", required=True, help="last image: a PNG/JPEG file or an index (--split)")
     _split_option(p, "what an index counts in: the run's test, training or held-out images")
     p.add_argument("--steps", type=int, default=8, help="images in the strip, ends included")
-    p.add_argument("--out", default="interpolation.png", help="the strip's PNG")
+    p.add_argument("--out", default="interpolation.png", help="the strip's .png file")
     p.add_argument("--data-dir", help="folder holding the dataset (default: as in the run)")
     p.add_argument("--seed", type=int, default=0, help="the encoding's noise draw")
     p.add_argument("--scale", type=int, help=SCALE_HELP)
@@ -436,18 +445,61 @@ def _folder(path: str | Path, option: str, given: Path | None = None) -> Path:
     return path
 
 
-def _output(path: str | Path, option: str = "--out") -> Path:
-    """An output file, its folder made before any work (so the work is never lost to it)."""
+def _output(
+    path: str | Path, option: str = "--out", png: bool = False, checkpoint: bool = False
+) -> Path:
+    """An output file, checked before any work so that the work is never lost to it: its folder
+    made, the file writable (:func:`_writable`); a grid or strip (``png``) has a .png name, and
+    a ``checkpoint`` (renamed over what is there) is written where nothing or a regular file is
+    and needs a folder that takes new files."""
     path = Path(path)
+    if png and path.suffix.lower() != ".png":
+        raise ConfigError(
+            f"{option} {path}: expected a .png file name (grids and strips are PNG: exact "
+            "pixels, their settings in text chunks)"
+        )
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder, expected a file name")
+    if checkpoint:
+        ckpt.check_target(path)
     _folder(path.parent, option, path).mkdir(parents=True, exist_ok=True)
+    _writable(path.parent if checkpoint else path, option, path)
     return path
 
 
+def _writable(path: Path, option: str, given: Path | None = None) -> Path:
+    """``path`` if the system lets us write there, checked before any work: an existing file is
+    opened for writing (and left as it is), else a file is made and dropped at once in the
+    nearest folder that exists. ``option`` and ``given`` (else ``path``) name it in the error."""
+    with _writing(given or path, option):
+        if path.exists() and not path.is_dir():
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))
+        else:
+            tempfile.TemporaryFile(dir=next(p for p in (path, *path.parents) if p.is_dir())).close()
+    return path
+
+
+@contextmanager
+def _writing(path: Path, option: str) -> Iterator[None]:
+    """Writing the output ``path`` (given as ``option``): what the system refuses there (no
+    permission, a read-only file system, a full disk) is one line naming it, not a bug of ours
+    (an OSError of ``write`` names no file)."""
+    try:
+        yield
+    except OSError as err:
+        raise ConfigError(f"{option} {path}: cannot write ({err.strerror or err})") from None
+
+
 def _beside(checkpoint: str, name: str) -> Path:
-    """Where a default output goes: beside a checkpoint file, else in the current folder."""
+    """Where a default output goes: beside a checkpoint file (a run folder's final.pt, else in
+    the run folder), else (a published model, a save_pretrained folder) in the current folder."""
+    from .pretrained import CONFIG
+
     source = Path(checkpoint)
+    if source.is_dir() and not (source / CONFIG).is_file():  # a run folder
+        if not (source / "final.pt").is_file():
+            return source / name
+        source = source / "final.pt"
     return source.with_name(f"{source.stem}.{name}") if source.is_file() else Path(name)
 
 
@@ -471,25 +523,25 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     a.k = _ks(a.k) if a.k is not None else None
     if a.images and not Path(a.images).expanduser().is_dir():
         raise ConfigError(f"evaluate: --images {a.images}: no such folder")
-    model, config, batchnorm = open_model(a.checkpoint, resolve_device(a.device))
-    model = model.double() if a.double else model.to(memory_format=torch.channels_last)
-    data = config.data
-    if a.images:
-        what = "images"
-        images = load_images("folder", "all", a.images, config.model.image_shape[1:], limit=a.limit)
-    else:
-        what, images = a.split, run_images(config, a.split, a.data_dir, a.limit)
-    if images.images.shape[1:] != model.config.image_shape:
-        raise ConfigError(
-            f"{a.images or data.dataset}: images of shape {tuple(images.images.shape[1:])}, "
-            f"the model takes {model.config.image_shape}"
-        )
+    what = "images" if a.images else a.split
     bound = "elbo" if a.k is None else f"iwbo{a.k[-1]}"
     name = ".".join(
         [what, bound, *([f"first{a.limit}"] if a.limit else []), *(["float64"] * a.double)]
     )
     out = _output(a.json or _beside(a.checkpoint, f"{name}.json"), "--json")
     per_image = _output(a.per_image, "--per-image") if a.per_image else None
+    model, config, batchnorm = open_model(a.checkpoint, resolve_device(a.device))
+    model = model.double() if a.double else model.to(memory_format=torch.channels_last)
+    data = config.data
+    if a.images:
+        images = load_images("folder", "all", a.images, config.model.image_shape[1:], limit=a.limit)
+    else:
+        images = run_images(config, a.split, a.data_dir, a.limit)
+    if images.images.shape[1:] != model.config.image_shape:
+        raise ConfigError(
+            f"{a.images or data.dataset}: images of shape {tuple(images.images.shape[1:])}, "
+            f"the model takes {model.config.image_shape}"
+        )
     batch_size, kbs = (
         a.batch_size or config.eval.batch_size,
         a.kbs or min(a.k[-1] if a.k else 1, config.eval.kbs),
@@ -542,11 +594,13 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         print(curve_in_words(result["iwbo_bpd"]))
     if terms:
         print(terms_in_words(result["terms_bpd"], result["elbo_bpd"]))
-    out.write_text(to_json(result, indent=1) + "\n")
+    with _writing(out, "--json"):
+        out.write_text(to_json(result, indent=1) + "\n")
     if per_image is not None:
         columns = {**nats, **{f"term.{name}": value for name, value in terms.items()}}
         bpd = {key: to_bits_per_dim(model, value) for key, value in columns.items()}
-        write_scores(per_image, bpd, images.names)
+        with _writing(per_image, "--per-image"):
+            write_scores(per_image, bpd, images.names)
         print(f"per-image bits/dim -> {per_image}")
     return 0
 
@@ -558,7 +612,7 @@ def _cmd_recalibrate(a: argparse.Namespace) -> int:
     from .train import run_images
 
     _positive("recalibrate", a, "batches", "batch_size")
-    out = _output(a.out)
+    out = _output(a.out, checkpoint=True)
     model, config, _ = open_model(a.checkpoint, resolve_device(a.device))
     model = model.to(memory_format=torch.channels_last)  # as training, evaluate and sample run
     images = run_images(config, "train", a.data_dir).images  # without those held out
@@ -566,7 +620,8 @@ def _cmd_recalibrate(a: argparse.Namespace) -> int:
     recalibrate_batchnorm(model, images, a.batches, batch_size, a.seed, progress=not a.quiet)
     statistics = describe(a.batches, batch_size, a.seed, images=len(images))
     if distributed.is_main():
-        ckpt.export(out, model, config, batchnorm=statistics)
+        with _writing(out, "--out"):
+            ckpt.export(out, model, config, batchnorm=statistics)
         print(f"BatchNorm statistics {statistics} -> {out}")
     return 0
 
@@ -576,7 +631,7 @@ def _cmd_sample(a: argparse.Namespace) -> int:
 
     from .pretrained import open_model
     from .runtime import resolve_device
-    from .sample import check_grid, parse_seeds, sample_seeds, save_grid, to_pil
+    from .sample import check_grid, check_seeds, parse_seeds, sample_seeds, save_grid, to_pil
 
     _positive("sample", a, "num", "nrow", "scale")
     temperatures = _temperatures(a.temperature)
@@ -584,11 +639,15 @@ def _cmd_sample(a: argparse.Namespace) -> int:
         raise ConfigError("sample: --no-grid without --each-dir would write nothing")
     if a.no_grid and a.out:
         raise ConfigError("sample: --out names the grid, which --no-grid leaves out")
-    seeds = parse_seeds(a.seeds) if a.seeds is not None else list(range(a.num))
+    if a.seeds is not None:
+        seeds = parse_seeds(a.seeds)
+    else:
+        check_seeds(a.num, f"--num {a.num}")
+        seeds = list(range(a.num))
     sweep = len(temperatures) > 1  # the same seeds at each temperature: a row each
     nrow = a.nrow or (len(seeds) if sweep else 8)
-    out = None if a.no_grid else _output(a.out or _beside(a.checkpoint, "samples.png"))
-    each_dir = _folder(a.each_dir, "--each-dir") if a.each_dir else None
+    out = None if a.no_grid else _output(a.out or _beside(a.checkpoint, "samples.png"), png=True)
+    each_dir = _writable(_folder(a.each_dir, "--each-dir"), "--each-dir") if a.each_dir else None
     model, config, _ = open_model(a.checkpoint, resolve_device(a.device))
     if out is not None:
         check_grid(len(seeds) * len(temperatures), *config.model.image_shape[1:], nrow, a.scale)
@@ -606,17 +665,19 @@ def _cmd_sample(a: argparse.Namespace) -> int:
     info = {"temperature": shown, "checkpoint": a.checkpoint, "seeds": a.seeds or a.num}
     if out is not None:
         bits = config.model.num_bits
-        save_grid(images, out, nrow, num_bits=bits, scale=a.scale, metadata=info)
+        with _writing(out, "--out"):
+            save_grid(images, out, nrow, num_bits=bits, scale=a.scale, metadata=info)
     if each_dir:
-        each_dir.mkdir(parents=True, exist_ok=True)
         names = [
             f"seed{seed:06d}" + (f"_t{t:g}" if sweep else "") + ".png"
             for t in temperatures
             for seed in seeds
         ]
         pairs = zip(names, images, strict=True)
-        for name, image in tqdm(pairs, "write", len(names), disable=a.quiet, leave=False):
-            to_pil(image, config.model.num_bits).save(each_dir / name)
+        with _writing(each_dir, "--each-dir"):
+            each_dir.mkdir(parents=True, exist_ok=True)
+            for name, image in tqdm(pairs, "write", len(names), disable=a.quiet, leave=False):
+                to_pil(image, config.model.num_bits).save(each_dir / name)
     written = ([str(out)] if out else []) + ([f"{each_dir}/"] if each_dir else [])
     at = f"temperature {shown}" if not sweep else f"at temperatures {shown}"
     at += ", a row each" if sweep and out is not None and nrow == len(seeds) else ""
@@ -628,21 +689,23 @@ def _cmd_interpolate(a: argparse.Namespace) -> int:
     from .data.folder import read_image_files
     from .pretrained import open_model
     from .runtime import resolve_device
-    from .sample import interpolate, save_grid
+    from .sample import check_grid, interpolate, save_grid
     from .train import run_images
 
     if a.steps < 2:
         raise ConfigError(f"interpolate: --steps must be >= 2, got {a.steps}")
     _positive("interpolate", a, "scale")
-    out = _output(a.out)
+    out = _output(a.out, png=True)
     model, config, _ = open_model(a.checkpoint, resolve_device(a.device))
     shape, ends = config.model.image_shape, []
-    indices = [int(given) for given in (a.a, a.b) if given.isdigit()]
+    advice = "fewer --steps or a smaller --scale"
+    check_grid(a.steps, *shape[1:], a.steps, a.scale, what="interpolate: a strip", advice=advice)
+    indices = {given: int(given) for given in (a.a, a.b) if re.fullmatch("[0-9]+", given)}
     if indices:  # the images up to the larger index are read, no more
-        images = run_images(config, a.split, a.data_dir, limit=max(indices) + 1).images
+        images = run_images(config, a.split, a.data_dir, limit=max(indices.values()) + 1).images
     for flag, given in (("--a", a.a), ("--b", a.b)):
-        if given.isdigit():
-            index = int(given)
+        if given in indices:  # ASCII digits only: anything else (², ١) names a file
+            index = indices[given]
             if index >= len(images):
                 raise ConfigError(
                     f"interpolate: {flag} {given}: out of range: the run has {len(images)} "
@@ -661,9 +724,9 @@ def _cmd_interpolate(a: argparse.Namespace) -> int:
             )
     strip = interpolate(model, ends[0], ends[1], a.steps, a.seed)
     info = {"checkpoint": a.checkpoint, "a": a.a, "b": a.b, "split": a.split, "seed": a.seed}
-    save_grid(
-        strip, out, nrow=a.steps, num_bits=config.model.num_bits, scale=a.scale, metadata=info
-    )
+    bits = config.model.num_bits
+    with _writing(out, "--out"):
+        save_grid(strip, out, nrow=a.steps, num_bits=bits, scale=a.scale, metadata=info)
     print(f"{a.steps} images from {a.a} to {a.b} -> {out}")
     return 0
 
@@ -686,7 +749,7 @@ def _cmd_import_official(a: argparse.Namespace) -> int:
             f"import-official: {source} needs the official flags it was trained with: "
             "--args args.pickle|args.json"
         )
-    out = _output(a.out)
+    out = _output(a.out, checkpoint=True)
     flags = load_official_args(args_path)
     model = convert_official(source, flags)
     preset = {
@@ -698,7 +761,8 @@ def _cmd_import_official(a: argparse.Namespace) -> int:
     name = preset.get(flags["dataset"])
     base = load_config(name) if name else RunConfig(data=DataConfig(dataset=flags["dataset"]))
     config = RunConfig(model=model.config, data=base.data, train=base.train, eval=base.eval)
-    ckpt.export(out, model, config)
+    with _writing(out, "--out"):
+        ckpt.export(out, model, config)
     params = sum(p.numel() for p in model.parameters())
     print(f"imported {params:,} parameters ({flags['dataset']}) -> {out}")
     return 0
@@ -735,7 +799,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     report["preset"] = a.preset
     print(format_report(report))
     if out:
-        out.write_text(to_json(report, indent=1) + "\n")
+        with _writing(out, "--json"):
+            out.write_text(to_json(report, indent=1) + "\n")
     return 0
 
 

@@ -21,7 +21,8 @@ from .model import DenseFlow
 
 def resolve_device(name: str) -> torch.device:
     """``auto``: CUDA when available, else the CPU; under torchrun CUDA means this rank's GPU. A
-    device this torch cannot use (not built in, no such GPU) is one line naming it."""
+    device this torch cannot compute on (not built in, no such GPU, ``meta``) is one line naming
+    it."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -35,8 +36,10 @@ def resolve_device(name: str) -> torch.device:
             f"device {name!r}: this torch ({torch.__version__}) sees no CUDA GPU; use cpu or auto"
         )
     device = distributed.local_device(device)
-    try:  # a probe: whatever stops an empty tensor there (torch raises several kinds)
-        torch.empty(0, device=device)
+    # a probe: a sum computed there and read back (the meta device computes shapes, no values);
+    # whatever stops it is the reason (torch raises several kinds)
+    try:
+        torch.ones(1, device=device).sum().cpu()
     except Exception as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
         raise ConfigError(

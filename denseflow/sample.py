@@ -22,10 +22,25 @@ from .seeding import stream
 #: the smallest side, in pixels, that a default grid shows an image at
 READABLE = 84
 
+#: the most seeds one command samples: all their images are held in memory until written (a
+#: million take 3 GB at 32x32 in colour, 12 GB at 64x64); image i depends only on seed i, so a
+#: larger set is sampled in parts with the same images
+MAX_SEEDS = 1_000_000
+
+
+def check_seeds(count: int, given: str) -> None:
+    """Refuse, before the list is built, more than :data:`MAX_SEEDS` seeds (``given``: how)."""
+    if count > MAX_SEEDS:
+        raise ConfigError(
+            f"{given}: {count:,} seeds, more than the {MAX_SEEDS:,} one command samples (their "
+            "images are held in memory); image i depends only on seed i, so sample a larger set "
+            "in parts, e.g. --seeds 0-999999, then --seeds 1000000-1999999"
+        )
+
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0-63"``, ``"1,5,9"`` or ``"0-3,10"`` -> a list of seeds."""
-    seeds: list[int] = []
+    """``"0-63"``, ``"1,5,9"`` or ``"0-3,10"`` -> a list of seeds (at most :data:`MAX_SEEDS`)."""
+    ranges: list[range] = []
     for part in text.split(","):
         lo, dash, hi = part.strip().partition("-")
         try:
@@ -36,8 +51,9 @@ def parse_seeds(text: str) -> list[int]:
             raise ConfigError(f"--seeds {text!r}: seeds are non-negative integers")
         if last < first:
             raise ConfigError(f"--seeds {text!r}: the range {part.strip()} is reversed")
-        seeds += range(first, last + 1)
-    return seeds
+        ranges.append(range(first, last + 1))
+    check_seeds(sum(r.stop - r.start for r in ranges), f"--seeds {text!r}")
+    return [seed for r in ranges for seed in r]
 
 
 @torch.no_grad()
@@ -165,16 +181,25 @@ def grid_size(
     return ncol * (width * scale + padding) + padding, rows * (height * scale + padding) + padding
 
 
-def check_grid(n: int, height: int, width: int, nrow: int = 8, scale: int | None = None) -> None:
+def check_grid(
+    n: int,
+    height: int,
+    width: int,
+    nrow: int = 8,
+    scale: int | None = None,
+    what: str = "sample: a grid",
+    advice: str = "for many images write one PNG each (--each-dir DIR --no-grid) or sample "
+    "fewer seeds",
+) -> None:
     """Refuse, before any sampling, a grid larger than Pillow opens (twice
-    ``PIL.Image.MAX_IMAGE_PIXELS``: a PNG nobody could read back)."""
+    ``PIL.Image.MAX_IMAGE_PIXELS``: a PNG nobody could read back); the message starts with
+    ``what`` and ends with ``advice``."""
     limit = Image.MAX_IMAGE_PIXELS and 2 * Image.MAX_IMAGE_PIXELS
     w, h = grid_size(n, height, width, nrow, scale=scale)
     if limit and w * h > limit:
         raise ConfigError(
-            f"sample: a grid of {n:,} images would be {w:,} x {h:,} pixels, more than Pillow "
-            f"opens ({limit:,}); for many images write one PNG each (--each-dir DIR --no-grid) "
-            "or sample fewer seeds"
+            f"{what} of {n:,} images would be {w:,} x {h:,} pixels, more than Pillow opens "
+            f"({limit:,}); {advice}"
         )
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import pickle
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,6 +152,69 @@ def test_sample_seeds_are_reproducible_and_independent(tiny_run, tmp_path):
         a = np.asarray(Image.open(tmp_path / "a" / name))
         assert np.array_equal(np.asarray(Image.open(only / name)), a)
     assert not (tiny_run / "final.samples.png").exists()
+
+
+def test_default_outputs_of_a_run_folder_go_into_it(tiny_run, tmp_path, monkeypatch):
+    """`--checkpoint RUN_DIR` reads its final.pt: the default outputs go beside that file, as for
+    `--checkpoint RUN_DIR/final.pt`, not into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--checkpoint", str(tiny_run), "--quiet"]
+    assert main(["sample", *argv, "--num", "2"]) == 0
+    assert main(["evaluate", *argv, "--limit", "2"]) == 0
+    written = [tiny_run / "final.samples.png", tiny_run / "final.test.elbo.first2.json"]
+    assert all(path.is_file() for path in written) and not list(tmp_path.iterdir())
+    for path in written:  # the other tests see the run as it was
+        path.unlink()
+
+
+@pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="no /dev/full")
+def test_a_full_disk_is_one_line_naming_the_output(tiny_run, tmp_path, capsys):
+    """An output the system refuses only when written (ENOSPC: /dev/full, written to, never
+    replaced), after the work: one line naming it, exit code 2, not an internal error."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("L", (28, 28), 7).save(folder / "a.png")
+    argv = ["evaluate", "--checkpoint", str(tiny_run), "--images", str(folder), "--quiet"]
+    assert main([*argv, "--json", str(tmp_path / "r.json"), "--per-image", "/dev/full"]) == 2
+    err = capsys.readouterr().err
+    line = (
+        "denseflow evaluate: error: --per-image /dev/full: cannot write (No space left on device)"
+    )
+    assert err == line + "\n"
+    assert Path("/dev/full").is_char_device()
+
+
+def test_a_checkpoint_is_written_over_a_regular_file_only(tmp_path, monkeypatch):
+    """checkpoint.save renames its file over the target: a symbolic link or a named pipe there is
+    refused (and left as it is), and a failed write leaves no temporary file."""
+    target = tmp_path / "target.pt"
+    target.write_text("kept")
+    (tmp_path / "link.pt").symlink_to(target)
+    os.mkfifo(tmp_path / "pipe.pt")
+    for name, kind in (("link.pt", "a symbolic link"), ("pipe.pt", "a named pipe")):
+        with pytest.raises(ckpt.CheckpointError, match=f"{name}: {kind}, not a regular file"):
+            ckpt.save(tmp_path / name, {"step": 1})
+    assert (tmp_path / "link.pt").is_symlink() and target.read_text() == "kept"
+
+    def full(obj, handle, *args, **kwargs):
+        handle.write(b"PK half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.save(target, {"step": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.pt", "pipe.pt", "target.pt"]
+    assert target.read_text() == "kept"
+
+
+def test_seeds_are_counted_before_the_list_is_built():
+    from denseflow.sample import MAX_SEEDS, parse_seeds
+
+    assert len(parse_seeds(f"0-{MAX_SEEDS - 1}")) == MAX_SEEDS
+    with pytest.raises(ConfigError, match=f"1,000,001 seeds, more than the {MAX_SEEDS:,}"):
+        parse_seeds(f"5,0-{MAX_SEEDS - 1}")
+    with pytest.raises(ConfigError, match="--num 1000000000000: 1,000,000,000,000 seeds"):
+        main(["sample", "--checkpoint", "x.pt", "--num", str(10**12), "--debug"])
 
 
 def test_grid_size_is_the_saved_size(tmp_path):

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import pickle
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -450,7 +452,61 @@ CASES = {
         lambda t: ["bench", "--preset", "tiny", "--json", str(_write(t / "taken", "x") / "r.json")],
         "taken is a file, not a folder",
     ),
+    "device that computes no values": (
+        lambda t: ["sample", "--checkpoint", str(_checkpoint(t)), "--device", "meta"],
+        "device 'meta': this torch",
+    ),
+    "more seeds than one command samples": (
+        lambda t: ["sample", "--checkpoint", str(_checkpoint(t)), "--seeds", "0-99999999999"],
+        "--seeds '0-99999999999': 100,000,000,000 seeds, more than the 1,000,000 one command "
+        "samples",
+    ),
+    "grid file not named .png": (
+        lambda t: ["sample", "--checkpoint", str(_checkpoint(t)), "--out", str(t / "g.txt")],
+        "g.txt: expected a .png file name",
+    ),
+    "strip file without an extension": (
+        lambda t: ["interpolate", "--checkpoint", str(_checkpoint(t)), *AB, "--out", "strip"],
+        "--out strip: expected a .png file name",
+    ),
+    "strip larger than Pillow opens": (
+        lambda t: ["interpolate", "--checkpoint", str(_checkpoint(t)), *AB, "--scale", "400"],
+        "interpolate: a strip of 8 images would be 102,418 x 12,804 pixels, more than Pillow opens",
+    ),
+    "image larger than Pillow opens": (
+        lambda t: ["evaluate", "--checkpoint", str(_checkpoint(t)), "--images", str(_huge(t))],
+        "huge/a.png: not a readable image (more than the 178,956,970 pixels Pillow opens)",
+    ),
+    "superscript digit as an index": (
+        lambda t: ["interpolate", "--checkpoint", str(_checkpoint(t)), "--a", "\u00b2", *AB[2:]],
+        "interpolate: --a \u00b2: no such image file",
+    ),
+    "Arabic-Indic digit as an index": (
+        lambda t: ["interpolate", "--checkpoint", str(_checkpoint(t)), "--a", "\u0661", *AB[2:]],
+        "interpolate: --a \u0661: no such image file",
+    ),
+    "checkpoint output that is a symbolic link": (
+        lambda t: ["recalibrate", "--checkpoint", str(_checkpoint(t)), "--out", str(_link(t))],
+        "link.pt: a symbolic link, not a regular file; writing a checkpoint would replace it",
+    ),
+    "checkpoint output that is a named pipe": (
+        lambda t: [
+            "import-official",
+            str(_write(t / "c.pt", "not read before --out is checked")),
+            "--args",
+            str(_write(t / "a.json", "[1]")),
+            "--out",
+            str(_fifo(t / "pipe.pt")),
+        ],
+        "pipe.pt: a named pipe, not a regular file; writing a checkpoint would replace it",
+    ),
+    "report into a folder without write permission": (
+        lambda t: ["evaluate", "--checkpoint", str(_checkpoint(t)), "--json", str(_locked(t))],
+        "locked/r.json: cannot write (Permission denied)",
+    ),
 }
+
+AB = ["--a", "a.png", "--b", "b.png"]  # files not read before --out and the strip are checked
 
 
 def _write(path, text):
@@ -529,6 +585,39 @@ def _run_with_a_malformed_log_line(tmp):
     lines[2] = '{"kind": "train", "step": 3, "bpd": nan oops}\n'
     (run / "metrics.jsonl").write_text("".join(lines))
     return run
+
+
+def _huge(tmp):
+    """A folder holding a PNG whose header says 20,000 x 20,000 pixels (Pillow refuses it by its
+    header; the data would not even decode)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 20_000, 20_000, 1, 0, 0, 0, 0))
+    png = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    (_mkdir(tmp / "huge") / "a.png").write_bytes(png)
+    return tmp / "huge"
+
+
+def _link(tmp):
+    (tmp / "link.pt").symlink_to(_write(tmp / "target.pt", "not to be replaced"))
+    return tmp / "link.pt"
+
+
+def _fifo(path):
+    os.mkfifo(path)
+    return path
+
+
+def _locked(tmp):
+    """An output file in a folder that takes no new files (permissions do not bind root)."""
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a read-only folder")
+    _mkdir(tmp / "locked").chmod(0o500)
+    return tmp / "locked" / "r.json"
 
 
 def _evil_args(tmp):

@@ -58,6 +58,11 @@ def open_image(path: Path) -> tuple[Image.Image, str]:
         raise DataError(
             f"{path}: not a readable image (not a PNG/JPEG file Pillow recognises)"
         ) from None
+    except Image.DecompressionBombError:  # Image.open refuses it by its header's size
+        raise DataError(
+            f"{path}: not a readable image (more than the {2 * Image.MAX_IMAGE_PIXELS:,} pixels "
+            "Pillow opens)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: not a readable image ({err})") from None
     return img, hashlib.sha256(raw).hexdigest()
