@@ -36,6 +36,10 @@ BESIDE_HELP = (
     "beside the checkpoint file; for a run folder, in it (beside its final.pt); for a published "
     "model or a save_pretrained folder, in the current folder"
 )
+QUIET_HELP = (
+    "no progress bars and no notes (how many images were resized, a partial evaluation "
+    "continued); warnings and errors still print"
+)
 
 EXAMPLES = {
     "train": """examples:
@@ -101,11 +105,14 @@ EXAMPLES = {
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
-    """Examples kept as written; every option's default shown (unless it has none)."""
+    """Examples kept as written; every option's default shown (unless it has none: None,
+    False or an empty list; a default of 0 is shown)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS, []) and "default" not in text:
+        default = action.default
+        none = default is None or default is False or default in (argparse.SUPPRESS, [])
+        if not none and "default" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -150,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run", action="store_true", help="print the resolved configuration and exit"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     p = command(
         "evaluate",
@@ -160,7 +167,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--data-dir", help="folder holding the dataset (default: as in the run)")
     _split_option(p, "the run's test images, its training images, or those it held out")
-    p.add_argument("--images", help="score this folder of PNG/JPEG images instead of a dataset")
+    p.add_argument(
+        "--images",
+        help="score this folder of PNG/JPEG images instead of a dataset (its subfolders are not "
+        "read)",
+    )
     p.add_argument(
         "--per-image", metavar="CSV", help="also write every image's bits/dim to this CSV"
     )
@@ -170,7 +181,10 @@ def _parser() -> argparse.ArgumentParser:
         "scores IWBO-j of the first j of max(k) draws for each j, in one run of max(k)",
     )
     p.add_argument(
-        "--kbs", type=int, help="importance samples per pass (default: the config's eval.kbs)"
+        "--kbs",
+        type=int,
+        help="importance samples per pass, with --k (default: the smaller of max(k) and the "
+        "config's eval.kbs)",
     )
     p.add_argument(
         "--batch-size", type=int, help="images per batch (default: the config's eval.batch_size)"
@@ -183,7 +197,9 @@ def _parser() -> argparse.ArgumentParser:
         "cross-unit noise, transitions, base): where the bits go",
     )
     p.add_argument("--double", action="store_true", help="evaluate in float64")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="the noise draws (dequantization, importance samples)"
+    )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument(
         "--json",
@@ -191,7 +207,7 @@ def _parser() -> argparse.ArgumentParser:
         f"precision, {BESIDE_HELP})",
     )
     p.add_argument("--no-cuda-graph", action="store_true", help=NO_GRAPH_HELP)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     p = command("sample", "Sample images to a PNG grid and/or one PNG per seed.")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
@@ -217,7 +233,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--scale", type=int, help=SCALE_HELP)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.add_argument("--no-cuda-graph", action="store_true", help=NO_GRAPH_HELP)
 
     p = command(
@@ -275,7 +291,7 @@ def _parser() -> argparse.ArgumentParser:
         "--profile",
         help="profile one more call of each measurement; write the operator tables here",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     p = command(
         "experiment",
@@ -304,7 +320,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a tiny subset and 3 steps: checks the pipeline in minutes",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     p = command(
         "import-official",
@@ -328,7 +344,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which images and noises")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--out", required=True, help="the checkpoint to write")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     return parser
 
 
@@ -415,10 +431,18 @@ def _temperatures(text: str) -> list[float]:
     return temperatures
 
 
+def _names(command: str, option: str, text: str) -> list[str]:
+    """A comma-separated list of names (``bench --what``, ``experiment --variants``): at least
+    one."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise ConfigError(f"{command}: {option} {text!r}: names nothing (a comma-separated list)")
+    return names
+
+
 def _split_option(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument(
         "--split",
-        default="test",
         choices=["test", "train", "validation"],
         help=f"{help} (data.validation); default test",
     )
@@ -521,27 +545,41 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
     _positive("evaluate", a, "kbs", "batch_size", "limit")
     a.k = _ks(a.k) if a.k is not None else None
-    if a.images and not Path(a.images).expanduser().is_dir():
-        raise ConfigError(f"evaluate: --images {a.images}: no such folder")
-    what = "images" if a.images else a.split
-    bound = "elbo" if a.k is None else f"iwbo{a.k[-1]}"
-    name = ".".join(
-        [what, bound, *([f"first{a.limit}"] if a.limit else []), *(["float64"] * a.double)]
-    )
-    out = _output(a.json or _beside(a.checkpoint, f"{name}.json"), "--json")
-    per_image = _output(a.per_image, "--per-image") if a.per_image else None
+    if a.kbs and a.k is None:
+        raise ConfigError("evaluate: --kbs is for IWBO (--k); the ELBO draws one sample per image")
+    if a.images:
+        given = [option for option in ("split", "data_dir") if getattr(a, option)]
+        if given:
+            raise ConfigError(
+                f"evaluate: --{given[0].replace('_', '-')} chooses the run's images; --images "
+                "scores a folder of its own"
+            )
+        folder = Path(a.images).expanduser()
+        if folder.is_file():
+            raise ConfigError(
+                f"evaluate: --images {a.images}: a file; give the folder of images to score"
+            )
+        if not folder.is_dir():
+            raise ConfigError(f"evaluate: --images {a.images}: no such folder")
     model, config, batchnorm = open_model(a.checkpoint, resolve_device(a.device))
     model = model.double() if a.double else model.to(memory_format=torch.channels_last)
-    data = config.data
+    data, shape = config.data, config.model.image_shape
     if a.images:
-        images = load_images("folder", "all", a.images, config.model.image_shape[1:], limit=a.limit)
+        what = "images"
+        images = load_images("folder", "all", a.images, shape[1:], limit=a.limit, channels=shape[0])
     else:
-        images = run_images(config, a.split, a.data_dir, a.limit)
+        what = a.split or "test"
+        images = run_images(config, what, a.data_dir, a.limit)
     if images.images.shape[1:] != model.config.image_shape:
         raise ConfigError(
             f"{a.images or data.dataset}: images of shape {tuple(images.images.shape[1:])}, "
             f"the model takes {model.config.image_shape}"
         )
+    bound = "elbo" if a.k is None else f"iwbo{a.k[-1]}"
+    first = [f"first{a.limit}"] if a.limit and len(images.images) == a.limit else []
+    name = ".".join([what, bound, *first, *(["float64"] * a.double)])
+    out = _output(a.json or _beside(a.checkpoint, f"{name}.json"), "--json")
+    per_image = _output(a.per_image, "--per-image") if a.per_image else None
     batch_size, kbs = (
         a.batch_size or config.eval.batch_size,
         a.kbs or min(a.k[-1] if a.k else 1, config.eval.kbs),
@@ -645,6 +683,14 @@ def _cmd_sample(a: argparse.Namespace) -> int:
         check_seeds(a.num, f"--num {a.num}")
         seeds = list(range(a.num))
     sweep = len(temperatures) > 1  # the same seeds at each temperature: a row each
+    suffixes, first = {t: f"_t{t:g}" for t in temperatures}, {}  # of --each-dir's file names
+    for t, suffix in suffixes.items():
+        if a.each_dir and first.setdefault(suffix, t) != t:
+            raise ConfigError(
+                f"sample: --temperature {first[suffix]} and {t} would both write "
+                f"seed*{suffix}.png in --each-dir: give temperatures that differ in their first "
+                "6 digits"
+            )
     nrow = a.nrow or (len(seeds) if sweep else 8)
     out = None if a.no_grid else _output(a.out or _beside(a.checkpoint, "samples.png"), png=True)
     each_dir = _writable(_folder(a.each_dir, "--each-dir"), "--each-dir") if a.each_dir else None
@@ -669,7 +715,7 @@ def _cmd_sample(a: argparse.Namespace) -> int:
             save_grid(images, out, nrow, num_bits=bits, scale=a.scale, metadata=info)
     if each_dir:
         names = [
-            f"seed{seed:06d}" + (f"_t{t:g}" if sweep else "") + ".png"
+            f"seed{seed:06d}" + (suffixes[t] if sweep else "") + ".png"
             for t in temperatures
             for seed in seeds
         ]
@@ -697,33 +743,33 @@ def _cmd_interpolate(a: argparse.Namespace) -> int:
     _positive("interpolate", a, "scale")
     out = _output(a.out, png=True)
     model, config, _ = open_model(a.checkpoint, resolve_device(a.device))
-    shape, ends = config.model.image_shape, []
+    shape, ends, split = config.model.image_shape, [], a.split or "test"
     advice = "fewer --steps or a smaller --scale"
     check_grid(a.steps, *shape[1:], a.steps, a.scale, what="interpolate: a strip", advice=advice)
     indices = {given: int(given) for given in (a.a, a.b) if re.fullmatch("[0-9]+", given)}
     if indices:  # the images up to the larger index are read, no more
-        images = run_images(config, a.split, a.data_dir, limit=max(indices.values()) + 1).images
+        images = run_images(config, split, a.data_dir, limit=max(indices.values()) + 1).images
     for flag, given in (("--a", a.a), ("--b", a.b)):
         if given in indices:  # ASCII digits only: anything else (², ١) names a file
             index = indices[given]
             if index >= len(images):
                 raise ConfigError(
                     f"interpolate: {flag} {given}: out of range: the run has {len(images)} "
-                    f"{a.split} images"
+                    f"{split} images"
                 )
             ends.append(images[index])
         else:
             image = Path(given)
             if not image.is_file():
                 raise ConfigError(f"interpolate: {flag} {given}: no such image file")
-            ends.append(read_image_files([image], shape[1:])[0][0])
+            ends.append(read_image_files([image], shape[1:], channels=shape[0])[0][0])
         if ends[-1].shape != shape:
             raise ConfigError(
                 f"interpolate: {flag} {given}: a {tuple(ends[-1].shape)} image, "
                 f"the model takes {shape}"
             )
     strip = interpolate(model, ends[0], ends[1], a.steps, a.seed)
-    info = {"checkpoint": a.checkpoint, "a": a.a, "b": a.b, "split": a.split, "seed": a.seed}
+    info = {"checkpoint": a.checkpoint, "a": a.a, "b": a.b, "split": split, "seed": a.seed}
     bits = config.model.num_bits
     with _writing(out, "--out"):
         save_grid(strip, out, nrow=a.steps, num_bits=bits, scale=a.scale, metadata=info)
@@ -733,7 +779,7 @@ def _cmd_interpolate(a: argparse.Namespace) -> int:
 
 def _cmd_import_official(a: argparse.Namespace) -> int:
     from .config import DataConfig
-    from .official import convert_official, load_official_args
+    from .official import config_from_official_args, convert_official, load_official_args
 
     source = Path(a.source)
     if not source.exists():
@@ -751,6 +797,7 @@ def _cmd_import_official(a: argparse.Namespace) -> int:
         )
     out = _output(a.out, checkpoint=True)
     flags = load_official_args(args_path)
+    config_from_official_args(flags, args_path)  # checked, naming their file, before the weights
     model = convert_official(source, flags)
     preset = {
         "cifar10": "cifar10",
@@ -778,7 +825,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     config = load_config(a.preset).override(a.set)
-    what = tuple(w.strip() for w in a.what.split(",") if w.strip())
+    what = tuple(_names("bench", "--what", a.what))
     device = resolve_device(a.device)
     _cap_heap_growth(config.override([f"train.device={device}"]))
     out = _output(a.json, "--json") if a.json else None
@@ -818,7 +865,7 @@ def _cmd_experiment(a: argparse.Namespace) -> int:
         print((out / "results.md").read_text(), end="")
         print(f"results: {out / 'results.json'}")
         return 0
-    variants = [v.strip() for v in a.variants.split(",") if v.strip()] if a.variants else None
+    variants = _names("experiment", "--variants", a.variants) if a.variants is not None else None
     results = run_ablation(
         out,
         a.data_dir,
@@ -853,7 +900,8 @@ def main(argv: list[str] | None = None) -> int:
     joined = distributed.init_from_env()  # under torchrun: one process per rank
     finished = False
     try:
-        code = command(args)
+        with distributed.quiet(getattr(args, "quiet", False)):
+            code = command(args)
         finished = True
         return code
     except KeyboardInterrupt:

@@ -173,7 +173,7 @@ def model_config(name: str) -> ModelConfig:
 
     The network is identical for all four (130,647,294 parameters); only the image size differs.
     """
-    if name not in _IMAGE_SHAPES:
+    if not isinstance(name, str) or name not in _IMAGE_SHAPES:
         raise ConfigError(
             f"unknown model preset {name!r}; expected one of {', '.join(_IMAGE_SHAPES)}"
         )
@@ -406,12 +406,18 @@ class RunConfig:
         ``{preset: cifar10}``."""
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: expected a mapping of sections {list(SECTIONS)}")
-        unknown = sorted(set(values) - set(SECTIONS))
+        unknown = sorted(map(str, set(values) - set(SECTIONS)))
         if unknown:
             raise ConfigError(f"{where}: unknown section(s) {unknown}; expected {list(SECTIONS)}")
         sections = {}
         for name, kind in SECTIONS.items():
-            given = dict(values.get(name) or {})
+            given = values.get(name) or {}
+            if not isinstance(given, dict):
+                raise ConfigError(
+                    f"{where}: section '{name}': expected a mapping of {name}.* keys, got "
+                    f"{type(given).__name__}"
+                )
+            given = dict(given)
             base = {}
             if name == "model" and "preset" in given:
                 base = model_config(given.pop("preset")).to_dict()
@@ -423,11 +429,13 @@ class RunConfig:
         for ``None``."""
         if data_dir is None:
             return self
-        folder = str(Path(data_dir).expanduser().resolve())
+        folder = _absolute(data_dir)
         return dataclasses.replace(self, data=dataclasses.replace(self.data, data_dir=folder))
 
     def override(self, assignments: list[str]) -> RunConfig:
-        """Apply ``section.key=value`` assignments (values parsed as YAML, then type-checked)."""
+        """Apply ``section.key=value`` assignments (values parsed as YAML, then type-checked).
+        A ``data.data_dir`` given is made absolute (from the current folder), as
+        :meth:`with_data_dir` makes it: a run remembers its data wherever it is used later."""
         values = self.to_dict()
         for item in assignments:
             key, sep, raw = item.partition("=")
@@ -443,12 +451,20 @@ class RunConfig:
             if field_name not in _field_types(SECTIONS[section]):
                 raise ConfigError(f"override {item!r}: unknown key {key.strip()!r}")
             try:
-                values[section][field_name] = yaml.safe_load(raw) if raw.strip() else None
+                value = yaml.safe_load(raw) if raw.strip() else None
             except yaml.YAMLError as err:
                 raise ConfigError(
                     f"override {item!r}: cannot parse the value ({err.problem})"
                 ) from None
+            if (section, field_name) == ("data", "data_dir") and isinstance(value, str):
+                value = _absolute(value)
+            values[section][field_name] = value
         return RunConfig.from_dict(values, "overrides")
+
+
+def _absolute(folder: str | Path) -> str:
+    """``folder`` as an absolute path (``~`` expanded, symbolic links resolved)."""
+    return str(Path(folder).expanduser().resolve())
 
 
 def _plain(section: Any) -> dict[str, Any]:
@@ -491,7 +507,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 def _build(kind: type, values: dict[str, Any], section: str) -> Any:
     types_ = _field_types(kind)
-    unknown = sorted(set(values) - set(types_))
+    unknown = sorted(map(str, set(values) - set(types_)))
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}")
     checked = {k: _coerce(v, types_[k], f"{section}.{k}") for k, v in values.items()}
@@ -522,13 +538,20 @@ def load_config(source: str | Path) -> RunConfig:
                 f"unknown preset {str(source)!r}; expected one of {', '.join(preset_names())}"
             )
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise ConfigError(
             f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}"
         ) from None
-    return RunConfig.from_dict(values or {}, str(path))
+    try:
+        return RunConfig.from_dict(values or {}, str(path))
+    except ConfigError as err:  # a value's or a key's error, named with the file it is in
+        message = str(err)
+        named = message if message.startswith(f"{path}: ") else f"{path}: {message}"
+        raise ConfigError(named) from None

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -162,3 +162,24 @@ def say(message: str) -> None:
     """Print ``message`` above any progress bar, from rank 0 only."""
     if is_main():
         tqdm.write(message)
+
+
+_quiet = False
+
+
+def note(message: str) -> None:
+    """:func:`say` a note that changes nothing (how many images were resized, ...), unless
+    within :func:`quiet`."""
+    if not _quiet:
+        say(message)
+
+
+@contextmanager
+def quiet(on: bool = True) -> Iterator[None]:
+    """Within: :func:`note` prints nothing if ``on`` (the command line's ``--quiet``)."""
+    global _quiet
+    before, _quiet = _quiet, on
+    try:
+        yield
+    finally:
+        _quiet = before

@@ -142,7 +142,7 @@ class _Partial:
             return set()
         for name, value in values.items():
             value.copy_(payload["values"][name])
-        distributed.say(f"{self.path}: continuing a partial evaluation")
+        distributed.note(f"{self.path}: continuing a partial evaluation")
         return set(payload["done"])
 
     def save(self, values: dict[str, torch.Tensor], done: set[int], now: bool = False) -> None:

@@ -191,6 +191,10 @@ def run_ablation(
     training images. ``budget_minutes`` instead derives ``steps`` from a short calibration so that
     the whole experiment should take about that long on this machine.
     """
+    if budget_minutes is not None and not 0 < budget_minutes < math.inf:
+        raise ConfigError(
+            f"--budget-minutes {budget_minutes}: expected a positive, finite number of minutes"
+        )
     settings = dict(QUICK if quick else DEFAULTS)
     settings["seeds"] = settings["seeds"] if seeds is None else seeds
     names = list(variants or VARIANTS)

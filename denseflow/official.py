@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointError
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .model import DenseFlow
 
 #: image shape (C, H, W) of each dataset name the official code accepts for DenseFlow
@@ -88,29 +88,38 @@ def load_official_args(args: Mapping[str, Any] | str | os.PathLike) -> dict[str,
     return values
 
 
-def config_from_official_args(flags: Mapping[str, Any]) -> ModelConfig:
+def config_from_official_args(
+    flags: Mapping[str, Any], where: str | os.PathLike = "official flags"
+) -> ModelConfig:
     """ModelConfig of an official run: ``dataset``, ``num_bits``, ``block_conf``, ``layers_conf``,
-    ``layer_mid_chnls``, ``growth_rate``; everything else is fixed in the official code."""
-    missing = [
-        k
-        for k in ("dataset", "block_conf", "layers_conf", "layer_mid_chnls", "growth_rate")
-        if k not in flags
-    ]
+    ``layer_mid_chnls``, ``growth_rate``; everything else is fixed in the official code.
+    ``where`` (the flags' file) begins every error's message."""
+    lists = ("block_conf", "layers_conf", "layer_mid_chnls")
+    missing = [k for k in ("dataset", *lists, "growth_rate") if k not in flags]
     if missing:
-        raise CheckpointError(f"official flags: missing {missing}")
+        raise CheckpointError(f"{where}: missing the flags {missing}")
     dataset = flags["dataset"]
-    if dataset not in OFFICIAL_DATASETS:
+    if not isinstance(dataset, str) or dataset not in OFFICIAL_DATASETS:
         raise CheckpointError(
-            f"official flags: dataset {dataset!r} is not one of {sorted(OFFICIAL_DATASETS)}"
+            f"{where}: dataset {dataset!r} is not one of {sorted(OFFICIAL_DATASETS)}"
         )
-    return ModelConfig(
-        image_shape=OFFICIAL_DATASETS[dataset],
-        num_bits=int(flags.get("num_bits", 8)),
-        block_conf=tuple(flags["block_conf"]),
-        layers_conf=tuple(flags["layers_conf"]),
-        layer_mid_chnls=tuple(flags["layer_mid_chnls"]),
-        growth_rate=int(flags["growth_rate"]),
-    )
+    values = {"num_bits": 8} | {
+        k: flags[k] for k in (*lists, "growth_rate", "num_bits") if k in flags
+    }
+    for key, value in values.items():
+        many = key in lists
+        items = value if many and isinstance(value, (list, tuple)) else [value]
+        if (many and items is not value) or not all(_is_int(v) for v in items):
+            expected = "a list of integers" if many else "an integer"
+            raise CheckpointError(f"{where}: flag {key}={value!r}: expected {expected}")
+    try:
+        return ModelConfig(image_shape=OFFICIAL_DATASETS[dataset], **values)
+    except ConfigError as err:  # e.g. growth_rate=3: must be even
+        raise CheckpointError(f"{where}: {err}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _dense_block_key(rest: str) -> str | None:
@@ -250,7 +259,8 @@ def convert_official(
         raise CheckpointError(
             "convert_official: the official flags (args) are needed to rebuild the architecture"
         )
-    config = config_from_official_args(load_official_args(args))
+    where = "official flags" if isinstance(args, Mapping) else args
+    config = config_from_official_args(load_official_args(args), where)
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
     tensors = isinstance(state, Mapping) and all(isinstance(v, Tensor) for v in state.values())
     if not tensors or not state:

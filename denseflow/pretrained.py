@@ -89,17 +89,36 @@ def load(source: str | os.PathLike) -> dict[str, Any]:
     text, path = str(source), Path(source)
     if text in published():
         path = PUBLISHED_DIR / text
-    if path.is_dir() and (path / CONFIG).is_file():
-        return _read_folder(path)
-    if path.is_dir():
-        return ckpt.load(path / "final.pt" if (path / "final.pt").is_file() else path)
-    if path.exists():
+    if text and path.is_dir():
+        return _read_dir(path)
+    if text and path.exists():
         return ckpt.load(path)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         return _read_folder(_download(text))
     raise ckpt.CheckpointError(
-        f"{text}: no such checkpoint, model folder, run folder or published model "
+        f"{text or repr(text)}: no such checkpoint, model folder, run folder or published model "
         f"({', '.join(published()) or 'none installed'})"
+    )
+
+
+def _read_dir(folder: Path) -> dict[str, Any]:
+    """The payload of a model folder, a run folder's ``final.pt`` or its newest training
+    checkpoint; for a folder of training checkpoints (a run's ``checkpoints/``), an error naming
+    the newest."""
+    if (folder / CONFIG).is_file():
+        return _read_folder(folder)
+    if (folder / "final.pt").is_file():
+        return ckpt.load(folder / "final.pt")
+    if any((folder / "checkpoints").glob("step_*.pt")):
+        return ckpt.load(folder)
+    steps = sorted(folder.glob("step_*.pt"))
+    if steps:
+        raise ckpt.CheckpointError(
+            f"{folder}: a folder of training checkpoints: give one of them, e.g. {steps[-1]}"
+        )
+    raise ckpt.CheckpointError(
+        f"{folder}: not a model: found no final.pt, {CONFIG} with {WEIGHTS}, or "
+        "checkpoints/step_*.pt in it"
     )
 
 

@@ -346,6 +346,7 @@ def run_images(
         image_size=config.model.image_shape[1:],
         celeba_crop=data.celeba_crop,
         limit=run_limit if held or not limit else limit,
+        channels=config.model.image_shape[0],
     )
     if not held:
         return images

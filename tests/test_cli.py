@@ -614,3 +614,48 @@ def test_bench_counts_the_operators_of_a_pass(tmp_path, capsys):
         assert main([*argv, "--device", "cpu", "--json", str(out)]) == 0
         totals[graph] = json.loads(out.read_text())["ops"]["total"]
     assert totals["false"] - totals["true"] > 100  # 2·72 − 2 casts fewer, 2 gathering copies more
+
+
+def test_help_shows_a_default_of_0_and_says_what_kbs_defaults_to(capsys):
+    for command in ("evaluate", "interpolate", "recalibrate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert re.search(r"--seed SEED [^\[\]-]*\(default: 0\)", text), command
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--seed SEED the noise draws" in text
+    assert "(default: the smaller of max(k) and the config's eval.kbs)" in text
+    assert "--double evaluate in float64 --seed" in text  # False: no default shown
+
+
+def test_quiet_silences_notes_and_the_result_file_names_the_images_scored(
+    tiny_run, tmp_path, capsys
+):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name, size in (("a.png", (30, 28)), ("b.png", (28, 28))):
+        Image.new("L", size, 90).save(folder / name)
+    argv = ["evaluate", "--checkpoint", str(tiny_run / "final.pt"), "--images", str(folder)]
+    assert main([*argv, "--limit", "5"]) == 0  # 2 scored: all of them, not "first5"
+    printed = capsys.readouterr()
+    assert "1 of 2 images resized" in printed.out + printed.err
+    assert (tiny_run / "final.images.elbo.json").is_file()
+    assert main([*argv, "--limit", "1", "--quiet"]) == 0
+    printed = capsys.readouterr()
+    assert "resized" not in printed.out + printed.err
+    assert (tiny_run / "final.images.elbo.first1.json").is_file()
+
+
+def test_a_relative_data_dir_override_is_stored_absolute(tmp_path, monkeypatch, capsys):
+    for split in ("train", "test"):
+        (tmp_path / "imgs" / split).mkdir(parents=True)
+        Image.new("L", (28, 28), 90).save(tmp_path / "imgs" / split / "a.png")
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--preset", "tiny", "--set", "data.dataset=folder", "--dry-run"]
+    assert main([*argv, "--set", "data.data_dir=imgs"]) == 0
+    assert f"# data: {tmp_path / 'imgs'}\n" in capsys.readouterr().out
+    assert load_config("tiny").override(["data.data_dir=imgs"]).data.data_dir == str(
+        tmp_path / "imgs"
+    )

@@ -34,6 +34,7 @@ from denseflow.data import (
     load_images,
 )
 from denseflow.data import idx as idx_module
+from denseflow.data.folder import read_image_files
 
 RNG = np.random.default_rng(0)
 
@@ -510,7 +511,10 @@ def test_idx_errors(tmp_path: Path) -> None:
         load_images("mnist", data_dir=tmp_path)
 
 
-FOLDER_HINT = "; the folder holds images: use data.dataset=folder (--set data.dataset=folder)"
+FOLDER_HINT = (
+    "; the folder holds images: train on them as data.dataset=folder (--set data.dataset=folder), "
+    "or score them as they are (denseflow evaluate --images "
+)
 
 
 @pytest.mark.parametrize("where", ["", "train"])
@@ -521,12 +525,12 @@ def test_idx_hints_at_the_folder_dataset_for_a_folder_of_images(
     (tmp_path / "notes.txt").write_text("no dataset here")
     with pytest.raises(DataError, match=rf"{name}: no dataset files found in") as err:
         load_images(name, "test", tmp_path)
-    assert FOLDER_HINT not in str(err.value)
+    assert "the folder holds images" not in str(err.value)
     (tmp_path / where).mkdir(exist_ok=True)
     Image.new("L", (28, 28)).save(tmp_path / where / "shirt.JPG", format="JPEG")
     with pytest.raises(DataError, match=rf"{name}: no dataset files found in") as err:
         load_images(name, "test", tmp_path)
-    assert str(err.value).endswith(FOLDER_HINT)
+    assert str(err.value).endswith(f"{FOLDER_HINT}{tmp_path / where})")
     assert "\n" not in str(err.value)
 
 
@@ -586,11 +590,43 @@ def test_folder_greyscale_and_splits(tmp_path: Path) -> None:
         s.names = ()  # type: ignore[misc]
     part = load_images("folder", "train", tmp_path, image_size=(8, 8), limit=2)
     assert part.images.shape == (2, 1, 8, 8) and part.names == ("0.png", "1.png")
-    with pytest.raises(DataError, match=r"empty folder, no images"):  # "all": subfolders ignored
-        load_images("folder", "all", tmp_path, image_size=(8, 8))
+    with pytest.raises(DataError, match=r"no images, only subfolders, which are not read: test/, "):
+        load_images("folder", "all", tmp_path, image_size=(8, 8))  # "all": subfolders ignored
     Image.new("L", (8, 8)).save(tmp_path / "top.png")
     top = load_images("folder", "all", tmp_path, image_size=(8, 8))
     assert top.names == ("top.png",) and top.images.shape == (1, 1, 8, 8)
+
+
+def test_palette_and_grey_alpha_images_take_the_model_s_channels(tmp_path: Path) -> None:
+    """A palette image of greys is greyscale (an L image's values); LA drops its alpha as RGBA
+    does; a model's channel count decides: grey gets three equal channels for a colour model, and
+    a colour image for a greyscale model is an error naming it (never made grey)."""
+    grey = RNG.integers(0, 256, (8, 8), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "l.png")
+    Image.fromarray(grey).convert("P").save(tmp_path / "p.png")  # a palette of greys
+    Image.fromarray(grey).convert("LA").save(tmp_path / "la.png")
+    coloured = Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    coloured.convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "q.png")
+    paths = [tmp_path / n for n in ("l.png", "p.png", "la.png")]
+    with Image.open(paths[1]) as img:
+        assert img.mode == "P"
+    for channels in (None, 1):
+        images, _, _ = read_image_files(paths, (8, 8), channels=channels)
+        assert images.shape == (3, 1, 8, 8) and (images == torch.from_numpy(grey)).all()
+    images, _, _ = read_image_files(paths, (8, 8), channels=3)
+    assert images.shape == (3, 3, 8, 8) and (images == torch.from_numpy(grey)).all()
+    assert read_image_files([tmp_path / "q.png"], (8, 8))[0].shape == (1, 3, 8, 8)
+    with pytest.raises(DataError, match=r"q.png: a colour image \(mode P\), the model takes grey"):
+        read_image_files([*paths, tmp_path / "q.png"], (8, 8), channels=1)
+    (tmp_path / "all").mkdir()
+    for path in paths:
+        path.rename(tmp_path / "all" / path.name)
+    folder = load_images("folder", "all", tmp_path / "all", (8, 8), channels=3)
+    assert folder.images.shape == (3, 3, 8, 8)
+    with pytest.raises(
+        DataError, match=r"fashion_mnist images have 1 channel\(s\), the model takes 3"
+    ):
+        load_images("fashion_mnist", "test", limit=1, channels=3)
 
 
 def test_folder_without_train_and_test_subfolders_is_refused(tmp_path: Path) -> None:

@@ -504,6 +504,124 @@ CASES = {
         lambda t: ["evaluate", "--checkpoint", str(_checkpoint(t)), "--json", str(_locked(t))],
         "locked/r.json: cannot write (Permission denied)",
     ),
+    "YAML section that is not a mapping": (
+        lambda t: ["train", "--preset", str(_write(t / "list.yaml", "train: [1, 2]\n"))],
+        "list.yaml: section 'train': expected a mapping of train.* keys, got list",
+    ),
+    "YAML config that is not UTF-8": (
+        lambda t: ["train", "--preset", str(_write_bytes(t / "u16.yaml", b"\xff\xfetrain: {}"))],
+        "u16.yaml: not UTF-8 text (invalid start byte at byte 0)",
+    ),
+    "unknown key in a YAML config": (
+        lambda t: ["train", "--preset", str(_write(t / "key.yaml", "train: {lrr: 1}\n"))],
+        "key.yaml: unknown key(s) train.lrr",
+    ),
+    "official flag of the wrong type": (
+        lambda t: _import_with_flags(t, block_conf="abc"),
+        "a.json: flag block_conf='abc': expected a list of integers",
+    ),
+    "official flags with an odd growth rate": (
+        lambda t: _import_with_flags(t, growth_rate=3),
+        "a.json: growth_rate=3: must be even and >= 0",
+    ),
+    "official flags without the architecture": (
+        lambda t: _import_with_flags(t, block_conf=None),
+        "a.json: missing the flags ['block_conf']",
+    ),
+    "folder without a model": (
+        lambda t: ["sample", "--checkpoint", str(_mkdir(t / "nothing"))],
+        "nothing: not a model: found no final.pt, config.json with model.safetensors, or "
+        "checkpoints/step_*.pt in it",
+    ),
+    "folder of training checkpoints": (
+        lambda t: ["evaluate", "--checkpoint", str(_fake_run(t) / "checkpoints")],
+        "run/checkpoints: a folder of training checkpoints: give one of them, e.g. ",
+    ),
+    "empty checkpoint name": (
+        lambda t: ["sample", "--checkpoint", ""],
+        "'': no such checkpoint, model folder, run folder or published model",
+    ),
+    "image file given as the folder to score": (
+        lambda t: [
+            "evaluate",
+            "--checkpoint",
+            "fashion-mnist",
+            "--images",
+            str(_grey(t / "a.png")),
+        ],
+        "a.png: a file; give the folder of images to score",
+    ),
+    "folder to score holding only subfolders": (
+        lambda t: [
+            "evaluate",
+            "--checkpoint",
+            "fashion-mnist",
+            "--images",
+            str(_grey(t / "f" / "train" / "a.png").parent.parent),
+        ],
+        "f: no images, only subfolders, which are not read: train/",
+    ),
+    "colour image for a greyscale model": (
+        lambda t: [
+            "evaluate",
+            "--checkpoint",
+            "fashion-mnist",
+            "--images",
+            str(_colour(_grey(t / "mix" / "a.png").with_name("b.jpg")).parent),
+        ],
+        "mix/b.jpg: a colour image (mode RGB), the model takes greyscale images (1 channel)",
+    ),
+    "image folder given as a run's dataset folder": (
+        lambda t: [
+            "evaluate",
+            "--checkpoint",
+            "fashion-mnist",
+            "--data-dir",
+            str(_grey(t / "pngs" / "a.png").parent),
+        ],
+        "or score them as they are (denseflow evaluate --images ",
+    ),
+    "importance samples per pass without k": (
+        lambda t: ["evaluate", "--checkpoint", "fashion-mnist", "--kbs", "4"],
+        "evaluate: --kbs is for IWBO (--k); the ELBO draws one sample per image",
+    ),
+    "split together with images to score": (
+        lambda t: ["evaluate", "--checkpoint", "x", "--images", str(t), "--split", "train"],
+        "evaluate: --split chooses the run's images; --images scores a folder of its own",
+    ),
+    "data folder together with images to score": (
+        lambda t: ["evaluate", "--checkpoint", "x", "--images", str(t), "--data-dir", str(t)],
+        "evaluate: --data-dir chooses the run's images; --images scores a folder of its own",
+    ),
+    "ablation budget that is not a number": (
+        lambda t: ["experiment", "ablation", "--quick", "--budget-minutes", "nan"],
+        "--budget-minutes nan: expected a positive, finite number of minutes",
+    ),
+    "infinite ablation budget": (
+        lambda t: ["experiment", "ablation", "--quick", "--budget-minutes", "inf"],
+        "--budget-minutes inf: expected a positive, finite number of minutes",
+    ),
+    "bench measuring nothing": (
+        lambda t: ["bench", "--preset", "tiny", "--what", ","],
+        "bench: --what ',': names nothing (a comma-separated list)",
+    ),
+    "ablation of no variants": (
+        lambda t: ["experiment", "ablation", "--quick", "--variants", ","],
+        "experiment: --variants ',': names nothing (a comma-separated list)",
+    ),
+    "temperatures that share a file name": (
+        lambda t: [
+            "sample",
+            "--checkpoint",
+            "fashion-mnist",
+            "--temperature",
+            "0.1234567,0.1234568",
+            "--each-dir",
+            str(t / "each"),
+        ],
+        "sample: --temperature 0.1234567 and 0.1234568 would both write seed*_t0.123457.png in "
+        "--each-dir: give temperatures that differ in their first 6 digits",
+    ),
 }
 
 AB = ["--a", "a.png", "--b", "b.png"]  # files not read before --out and the strip are checked
@@ -512,6 +630,36 @@ AB = ["--a", "a.png", "--b", "b.png"]  # files not read before --out and the str
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def _write_bytes(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def _grey(path):
+    _mkdir(path.parent)
+    Image.new("L", (28, 28), 100).save(path)
+    return path
+
+
+def _colour(path):
+    Image.new("RGB", (28, 28), (200, 30, 30)).save(path)
+    return path
+
+
+def _import_with_flags(tmp, **changes):
+    flags = {
+        "dataset": "cifar10",
+        "block_conf": [1, 1],
+        "layers_conf": [1, 1],
+        "layer_mid_chnls": [4, 4],
+        "growth_rate": 2,
+    }
+    flags = {k: v for k, v in (flags | changes).items() if v is not None}
+    args = _write(tmp / "a.json", json.dumps(flags))
+    checkpoint = _write(tmp / "c.pt", "not read before the flags")
+    return ["import-official", str(checkpoint), "--args", str(args), "--out", str(tmp / "o.pt")]
 
 
 def _mkdir(path):

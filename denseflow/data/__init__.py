@@ -89,6 +89,7 @@ def load_images(
     image_size: tuple[int, int] | None = None,
     celeba_crop: bool = False,
     limit: int | None = None,
+    channels: int | None = None,
 ) -> ImageSet:
     """Read one split of a dataset from local disk as uint8 ``(N, C, H, W)`` images.
 
@@ -110,6 +111,9 @@ def load_images(
             the uncropped 178x218 image resized to ``image_size`` (aspect squashed). ``True``: the
             148x148 crop at (left 15, top 40) the official code intended, then resized.
         limit: keep only the first ``limit`` images (files beyond them are not read).
+        channels: the model's channel count (1 or 3), or ``None``. A ``folder`` reads its images
+            with it (a greyscale image gets three equal channels for 3; a colour image for 1 is
+            an error naming the file); for the other datasets, another count is an error.
 
     Returns:
         An :class:`ImageSet`; ``images`` is uint8 ``(N, C, H, W)``, ``C`` 3 (1 for MNIST-like data
@@ -152,8 +156,12 @@ def load_images(
     if native is not None and image_size is not None and image_size != native:
         raise DataError(f"{name} images are {fmt(native)}, the model wants {fmt(image_size)}")
     images, source, names = Read(
-        *reader.read(Request(name, root, split, image_size, celeba_crop, limit))
+        *reader.read(Request(name, root, split, image_size, celeba_crop, limit, channels))
     )
+    if channels is not None and images.shape[1] != channels:
+        raise DataError(
+            f"{name} images have {images.shape[1]} channel(s), the model takes {channels}"
+        )
     source["num_images"] = int(images.shape[0])
     return ImageSet(images=images.contiguous(), name=name, split=split, source=source, names=names)
 

@@ -73,7 +73,8 @@ class Read(NamedTuple):
 class Request:
     """The checked arguments of :func:`load_images`, as a reader receives them.
 
-    ``root`` is the existing ``data_dir`` or ``None``; ``image_size`` is ``(H, W)`` or ``None``.
+    ``root`` is the existing ``data_dir`` or ``None``; ``image_size`` is ``(H, W)`` or ``None``;
+    ``channels`` the model's channel count or ``None`` (a ``folder`` reads its images with it).
     """
 
     name: str
@@ -82,6 +83,7 @@ class Request:
     image_size: tuple[int, int] | None
     celeba_crop: bool
     limit: int | None
+    channels: int | None = None
 
 
 @dataclass(frozen=True)

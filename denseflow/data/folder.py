@@ -3,8 +3,11 @@ the image files of the folder itself.
 
 Each image is resized (PIL bilinear) so that it covers the model's ``(H, W)`` -- for a square
 size, the short side becomes the target side -- and center-cropped to it; how many were is
-printed (rank 0) and recorded in ``source["resized"]``. Greyscale images give one channel when
-every image of the folder is greyscale, else three.
+printed (rank 0) and recorded in ``source["resized"]``. Greyscale images (palette images
+included whose colours in use are all grey) give one channel when every image of the folder is
+greyscale, else three; a model's channel count, where given, decides instead: a greyscale image
+is given three equal channels for a colour model, and a colour image for a greyscale model is
+an error naming it (colour is never dropped).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..distributed import say
+from ..distributed import note
 from .base import DataError, Read, Request, decode_into, missing_dir_error, to_tensor
 from .files import manifest_digest, open_image
 
@@ -72,15 +75,23 @@ def read_folder(req: Request) -> Read:
             f"{root}: image_size is required for a folder of images (the model's (H, W))"
         )
     folder = _folder_for_split(root, req.split)
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    paths = [p for p in entries if p.is_file()]
     if not paths:
+        subfolders = ", ".join(f"{p.name}/" for p in entries if p.is_dir())
+        if subfolders:
+            raise DataError(
+                f"{folder}: no images, only subfolders, which are not read: {subfolders}"
+            )
         raise DataError(f"{folder}: empty folder, no images")
     paths = paths[: req.limit]
     height, width = image_size
-    images, hashes, resized = read_image_files(paths, image_size, desc=f"images in {folder.name}")
+    images, hashes, resized = read_image_files(
+        paths, image_size, desc=f"images in {folder.name}", channels=req.channels
+    )
     digest = manifest_digest([(p.name, sha) for p, sha in zip(paths, hashes, strict=True)])
     if resized:
-        say(
+        note(
             f"{folder}: {resized} of {len(paths)} images resized to {height}x{width} "
             "(PIL bilinear on the short side, center crop)"
         )
@@ -94,12 +105,27 @@ def read_folder(req: Request) -> Read:
     return Read(images, source, tuple(p.name for p in paths))
 
 
+def _is_grey(img: Image.Image) -> bool:
+    """Whether an image is greyscale: a grey mode, or a palette whose colours in use are grey."""
+    if img.mode not in ("P", "PA"):
+        return img.mode in _GREY_MODES
+    palette = np.asarray(img.getpalette("RGB") or [], dtype=np.uint8).reshape(-1, 3)
+    used = np.unique(np.asarray(img.getchannel("P")))
+    colours = palette[used[used < len(palette)]]
+    return bool((colours == colours[:, :1]).all())
+
+
 def read_image_files(
-    paths: Sequence[Path], image_size: tuple[int, int], desc: str = "images"
+    paths: Sequence[Path],
+    image_size: tuple[int, int],
+    desc: str = "images",
+    channels: int | None = None,
 ) -> tuple[torch.Tensor, list[str], int]:
     """PNG/JPEG files as uint8 ``(N, C, H, W)``, each resized to cover ``image_size`` and
-    center-cropped; one channel when every file is greyscale, else three. Also the sha256 of
-    each file and how many were resized."""
+    center-cropped; one channel when every file is greyscale, else three. ``channels`` (the
+    model's, 1 or 3) decides instead: 3 gives a greyscale file three equal channels; for 1, a
+    colour file is a DataError naming it. Also the sha256 of each file and how many were
+    resized."""
     height, width = image_size
 
     def decode(path: Path) -> tuple[np.ndarray, tuple[bool, str, bool]]:
@@ -107,11 +133,16 @@ def read_image_files(
         with img:
             if img.format not in ("PNG", "JPEG"):
                 raise DataError(f"{path}: a {img.format} image, expected PNG or JPEG")
-            grey = img.mode in _GREY_MODES
-            if not grey and img.mode not in _COLOUR_MODES:
+            if img.mode not in _GREY_MODES + _COLOUR_MODES:
                 raise DataError(
                     f"{path}: image mode {img.mode} is not supported "
                     "(8-bit greyscale or colour only)"
+                )
+            grey = _is_grey(img)
+            if channels == 1 and not grey:
+                raise DataError(
+                    f"{path}: a colour image (mode {img.mode}), the model takes greyscale images "
+                    "(1 channel)"
                 )
             resized = img.size != (width, height)
             img = _resize_cover_crop(img.convert("L" if grey else "RGB"), height, width)
@@ -120,6 +151,6 @@ def read_image_files(
 
     images = np.empty((len(paths), 3, height, width), dtype=np.uint8)
     metas = decode_into(images, paths, decode, desc=desc)
-    if all(grey for grey, _, _ in metas):
+    if channels == 1 or channels is None and all(grey for grey, _, _ in metas):
         images = images[:, :1]
     return to_tensor(images), [sha for _, sha, _ in metas], sum(r for _, _, r in metas)

@@ -50,7 +50,6 @@ _SUBFOLDERS = {
     ],
 }
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_FOLDER_HINT = "; the folder holds images: use data.dataset=folder (--set data.dataset=folder)"
 
 
 def embedded_fashion_mnist_dir() -> Path:
@@ -112,18 +111,22 @@ def _read_idx(path: Path, magic: int) -> tuple[np.ndarray, str]:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims), sha
 
 
-def _holds_images(root: Path) -> bool:
-    """Whether ``root`` or its ``train/`` subfolder holds a PNG/JPEG file (by its name; an
-    unreadable folder holds none)."""
+def _folder_hint(root: Path) -> str:
+    """For a ``root`` whose own or ``train/`` files include a PNG/JPEG (by its name; an
+    unreadable folder holds none): what to do with them, in train or evaluate; else ``""``."""
     for folder in (root, root / "train"):
         try:
             if folder.is_dir() and any(
                 p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file() for p in folder.iterdir()
             ):
-                return True
+                return (
+                    "; the folder holds images: train on them as data.dataset=folder (--set "
+                    "data.dataset=folder), or score them as they are (denseflow evaluate "
+                    f"--images {folder})"
+                )
         except OSError:
             continue
-    return False
+    return ""
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
@@ -144,8 +147,7 @@ def _read_idx_dataset(
     names = [stem, f"{stem}.gz", f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels-idx1-ubyte.gz"]
     folder = find_dir(candidates, names)
     if folder is None:
-        hint = _FOLDER_HINT if _holds_images(root) else ""
-        raise missing_dir_error(name, _WHERE_TO_GET[name], root, candidates, hint)
+        raise missing_dir_error(name, _WHERE_TO_GET[name], root, candidates, _folder_hint(root))
     image_path = _find_idx(folder, stem)
     if image_path is None:
         raise DataError(f"{folder / stem}[.gz]: missing ({name} {split} images)")
