@@ -594,7 +594,9 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         cuda_graph=not a.no_cuda_graph,
     )
 
-    def kept(what: str) -> Path:  # an interrupted pass's scores: the same command continues
+    def kept(what: str) -> Path | None:  # an interrupted pass's scores: the same command continues
+        if out.exists() and not out.is_file():  # e.g. --json /dev/stdout: none kept beside it
+            return None
         return out.with_name(f".{out.name}.{what}.partial")
 
     nats = {"elbo": score(partial=kept("elbo"))}
@@ -741,12 +743,16 @@ def _cmd_interpolate(a: argparse.Namespace) -> int:
     if a.steps < 2:
         raise ConfigError(f"interpolate: --steps must be >= 2, got {a.steps}")
     _positive("interpolate", a, "scale")
+    indices = {given: int(given) for given in (a.a, a.b) if re.fullmatch("[0-9]+", given)}
+    if a.split and not indices:
+        raise ConfigError(
+            f"interpolate: --split {a.split} chooses what an index counts in; --a and --b are files"
+        )
     out = _output(a.out, png=True)
     model, config, _ = open_model(a.checkpoint, resolve_device(a.device))
     shape, ends, split = config.model.image_shape, [], a.split or "test"
     advice = "fewer --steps or a smaller --scale"
     check_grid(a.steps, *shape[1:], a.steps, a.scale, what="interpolate: a strip", advice=advice)
-    indices = {given: int(given) for given in (a.a, a.b) if re.fullmatch("[0-9]+", given)}
     if indices:  # the images up to the larger index are read, no more
         images = run_images(config, split, a.data_dir, limit=max(indices.values()) + 1).images
     for flag, given in (("--a", a.a), ("--b", a.b)):

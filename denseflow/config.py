@@ -550,8 +550,10 @@ def load_config(source: str | Path) -> RunConfig:
             f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}"
         ) from None
     try:
-        return RunConfig.from_dict(values or {}, str(path))
+        config = RunConfig.from_dict(values or {}, str(path))
     except ConfigError as err:  # a value's or a key's error, named with the file it is in
         message = str(err)
         named = message if message.startswith(f"{path}: ") else f"{path}: {message}"
         raise ConfigError(named) from None
+    folder = config.data.data_dir  # a relative one: from the file's folder, wherever it is used
+    return config.with_data_dir(path.parent / Path(folder).expanduser() if folder else None)

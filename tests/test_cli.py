@@ -168,7 +168,7 @@ def test_default_outputs_of_a_run_folder_go_into_it(tiny_run, tmp_path, monkeypa
 
 
 @pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="no /dev/full")
-def test_a_full_disk_is_one_line_naming_the_output(tiny_run, tmp_path, capsys):
+def test_a_full_disk_is_one_line_naming_the_output(tiny_run, tmp_path, capsys, monkeypatch):
     """An output the system refuses only when written (ENOSPC: /dev/full, written to, never
     replaced), after the work: one line naming it, exit code 2, not an internal error."""
     folder = tmp_path / "images"
@@ -182,6 +182,14 @@ def test_a_full_disk_is_one_line_naming_the_output(tiny_run, tmp_path, capsys):
     )
     assert err == line + "\n"
     assert Path("/dev/full").is_char_device()
+    # a result that goes to a device keeps no partial evaluation beside it (in /dev)
+    kept = []
+    monkeypatch.setattr("denseflow.evaluate.SAVE_SECONDS", -1.0)  # after every batch
+    monkeypatch.setattr("denseflow.evaluate.ckpt.save", lambda path, payload: kept.append(path))
+    assert main([*argv, "--json", "/dev/full"]) == 2
+    assert "--json /dev/full: cannot write" in capsys.readouterr().err and kept == []
+    assert main([*argv, "--json", str(tmp_path / "r.json")]) == 0
+    assert kept == [tmp_path / ".r.json.elbo.partial"]  # a file's are kept, as before
 
 
 def test_a_checkpoint_is_written_over_a_regular_file_only(tmp_path, monkeypatch):
@@ -659,3 +667,11 @@ def test_a_relative_data_dir_override_is_stored_absolute(tmp_path, monkeypatch, 
     assert load_config("tiny").override(["data.data_dir=imgs"]).data.data_dir == str(
         tmp_path / "imgs"
     )
+    # in a YAML file, a relative data_dir is read from the file's folder, wherever it is used
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "mine.yaml").write_text("data: {dataset: folder, data_dir: ../imgs}\n")
+    monkeypatch.chdir(tmp_path / "exp")
+    assert load_config(tmp_path / "exp" / "mine.yaml").data.data_dir == str(tmp_path / "imgs")
+    (tmp_path / "exp" / "abs.yaml").write_text(f"data: {{data_dir: {tmp_path / 'imgs'}}}\n")
+    assert load_config(tmp_path / "exp" / "abs.yaml").data.data_dir == str(tmp_path / "imgs")
+    assert load_config("tiny").data.data_dir is None

@@ -622,6 +622,20 @@ CASES = {
         "sample: --temperature 0.1234567 and 0.1234568 would both write seed*_t0.123457.png in "
         "--each-dir: give temperatures that differ in their first 6 digits",
     ),
+    "split for two image files": (
+        lambda t: ["interpolate", "--checkpoint", str(_checkpoint(t)), *AB, "--split", "train"],
+        "interpolate: --split train chooses what an index counts in; --a and --b are files",
+    ),
+    "link to nothing in a folder of images": (
+        lambda t: [
+            "evaluate",
+            "--checkpoint",
+            "fashion-mnist",
+            "--images",
+            str(_dangling(_grey(t / "pics" / "a.png").with_name("b.png")).parent),
+        ],
+        "pics: b.png is a link to nothing (1 such)",
+    ),
 }
 
 AB = ["--a", "a.png", "--b", "b.png"]  # files not read before --out and the strip are checked
@@ -640,6 +654,11 @@ def _write_bytes(path, data):
 def _grey(path):
     _mkdir(path.parent)
     Image.new("L", (28, 28), 100).save(path)
+    return path
+
+
+def _dangling(path):
+    path.symlink_to(path.with_name("gone.png"))
     return path
 
 

@@ -76,6 +76,9 @@ def read_folder(req: Request) -> Read:
         )
     folder = _folder_for_split(root, req.split)
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    broken = [p.name for p in entries if p.is_symlink() and not p.exists()]
+    if broken:  # an image that is meant to be there and is not: not skipped without a word
+        raise DataError(f"{folder}: {broken[0]} is a link to nothing ({len(broken)} such)")
     paths = [p for p in entries if p.is_file()]
     if not paths:
         subfolders = ", ".join(f"{p.name}/" for p in entries if p.is_dir())
