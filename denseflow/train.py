@@ -291,23 +291,18 @@ def training_split(data: DataConfig, data_dir: str | Path | None = None) -> str:
 
 
 def load_datasets(config: RunConfig, first_only: bool = False) -> Datasets:
-    """The run's images from ``data.data_dir``, checked against the model's image shape
-    (``first_only``: one training and one test image, to check that they can be read; nothing
-    held out)."""
+    """The run's images from ``data.data_dir``, every split read with the model's image size
+    and channels (:func:`denseflow.data.load_images` refuses what does not fit) before any step
+    is trained (``first_only``: one training and one test image, to check that they can be
+    read; nothing held out)."""
     data, shape = config.data, config.model.image_shape
-    size = dict(image_size=shape[1:], celeba_crop=data.celeba_crop)
+    size = dict(image_size=shape[1:], celeba_crop=data.celeba_crop, channels=shape[0])
     limits = (1, 1) if first_only else (data.train_limit, data.test_limit)
     split = training_split(data)
     trainset = load_images(data.dataset, split, data.data_dir, limit=limits[0], **size)
     testset = None
     if split == "train":
         testset = load_images(data.dataset, "test", data.data_dir, limit=limits[1], **size)
-    for images in (trainset, testset):  # every split, before any step is trained
-        if images is not None and tuple(images.images.shape[1:]) != shape:
-            raise ConfigError(
-                f"{data.dataset} {images.split} images are {tuple(images.images.shape[1:])}, "
-                f"the model expects model.image_shape={shape}"
-            )
     if data.validation and not first_only:
         trainset, validation = hold_out(trainset, data.validation)
         return Datasets(trainset, testset, validation)

@@ -446,7 +446,8 @@ CASES = {
             "--set",
             "data.dataset=folder",
         ],
-        "folder test images are (3, 28, 28), the model expects model.image_shape=(1, 28, 28)",
+        "mixed/test/00.png: a colour image (mode RGB), the model takes greyscale images (1 "
+        "channel)",
     ),
     "bench report below a file": (
         lambda t: ["bench", "--preset", "tiny", "--json", str(_write(t / "taken", "x") / "r.json")],
