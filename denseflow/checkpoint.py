@@ -128,6 +128,20 @@ def check_target(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_export_target(path: str | os.PathLike) -> Path:
+    """``path`` if weights may be exported there (:func:`check_target`), and it is not a training
+    checkpoint: weights over one would lose its optimizer state, and the run could not resume."""
+    path = check_target(path)
+    if path.is_file() and is_denseflow_checkpoint(path):
+        held = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if "optimizer" in held:
+            raise CheckpointError(
+                f"{path}: a training checkpoint; weights written over it would lose its "
+                "optimizer state (a resume needs it): choose another name"
+            )
+    return path
+
+
 def save(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write ``payload`` plus format, version and checksum atomically and durably (temporary file,
     fsync, rename, fsync of the folder) to ``path``, which holds nothing or a regular file
@@ -299,4 +313,4 @@ def export(
     statistics the weights carry. (:func:`denseflow.pretrained.save_pretrained` writes the
     safetensors layout.)"""
     payload = {"kind": "weights", "config": config.to_dict(), "model": model.state_dict()}
-    return save(path, payload | {"batchnorm": batchnorm})
+    return save(check_export_target(path), payload | {"batchnorm": batchnorm})

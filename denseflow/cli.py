@@ -485,7 +485,7 @@ def _output(
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder, expected a file name")
     if checkpoint:
-        ckpt.check_target(path)
+        ckpt.check_export_target(path)
     _folder(path.parent, option, path).mkdir(parents=True, exist_ok=True)
     _writable(path.parent if checkpoint else path, option, path)
     return path

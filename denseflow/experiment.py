@@ -39,7 +39,7 @@ from .config import ConfigError, DataConfig, EvalConfig, ModelConfig, RunConfig,
 from .data import load_images
 from .evaluate import evaluate_images
 from .model import DenseFlow
-from .runlog import logged_train_seconds, nan_for_null, to_json
+from .runlog import logged_train_seconds, nan_for_null, run_files, to_json
 from .runtime import prepare, resolve_device
 from .sample import sample_seeds, save_grid
 from .step import train_step
@@ -174,6 +174,15 @@ def _calibrate(
     return out
 
 
+def check_out(out: Path) -> None:
+    """An experiment's folder must not be a training run's: its runs would mix with it."""
+    held = run_files(out)
+    if held:
+        raise ConfigError(
+            f"--out {out}: a training run's folder ({', '.join(held)}): choose another --out"
+        )
+
+
 def run_ablation(
     out: str | Path,
     data_dir: str | Path | None = None,
@@ -235,6 +244,7 @@ def run_ablation(
         raise ConfigError(f"steps must be >= 1, got {settings['steps']}")
 
     out = Path(out)
+    check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     iwbo_set = testset.images[: settings["iwbo_images"]]
     runs = []

@@ -313,6 +313,14 @@ class GraphedStep:
                 "GraphedStep: Adamax with one (betas, eps), no weight decay, not maximising"
             )
         ((self.betas, self.eps),) = settings
+        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        outside = sum(id(p) not in owned for p in trainable)
+        if outside:  # the flat update runs over every gradient: it would train them too
+            raise ValueError(
+                f"GraphedStep: {outside} of the model's {len(trainable)} trainable parameters are "
+                "not in the optimizer: freeze them (requires_grad_(False)) or give it them all"
+            )
         self.model, self.optimizer, self.grad_clip = model, optimizer, float(grad_clip)
         device = next(model.parameters()).device
         self.capture = device.type == "cuda" if capture is None else capture

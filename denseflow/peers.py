@@ -40,7 +40,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig, load_config
 from .data import load_images
 from .evaluate import evaluate_images
-from .experiment import _machine
+from .experiment import _machine, check_out
 from .pretrained import open_model
 from .runlog import logged_train_seconds, nan_for_null, to_json
 from .runtime import resolve_device
@@ -228,6 +228,7 @@ def run_peers(
     repeated."""
     settings = QUICK if quick else SETTINGS
     out = Path(out)
+    check_out(out)
     steps = math.ceil(settings["images"] / settings["batch_size"])
     config = denseflow_config(settings, steps, quick)
     trainset = load_images("fashion_mnist", "train", data_dir)

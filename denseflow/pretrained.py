@@ -24,6 +24,7 @@ from . import checkpoint as ckpt
 from .config import RunConfig
 from .data.files import sha256_file
 from .model import DenseFlow
+from .runlog import run_files
 
 #: models published with the package, one folder each (``config.json``, ``model.safetensors``)
 PUBLISHED_DIR = Path(__file__).resolve().parent / "published"
@@ -46,8 +47,19 @@ def save_pretrained(
     from safetensors.torch import save
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    held = run_files(folder)
+    if held:  # its config.json would be read in place of the run's final.pt from then on
+        raise ckpt.CheckpointError(
+            f"{folder}: a training run's folder ({', '.join(held)}): save the model elsewhere"
+        )
+    if not isinstance(model, DenseFlow) or not isinstance(config, RunConfig | None):
+        raise TypeError("save_pretrained: needs a DenseFlow and a RunConfig (or None)")
     config = config or RunConfig(model=model.config)
+    if config.model != model.config:
+        raise ValueError(
+            "save_pretrained: config.model is not the model's architecture (model.config)"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = folder / f".{WEIGHTS}.tmp"
     # bytes written by open(): the file gets the usual permissions (save_file's are 0600)

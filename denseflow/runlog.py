@@ -85,6 +85,12 @@ def read_records(path: Path, drop_torn_tail: bool = False) -> list[dict[str, Any
     return records
 
 
+def run_files(folder: Path) -> list[str]:
+    """Which of a training run's own files ``folder`` holds (none: it is not a run's folder)."""
+    names = ("final.pt", "checkpoints", "metrics.jsonl")
+    return [name for name in names if (folder / name).exists()]
+
+
 class RunLog:
     """``metrics.jsonl`` of a run directory (truncated to the resumed step) and optionally
     TensorBoard; ``run_dir=None`` (ranks other than 0) logs nothing."""

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import yaml
 
 from . import checkpoint as ckpt
 from . import distributed, runtime
@@ -42,7 +43,7 @@ from .errors import DenseFlowError
 from .evaluate import evaluate_images
 from .model import DenseFlow
 from .recalibrate import batchnorms, recalibrated
-from .runlog import LayerMonitor, RunOutputs, all_stop, stop_requests
+from .runlog import LayerMonitor, RunOutputs, all_stop, run_files, stop_requests
 from .sample import sample_seeds, save_grid
 from .schedule import Plan, learning_rate
 from .seeding import stream
@@ -124,7 +125,7 @@ def check_start(
             "checkpoints/step_*.pt"
         )
     if source is not None and run_folder(source).resolve() != run_dir.resolve():
-        held = [n for n in ("checkpoints", "metrics.jsonl") if (run_dir / n).exists()]
+        held = run_files(run_dir)
         if held:
             raise ConfigError(
                 f"--resume {source} into {run_dir}, which holds another run ({', '.join(held)}): "
@@ -144,17 +145,19 @@ def check_start(
             )
 
 
-def check_same_data(run_dir: Path, trained: dict[str, Any]) -> None:
+def check_same_data(run_dir: Path, trained: dict[str, Any], train_limit: int | None) -> None:
     """Refuse a resume whose training images (``trained``: their source record) are not those the
-    run's ``data.json`` records: another release, or other files at the same count of images
-    (a changed ``data.train_limit`` reads another count, and may)."""
+    run's ``data.json`` records: another release, or other files. Files are compared where the
+    count read is the same or ``train_limit`` is what the run read with (its ``config.yaml``): a
+    changed ``data.train_limit`` reads another count, and may."""
     try:
         recorded = json.loads((run_dir / "data.json").read_text())["train"]
-    except (OSError, ValueError, KeyError, TypeError):  # none (a new folder) or unreadable
+        limit = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["train_limit"]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):  # none, or unreadable
         return
-    keys = ("release", "files") if recorded.get("num_images") == trained["num_images"] else ()
-    if recorded.get("release") != trained["release"] or any(
-        recorded.get(key) != trained[key] for key in keys
+    same = recorded.get("num_images") == trained["num_images"] or limit == train_limit
+    if recorded.get("release") != trained["release"] or (
+        same and recorded.get("files") != trained["files"]
     ):
         raise ConfigError(
             f"--resume: the training images in {trained['path']} are not those "
@@ -396,7 +399,7 @@ def train(
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
     state = start(model, optimizer, resume, run_dir, plan, config, average)
     if resume is not None:
-        check_same_data(run_dir, trainset.source)
+        check_same_data(run_dir, trainset.source, config.data.train_limit)
     if state.step >= plan.total_steps:
         distributed.say(
             f"{run_dir}: the run had finished ({state.step} of {plan.total_steps} steps); "

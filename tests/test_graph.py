@@ -363,6 +363,32 @@ def test_each_chunk_needs_a_generator_of_its_own():
             GraphedStep(*graphed)(chunks, 1e-3)
 
 
+def test_an_optimizer_over_some_parameters_trains_those_alone():
+    """The flat update runs over every gradient: an Adamax over a part of the trainable
+    parameters is refused; with the rest frozen, the step is train_step's bitwise and the frozen
+    parameters stay as they were."""
+    eager, graphed = _pair(TINY)
+    part = lambda m: [p for name, p in m.named_parameters() if name.startswith("dequant")]  # noqa: E731
+    with pytest.raises(ValueError, match="trainable parameters are not in the optimizer"):
+        GraphedStep(graphed[0], torch.optim.Adamax(part(graphed[0]), lr=1e-3))
+    pairs = []
+    for model, _ in (eager, graphed):
+        trained = {id(p) for p in part(model)}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trained)
+        pairs.append((model, torch.optim.Adamax(part(model), lr=1e-3)))
+    frozen = {n: p.clone() for n, p in graphed[0].named_parameters() if not p.requires_grad}
+    start = [p.clone() for p in part(graphed[0])]
+    step = GraphedStep(*pairs[1])
+    for t in range(3):
+        train_step(pairs[0][0], pairs[0][1], _batch(TINY, t, 6, 2), 1e-3)
+        step(_batch(TINY, t, 6, 2), 1e-3)
+    _assert_same(pairs[0], pairs[1], "a part trained")
+    kept = [torch.equal(p, frozen[n]) for n, p in graphed[0].named_parameters() if n in frozen]
+    assert len(kept) == len(frozen) > 0 and all(kept)
+    assert any(not torch.equal(p, q) for p, q in zip(part(graphed[0]), start, strict=True))
+
+
 def test_the_recorded_draws_are_the_models_likelihood_noises_in_order():
     (model, _), _ = _pair(TINY)
     x, generator = _batch(TINY, 0, 4, 1)[0]

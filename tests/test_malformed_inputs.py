@@ -418,7 +418,8 @@ CASES = {
             "--out",
             str(_tiny_run(t / "b")),
         ],
-        "which holds another run (checkpoints, metrics.jsonl): continue it in its own folder",
+        "which holds another run (final.pt, checkpoints, metrics.jsonl): continue it in its own "
+        "folder",
     ),
     "preset that does not fit the resumed run": (
         lambda t: ["train", "--preset", "demo", "--resume", str(_tiny_run(t / "a"))],
@@ -431,6 +432,18 @@ CASES = {
             str(_tiny_run(t / "a", "--data-dir", str(_image_folder(t / "one", 0)))),
             "--data-dir",
             str(_image_folder(t / "two", 1)),
+            "--set",
+            "train.epochs=2",
+        ],
+        "data.json records (",
+    ),
+    "resume on another number of other training images": (
+        lambda t: [
+            "train",
+            "--resume",
+            str(_tiny_run(t / "a", "--data-dir", str(_image_folder(t / "one", 0)))),
+            "--data-dir",
+            str(_image_folder(t / "two", 1, count=48)),
             "--set",
             "train.epochs=2",
         ],
@@ -637,6 +650,22 @@ CASES = {
         ],
         "pics: b.png is a link to nothing (1 such)",
     ),
+    "experiment into a training run's folder": (
+        lambda t: ["experiment", "ablation", "--quick", "--out", str(_tiny_run(t / "run"))],
+        "/run: a training run's folder (final.pt, checkpoints, metrics.jsonl): choose another "
+        "--out",
+    ),
+    "weights over a training checkpoint": (
+        lambda t: [
+            "recalibrate",
+            "--checkpoint",
+            str(_tiny_run(t / "run") / "checkpoints" / "step_0000004.pt"),
+            "--out",
+            str(t / "run" / "checkpoints" / "step_0000004.pt"),
+        ],
+        "step_0000004.pt: a training checkpoint; weights written over it would lose its "
+        "optimizer state (a resume needs it): choose another name",
+    ),
 }
 
 AB = ["--a", "a.png", "--b", "b.png"]  # files not read before --out and the strip are checked
@@ -724,12 +753,12 @@ def _tiny_run(run, *flags):
     return run
 
 
-def _image_folder(root, seed, test_mode="L"):
-    """train/ (64 grey images) and test/ (8, of ``test_mode``) of random pixels."""
+def _image_folder(root, seed, test_mode="L", count=64):
+    """train/ (``count`` grey images) and test/ (8, of ``test_mode``) of random pixels."""
     rng = np.random.default_rng(seed)
-    for split, count, mode in (("train", 64, "L"), ("test", 8, test_mode)):
+    for split, images, mode in (("train", count, "L"), ("test", 8, test_mode)):
         (root / split).mkdir(parents=True)
-        for i in range(count):
+        for i in range(images):
             pixels = rng.integers(0, 256, (28, 28) if mode == "L" else (28, 28, 3), np.uint8)
             Image.fromarray(pixels).save(root / split / f"{i:02d}.png")
     return root

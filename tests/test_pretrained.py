@@ -58,6 +58,17 @@ def test_a_run_folder_and_a_checkpoint_file_load_too(tmp_path):
     assert _same(DenseFlow.from_pretrained(tmp_path / "run" / "final.pt"), final)
     with pytest.raises(ckpt.CheckpointError, match="no such checkpoint, model folder"):
         load(tmp_path / "nothing")
+    # saving into the run's folder would put its config.json in front of final.pt: refused
+    files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(ckpt.CheckpointError, match="a training run's folder"):
+        final.save_pretrained(tmp_path / "run", CONFIG)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == files
+    other = CONFIG.override(["model.growth_rate=4"])
+    with pytest.raises(ValueError, match="not the model's architecture"):
+        final.save_pretrained(tmp_path / "elsewhere", other)
+    with pytest.raises(TypeError, match="a RunConfig"):
+        final.save_pretrained(tmp_path / "elsewhere", other.to_dict())
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_hub_repository_ids_go_through_snapshot_download(tmp_path, monkeypatch):

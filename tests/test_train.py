@@ -312,7 +312,7 @@ def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, capsys):
 def test_what_a_resume_may_read_and_where_it_may_write(tmp_path, capsys):
     """A run continues in a new folder (its own left as it was) and on its data copied elsewhere
     (the same files, so data.json's digests match) or with another train_limit; a new run in a
-    folder holding a log but no checkpoint replaces the log and says so (malformed rows 68-72:
+    folder holding a log but no checkpoint replaces the log and says so (malformed rows 68-73:
     the refusals)."""
     from denseflow.cli import main
 
