@@ -903,9 +903,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     args = _parser().parse_args(argv)
     command = COMMANDS[args.command]
-    joined = distributed.init_from_env()  # under torchrun: one process per rank
-    finished = False
+    joined = finished = False
     try:
+        joined = distributed.init_from_env()  # under torchrun: one process per rank
         with distributed.quiet(getattr(args, "quiet", False)):
             code = command(args)
         finished = True

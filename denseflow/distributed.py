@@ -45,8 +45,23 @@ def is_main() -> bool:
 
 
 def launched() -> bool:
-    """True inside a process started by ``torchrun`` (or any launcher that sets ``WORLD_SIZE``)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True inside a process started by ``torchrun`` (or any launcher that sets ``WORLD_SIZE``);
+    a ``WORLD_SIZE`` above 1 without the rest of a launcher's variables is a ConfigError."""
+    from .config import ConfigError  # (the config module reads data, which imports this one)
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.strip().isdigit():
+        raise ConfigError(f"WORLD_SIZE={world!r}: expected the number of ranks (torchrun sets it)")
+    if int(world) <= 1:
+        return False
+    unset = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if unset:
+        raise ConfigError(
+            f"WORLD_SIZE={world} makes this process one of {world} ranks, but {', '.join(unset)} "
+            f"{'is' if len(unset) == 1 else 'are'} not set: start it with torchrun, or unset "
+            "WORLD_SIZE"
+        )
+    return True
 
 
 def init_from_env() -> bool:

@@ -403,3 +403,31 @@ def test_every_rank_evaluates_with_the_statistics_the_checkpoint_holds(tmp_path,
         )
     assert summary["batchnorm"] == ckpt.RUNNING_STATISTICS
     assert result["bpd"] == summary["test_bpd"]
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc': expected the number of ranks"),
+        (
+            {"WORLD_SIZE": "2"},
+            "WORLD_SIZE=2 makes this process one of 2 ranks, but RANK, MASTER_ADDR, MASTER_PORT "
+            "are not set: start it with torchrun, or unset WORLD_SIZE",
+        ),
+        ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "x"}, "but MASTER_PORT is not set"),
+    ],
+)
+def test_a_launcher_environment_half_set_is_one_line(env, expected, tmp_path, monkeypatch, capsys):
+    """WORLD_SIZE without the rest of torchrun's variables: one line, exit code 2, nothing
+    joined or written (it was a traceback)."""
+    from denseflow.cli import main
+
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "s.png"
+    assert main(["sample", "--checkpoint", "fashion-mnist", "--num", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1 and not out.exists()
+    assert not dist.is_initialized()
