@@ -265,7 +265,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override, e.g. model.attention=multihead",
     )
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per measured step")
     p.add_argument("--steps", type=int, default=10, help="timed repetitions")
     p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
     p.add_argument(
@@ -318,7 +318,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a tiny subset and 3 steps: checks the pipeline in minutes",
+        help="a tiny subset and 3 steps: checks the pipeline in about a minute",
     )
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
@@ -768,7 +768,10 @@ def _cmd_interpolate(a: argparse.Namespace) -> int:
             image = Path(given)
             if not image.is_file():
                 raise ConfigError(f"interpolate: {flag} {given}: no such image file")
-            ends.append(read_image_files([image], shape[1:], channels=shape[0])[0][0])
+            pixels, _, resized = read_image_files([image], shape[1:], channels=shape[0])
+            if resized:  # the strip's end is then the image as the model sees it
+                distributed.note(f"interpolate: {flag} {given}: resized to {shape[1]}x{shape[2]}")
+            ends.append(pixels[0])
         if ends[-1].shape != shape:
             raise ConfigError(
                 f"interpolate: {flag} {given}: a {tuple(ends[-1].shape)} image, "

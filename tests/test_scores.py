@@ -160,6 +160,10 @@ def test_interpolation_strip_starts_and_ends_at_the_inputs_bit_for_bit(run, tmp_
     grid = np.asarray(Image.open(out))
     assert grid.shape == (86 + 2, 4 * 86 + 2)  # 28 px shown at 84 px
     assert np.array_equal(grid[2:86:3, 2:86:3], a[0].numpy())  # the first frame is the file
+    assert "resized" not in capsys.readouterr().out
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "big.png")
+    assert main([*argv, "--b", str(tmp_path / "big.png"), "--out", str(tmp_path / "s2.png")]) == 0
+    assert f"interpolate: --b {tmp_path / 'big.png'}: resized to 28x28" in capsys.readouterr().out
 
 
 def test_sample_seeds_are_uint8_images_each_of_its_own_seed():
