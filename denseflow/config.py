@@ -33,6 +33,39 @@ class ConfigError(DenseFlowError):
     """A configuration value that cannot work; the message names the field."""
 
 
+@functools.cache
+def _field_types(kind: type) -> dict[str, Any]:
+    return typing.get_type_hints(kind)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a field's type hint; ints are accepted for floats, lists for
+    tuples."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        inner = args[:1] * len(value) if args[-1] is Ellipsis else args
+        if len(inner) != len(value):
+            raise ConfigError(f"{key}={value!r}: expected {len(inner)} values")
+        return tuple(_coerce(v, t, key) for t, v in zip(inner, value, strict=True))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}={value!r}: expected {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a DenseFlow model (spec §1-§9).
@@ -70,8 +103,8 @@ class ModelConfig:
     dequant_context_growth: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("image_shape", "block_conf", "layers_conf", "layer_mid_chnls"):
-            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        for name, hint in _field_types(ModelConfig).items():  # no silent int(1.7), lists as tuples
+            object.__setattr__(self, name, _coerce(getattr(self, name), hint, name))
         self.validate()
 
     @property
@@ -470,39 +503,6 @@ def _absolute(folder: str | Path) -> str:
 def _plain(section: Any) -> dict[str, Any]:
     out = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-
-
-@functools.cache
-def _field_types(kind: type) -> dict[str, Any]:
-    return typing.get_type_hints(kind)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against a field's type hint; ints are accepted for floats, lists for
-    tuples."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r}: expected a list")
-        inner = args[:1] * len(value) if args[-1] is Ellipsis else args
-        if len(inner) != len(value):
-            raise ConfigError(f"{key}={value!r}: expected {len(inner)} values")
-        return tuple(_coerce(v, t, key) for t, v in zip(inner, value, strict=True))
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}={value!r}: expected {hint.__name__}, got {type(value).__name__}")
-    return value
 
 
 def _build(kind: type, values: dict[str, Any], section: str) -> Any:

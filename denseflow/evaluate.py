@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .graph import inference
-from .model import DenseFlow
+from .model import DenseFlow, draw_counts, positive_int
 from .seeding import stream
 
 #: a partial evaluation (``partial=``) is kept at most this often, and when it stops early
@@ -54,9 +54,10 @@ def score_images(
     :data:`SAVE_SECONDS` and when the call stops early): the same call continues from it and
     gives bitwise the values of an uninterrupted one; it is removed when the call completes.
     """
+    batch_size = _check_arguments(model, images, batch_size)
+    ks = None if k is None else draw_counts(k)
+    kbs = None if kbs is None else positive_int(kbs, "kbs")
     scorer = inference(model, cuda_graph, say=distributed.say)
-
-    ks = None if k is None else [k] if isinstance(k, int) else list(k)
     names = ["elbo"] if ks is None else [f"iwbo{j}" for j in ks]
 
     def score(x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -87,6 +88,8 @@ def score_terms(
     so they sum to its values to float rounding. Eager (no CUDA graphs). ``partial``: as for
     :func:`score_images`."""
 
+    batch_size = _check_arguments(model, images, batch_size)
+
     def score(x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return model.elbo_terms(x, generator=generator)
 
@@ -95,6 +98,19 @@ def score_terms(
     if partial is not None:
         keep = _Partial(partial, _identity(model, images, batch_size, seed, "terms"))
     return _batches(model, images, batch_size, seed, progress, "terms", names, score, keep)
+
+
+def _check_arguments(model: DenseFlow, images: torch.Tensor, batch_size: int) -> int:
+    """Refuse what would score wrongly or fail deep: a ``model`` that is not a DenseFlow, images
+    that are not integer pixel values of its shape (the model's own check, naming ``images``), a
+    ``batch_size`` that is not a positive integer; returns the batch size as an int."""
+    if not isinstance(model, DenseFlow):
+        raise TypeError(
+            f"model: expected a DenseFlow, got {type(model).__name__} "
+            "(load one with DenseFlow.from_pretrained(...))"
+        )
+    model._check_images(images, "images")
+    return positive_int(batch_size, "batch_size")
 
 
 def _identity(

@@ -58,7 +58,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from . import distributed
 from .config import TrainConfig
-from .model import DenseFlow
+from .model import DenseFlow, positive_int
 from .nets.runner import NetRunner
 from .step import backpropagate
 from .transforms.base import recorded_draws, standard_normal
@@ -356,6 +356,20 @@ class GraphedStep:
         ddp: torch.nn.Module | None = None,
     ) -> Tensor:
         """One step on ``chunks`` at learning rate ``lr``; returns the loss (as ``train_step``)."""
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < float("inf"):
+            raise ValueError(f"GraphedStep: lr must be a finite number >= 0, got {lr!r}")
+        if batch_size is not None:
+            batch_size = positive_int(batch_size, "GraphedStep: batch_size")
+        if (
+            not isinstance(chunks, Sequence)
+            or not chunks
+            or not all(isinstance(c, (tuple, list)) and len(c) == 2 for c in chunks)
+            or not all(g is None or isinstance(g, torch.Generator) for _, g in chunks)
+        ):
+            raise TypeError(
+                "GraphedStep: chunks must be a non-empty list of (images, torch.Generator) "
+                f"pairs, got {type(chunks).__name__}"
+            )
         if ddp is not None:
             raise ValueError("GraphedStep: DDP steps run denseflow.step.train_step (or reduce=)")
         for group in self.optimizer.param_groups:

@@ -18,6 +18,7 @@ which runs in training mode and restores the previous mode.
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -38,6 +39,26 @@ from .transforms.transition import Transition
 NoiseArg = Mapping[str, Tensor] | None
 
 
+def positive_int(value: object, name: str) -> int:
+    """``value`` as an int >= 1: a Python, numpy or 0-d torch integer (``operator.index``); a
+    ValueError naming ``name`` for anything else (bool, float, None, a string, ...)."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return number
+
+
+def draw_counts(k: int | Sequence[int]) -> list[int]:
+    """:meth:`DenseFlow.iwbo`'s ``k``, one count or a non-empty sequence of them, as ints."""
+    ks = list(k) if isinstance(k, Sequence) and not isinstance(k, str) else [k]
+    if not ks:
+        raise ValueError("k must be a positive integer or a non-empty sequence of them, got []")
+    return [positive_int(j, "k") for j in ks]
+
+
 def eager() -> AbstractContextManager:
     """Run ``torch.compile``-d code eagerly inside this block (no tracing, no recompilation)."""
     return torch.compiler.set_stance("force_eager")
@@ -53,6 +74,11 @@ class DenseFlow(nn.Module):
     """
 
     def __init__(self, config: ModelConfig) -> None:
+        if not isinstance(config, ModelConfig):
+            raise TypeError(
+                f"config: expected a ModelConfig (model_config('cifar10'), ModelConfig(...) or "
+                f"ModelConfig.from_dict(values)), got {type(config).__name__}"
+            )
         super().__init__()
         self.config = config
         cfg = config
@@ -123,12 +149,19 @@ class DenseFlow(nn.Module):
     def _noise(
         self, noise: NoiseArg, generator: torch.Generator | None, temperature: float = 1.0
     ) -> Noise:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator: expected a torch.Generator or None, got {type(generator).__name__}"
+            )
         unknown = sorted(set(noise or {}) - set(self.noise_names))
         if unknown:
-            raise KeyError(f"unknown noise name(s) {unknown}; this model draws {self.noise_names}")
+            raise ValueError(
+                f"unknown noise name(s) {unknown}; this model draws {self.noise_names}"
+            )
         return Noise(noise, generator, temperature)
 
-    def _check_images(self, x: Tensor) -> None:
+    def _check_images(self, x: Tensor, name: str = "x") -> None:
+        top = 2**self.config.num_bits - 1
         if (
             not isinstance(x, Tensor)
             or x.dtype.is_floating_point
@@ -136,20 +169,20 @@ class DenseFlow(nn.Module):
             or x.dtype == torch.bool
         ):
             raise TypeError(
-                f"x: expected an integer tensor of images, got {getattr(x, 'dtype', type(x))}"
+                f"{name}: expected an integer tensor of images (pixel values 0 .. {top}, not "
+                f"scaled), got {getattr(x, 'dtype', type(x))}"
             )
         if x.dim() != 4 or tuple(x.shape[1:]) != self.config.image_shape or not len(x):
             raise ValueError(
-                f"x: expected shape (B, {', '.join(map(str, self.config.image_shape))}) with "
+                f"{name}: expected shape (B, {', '.join(map(str, self.config.image_shape))}) with "
                 f"B >= 1, got {tuple(x.shape)}"
             )
         if capturing(x):
             return  # the graphs check the values before they copy them into their buffers
-        top = 2**self.config.num_bits - 1
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi > top:
             raise ValueError(
-                f"x: values must lie in 0 .. {top} for num_bits={self.config.num_bits}, "
+                f"{name}: values must lie in 0 .. {top} for num_bits={self.config.num_bits}, "
                 f"got {lo} .. {hi}"
             )
 
@@ -282,13 +315,10 @@ class DenseFlow(nn.Module):
         ``k`` a sequence (e.g. ``[1, 10, 100]``): ``(len(k), B)``, row ``i`` the bound of the first
         ``k[i]`` of ``max(k)`` draws — the bound's tightening with k from one run of ``max(k)``.
         """
-        ks = [k] if isinstance(k, int) else list(k)
-        if not ks or min(ks) < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        self._check_images(x)
+        ks = draw_counts(k)
         total = max(ks)
-        chunk = total if chunk is None else chunk
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        chunk = total if chunk is None else positive_int(chunk, "chunk")
         b = x.shape[0]
         elbo = elbo or (lambda copies: self.elbo(copies, generator=generator))
         weights = []
@@ -297,7 +327,7 @@ class DenseFlow(nn.Module):
             weights.append(elbo(x.repeat(n, 1, 1, 1)).view(n, b))
         log_w = torch.cat(weights)
         bounds = [torch.logsumexp(log_w[:j], dim=0) - math.log(j) for j in ks]
-        return bounds[0] if isinstance(k, int) else torch.stack(bounds)
+        return torch.stack(bounds) if isinstance(k, Sequence) else bounds[0]
 
     def encode(
         self,
@@ -356,7 +386,7 @@ class DenseFlow(nn.Module):
         """
         missing = sorted(set(self.latent_shapes) - set(latents))
         if missing:
-            raise KeyError(f"latents: missing {missing}; expected {list(self.latent_shapes)}")
+            raise ValueError(f"latents: missing {missing}; expected {list(self.latent_shapes)}")
         dtype = torch.float64 if exact else self.base.loc.dtype
         noise = Noise({f"{t.name}.eta": latents[t.name] for t in self.transitions})
         with eager() if exact else nullcontext():
@@ -372,13 +402,13 @@ class DenseFlow(nn.Module):
         quantize: bool = True,
     ) -> Tensor:
         """``n`` integer images ``(n, C, H, W)`` (spec §12); with ``quantize=False`` the
-        continuous ``z`` the integers are read from (``floor(z·2**num_bits)``, clamped).
+        continuous ``z`` the integers are read from (``floor(z·2**num_bits)``, clamped; a NaN,
+        e.g. at an enormous temperature, reads 0).
 
         ``z_L = μ + σ·T·η``, each factored-out half ``T·η``; the dequantizer and the noise nets
         are not used. The official code samples at ``T = 1``.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"sample: n must be a positive integer, got {n!r}")
+        n = positive_int(n, "sample: n")
         if not temperature >= 0:
             raise ValueError(f"sample: temperature must be >= 0, got {temperature!r}")
         if temperature == math.inf:

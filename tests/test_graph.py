@@ -389,6 +389,25 @@ def test_an_optimizer_over_some_parameters_trains_those_alone():
     assert any(not torch.equal(p, q) for p, q in zip(part(graphed[0]), start, strict=True))
 
 
+def test_a_step_refuses_a_bad_learning_rate_batch_size_or_chunks():
+    (model, _), graphed = _pair(TINY)
+    step = GraphedStep(*graphed)
+    chunks = _batch(TINY, 0, 4, 1)
+    x, g = chunks[0]
+    before = [p.detach().clone() for p in graphed[0].parameters()]
+    for lr in (float("nan"), float("inf"), -1.0, None, "1e-3", True):
+        with pytest.raises(ValueError, match=f"lr must be a finite number >= 0, got {lr!r}"):
+            step(chunks, lr)
+    for size in (-4, 0, 2.5):
+        with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {size}"):
+            step(chunks, 1e-3, batch_size=size)
+    for bad in ([], x, [x], [(x, 5)], [(x, g, g)]):
+        with pytest.raises(TypeError, match=r"chunks must be a non-empty list of \(images, torch"):
+            step(bad, 1e-3)
+    assert all(torch.equal(p, q) for p, q in zip(graphed[0].parameters(), before, strict=True))
+    assert torch.isfinite(step(chunks, 0.0))  # lr 0 is allowed
+
+
 def test_the_recorded_draws_are_the_models_likelihood_noises_in_order():
     (model, _), _ = _pair(TINY)
     x, generator = _batch(TINY, 0, 4, 1)[0]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from denseflow import ConfigError, DenseFlow, ModelConfig
 from denseflow.config import load_config
+from denseflow.transforms.dequantization import UniformDequantization
 from denseflow.transforms.glow import ActNorm, Conv1x1
 
 DT = torch.float64
@@ -188,7 +190,7 @@ def test_iwbo_is_the_log_mean_exp_of_elbos_and_tightens():
     assert rows.shape == (3, 6) and torch.equal(rows[2], got)  # the k=4 call's draws
     torch.testing.assert_close(rows[0], w[0], rtol=0, atol=0)  # one draw: its ELBO
     torch.testing.assert_close(rows[1], torch.logsumexp(w[:2], 0) - math.log(2), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="k must be >= 1"):
+    with pytest.raises(ValueError, match="k must be a positive integer, got 0"):
         model.iwbo(x, [0, 3])
 
 
@@ -240,7 +242,7 @@ def test_noise_names_and_errors():
         "transition1.eta",
     ]
     x = images(model, 2)
-    with pytest.raises(KeyError, match="block9.unit1.eta"):
+    with pytest.raises(ValueError, match="block9.unit1.eta"):
         model.elbo(x, noise={"block9.unit1.eta": torch.zeros(1)})
     with pytest.raises(ValueError, match="dequant.eta"):
         model.elbo(x, noise={"dequant.eta": torch.zeros(2, 12, 4, 4)})
@@ -268,6 +270,79 @@ def test_noise_names_and_errors():
 def test_config_errors_name_the_field(field, value, match):
     with pytest.raises(ConfigError, match=match):
         ModelConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("image_shape", (1.7, 8, 8), "image_shape=1.7: expected int, got float"),
+        ("image_shape", "abc", "image_shape='abc': expected a list"),
+        ("block_conf", (1.5, 1), "block_conf=1.5: expected int, got float"),
+        ("block_conf", 5, "block_conf=5: expected a list"),
+        ("num_bits", 5.5, "num_bits=5.5: expected int, got float"),
+        ("num_bits", True, "num_bits=True: expected int, got bool"),
+        ("growth_rate", 2.0, "growth_rate=2.0: expected int, got float"),
+        ("growth_rate", "2", "growth_rate='2': expected int, got str"),
+        ("dense_growth", None, "dense_growth=None: expected int, got NoneType"),
+        ("dense_depth", 1.5, "dense_depth=1.5: expected int, got float"),
+        ("attention", 1, "attention=1: expected str, got int"),
+    ],
+)
+def test_config_takes_integers_only_and_names_the_field(field, value, match):
+    with pytest.raises(ConfigError, match=f"^{match}$"):
+        ModelConfig(**{field: value})
+
+
+def test_config_lists_become_tuples_and_a_model_needs_a_config():
+    cfg = ModelConfig(image_shape=[3, 16, 16], **{**TINY, "block_conf": [2, 2, 1]})
+    assert cfg.image_shape == (3, 16, 16) and cfg.block_conf == (2, 2, 1)
+    for bad in ({"image_shape": (3, 16, 16)}, "cifar10"):
+        with pytest.raises(TypeError, match="config: expected a ModelConfig"):
+            DenseFlow(bad)
+
+
+def test_non_finite_latents_decode_to_pixel_values():
+    z = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5, 1e30, -1e30])
+    assert UniformDequantization(8).inverse(z).tolist() == [0, 255, 0, 128, 255, 0]
+    torch.manual_seed(0)
+    model = perturbed(tiny())
+    hot = model.sample(4, temperature=1e20, generator=torch.Generator().manual_seed(0))
+    assert hot.dtype == torch.int64 and 0 <= hot.min() and hot.max() <= 255
+    latents = model.encode(images(model, 2))
+    nan = model.decode({**latents, "base": torch.full_like(latents["base"], float("nan"))})
+    assert torch.equal(nan, torch.zeros_like(nan))
+
+
+def test_counts_and_generators_of_the_wrong_type_are_named():
+    torch.manual_seed(0)
+    model = perturbed(tiny())
+    x = images(model, 2)
+    want = model.iwbo(x, k=2, chunk=1, generator=torch.Generator().manual_seed(3))
+    for k, chunk in ((np.int64(2), np.int64(1)), (torch.tensor(2), torch.tensor(1))):
+        got = model.iwbo(x, k=k, chunk=chunk, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(got, want)
+    for k in (2.5, None, True, "10", [2, 1.5]):
+        with pytest.raises(ValueError, match="^k must be a positive integer"):
+            model.iwbo(x, k=k)
+    for chunk in (True, 2.5, 0):
+        with pytest.raises(ValueError, match=f"^chunk must be a positive integer, got {chunk}"):
+            model.iwbo(x, k=2, chunk=chunk)
+    with pytest.raises(ValueError, match=r"x: expected shape \(B, 3, 16, 16\)"):
+        model.iwbo(x[0], k=2)
+    for call in (
+        lambda: model.elbo(x, generator=0),
+        lambda: model.iwbo(x, k=2, generator=0),
+        lambda: model.sample(2, generator=0),
+    ):
+        with pytest.raises(
+            TypeError, match="^generator: expected a torch.Generator or None, got int"
+        ):
+            call()
+    with pytest.raises(ValueError, match="latents: missing"):
+        model.decode({"base": model.encode(x)["base"]})
+    assert model.sample(np.int64(2)).shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="n must be a positive integer, got True"):
+        model.sample(True)
 
 
 def test_config_dict_round_trip_and_unknown_key():

@@ -12,7 +12,13 @@ from PIL import Image
 
 from denseflow.cli import main
 from denseflow.config import load_config
-from denseflow.evaluate import evaluate_images, score_images, standard_error, to_bits_per_dim
+from denseflow.evaluate import (
+    evaluate_images,
+    score_images,
+    score_terms,
+    standard_error,
+    to_bits_per_dim,
+)
 from denseflow.model import DenseFlow
 from denseflow.sample import interpolate, sample_seeds, slerp
 from denseflow.seeding import stream
@@ -54,6 +60,37 @@ def test_per_image_scores_average_to_the_evaluation():
         x = images[start : start + 4].long()
         want = model.iwbo(x, 6, chunk=3, generator=stream(2, "eval", i))
         assert torch.equal(iwbo[start : start + 4], want.double())
+
+
+def test_scoring_refuses_what_it_would_score_wrongly():
+    model = _model()
+    x = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
+    pixels = r"images: expected an integer tensor of images \(pixel values 0 \.\. 255, not scaled\)"
+    for score in (score_images, score_terms, evaluate_images):
+        with pytest.raises(TypeError, match=pixels):
+            score(model, x.float() / 255, progress=False)
+        with pytest.raises(TypeError, match="images: expected an integer tensor"):
+            score(model, x.numpy(), progress=False)
+        with pytest.raises(
+            ValueError, match=r"images: expected shape \(B, 1, 28, 28\) with B >= 1"
+        ):
+            score(model, x[:0], progress=False)
+        with pytest.raises(ValueError, match="images: expected shape"):
+            score(model, x[0], progress=False)
+        for size in (-1, 0, 2.5):
+            with pytest.raises(
+                ValueError, match=f"^batch_size must be a positive integer, got {size}"
+            ):
+                score(model, x, batch_size=size, progress=False)
+        with pytest.raises(
+            TypeError, match=r"model: expected a DenseFlow, got str .*from_pretrained"
+        ):
+            score("fashion-mnist", x, progress=False)
+    for k, kbs in ((2.5, None), ([], None), (2, 0), (2, 1.5)):
+        with pytest.raises(ValueError, match="^(k|kbs) must be a positive integer"):
+            score_images(model, x, k=k, kbs=kbs, progress=False)
+    want = score_images(model, x, batch_size=2, k=2, progress=False)
+    assert torch.equal(score_images(model, x, np.int64(2), k=np.int64(2), progress=False), want)
 
 
 def test_evaluate_writes_per_image_scores_of_a_folder_of_ones_own_images(run, tmp_path, capsys):

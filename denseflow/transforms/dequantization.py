@@ -1,7 +1,9 @@
 """Dequantization (spec §4): integer images ``x`` -> continuous ``z = (x + u) / 2^bits`` in (0, 1).
 
 ``delta_logp = −D·bits·log 2 − log q(u|x)``, so that the model's total is the ELBO of the discrete
-likelihood. The inverse quantises: ``clamp(floor(2^bits · z), 0, 2^bits − 1)``.
+likelihood. The inverse quantises: ``clamp(floor(2^bits · z), 0, 2^bits − 1)``, a NaN ``z`` (a
+latent that overflowed, e.g. sampled at an enormous temperature) to 0, so every value it returns
+is a pixel value.
 
 The input is integers, so unlike the other steps a dequantizer cannot read its working dtype
 from its input: ``forward`` takes it as ``dtype`` (default: the parameters'), float64 for the
@@ -37,7 +39,7 @@ class Dequantization(Transform):
         self, z: Tensor, context: Tensor | None = None, noise: Noise | None = None
     ) -> Tensor:
         levels = 2**self.num_bits
-        return torch.floor(levels * z).clamp(0, levels - 1).long()
+        return torch.floor(levels * z).nan_to_num(0.0).clamp(0, levels - 1).long()
 
 
 class UniformDequantization(Dequantization):
